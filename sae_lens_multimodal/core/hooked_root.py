@@ -1,0 +1,151 @@
+"""The hooked-module base every model in this package derives from.
+
+It is TransformerLens's ``HookedRootModule`` plus three things TransformerLens and SAELens do not give a
+non-language model:
+
+* unknown hook names raise an error that lists the closest real ones (TransformerLens raises a bare
+  ``KeyError`` or silently caches nothing);
+* SAELens's SAE splicing (``add_sae``, ``run_with_saes``, ...), borrowed from ``HookedSAETransformer``
+  unchanged, with a width check that names the hook and both widths;
+* ``run_with_cache`` returns a TransformerLens ``ActivationCache`` (or a subclass) by default.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from sae_lens import SAE
+from sae_lens.analysis.hooked_sae_transformer import HookedSAETransformer
+from transformer_lens.ActivationCache import ActivationCache
+from transformer_lens.hook_points import HookedRootModule, HookPoint
+
+__all__ = ["MultimodalHookedRootModule", "is_observed", "unknown_hook_error"]
+
+
+def is_observed(hook_point: HookPoint) -> bool:
+    """True when anything (a TransformerLens hook, a raw torch hook, nnsight) watches this hook point.
+
+    Models use this to skip work that only exists to be observed, e.g. materialising attention patterns
+    instead of calling the fused SDPA kernel, or per-head results.
+    """
+    return bool(
+        hook_point._forward_hooks
+        or hook_point._forward_pre_hooks
+        or hook_point._backward_hooks
+        or hook_point._backward_pre_hooks
+        or getattr(hook_point, "_always_observed", False)
+    )
+
+
+def unknown_hook_error(name: str, known: Iterable[str], what: str = "hook") -> KeyError:
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    if not close:
+        # Fall back to names that share the last component (e.g. 'hook_resid_post').
+        tail = name.rsplit(".", 1)[-1]
+        close = [k for k in known if k.endswith(tail)][:5]
+    hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
+    return KeyError(
+        f"Unknown {what} {name!r}.{hint} See model.hook_dict.keys() for all {len(known)} hook names "
+        f"(documented in docs/hooks.md)."
+    )
+
+
+class MultimodalHookedRootModule(HookedRootModule):
+    """Base class: TransformerLens hooks + SAELens SAE splicing for any hooked module.
+
+    Subclasses call ``self.setup()`` at the end of ``__init__`` and may override :meth:`hook_width`
+    so that ``add_sae`` can refuse an SAE whose ``d_in`` does not fit the hook.
+    """
+
+    #: ActivationCache class returned by run_with_cache (subclasses may refine it).
+    activation_cache_class: type[ActivationCache] = ActivationCache
+
+    def __init__(self) -> None:
+        super().__init__()
+        # State SAELens's splicing methods expect (see HookedSAETransformer.__init__).
+        self._acts_to_saes: dict[str, Any] = {}
+        self._transcoder_output_hooks: dict[str, str] = {}
+        self.tokenizer = None
+
+    # ------------------------------------------------------------------ hook-name validation
+    def _enable_hook_with_name(self, name: str, hook: Callable, dir: str) -> None:  # type: ignore[override]
+        if name not in self.mod_dict:
+            raise unknown_hook_error(name, self.hook_dict.keys())
+        super()._enable_hook_with_name(name, hook, dir)  # type: ignore[arg-type]
+
+    def _check_names_filter(self, names_filter: Any) -> None:
+        names = [names_filter] if isinstance(names_filter, str) else names_filter
+        if isinstance(names, (list, tuple, set)):
+            for name in names:
+                if name not in self.hook_dict:
+                    raise unknown_hook_error(name, self.hook_dict.keys())
+
+    def run_with_cache(  # type: ignore[override]
+        self,
+        *model_args: Any,
+        return_cache_object: bool = True,
+        remove_batch_dim: bool = False,
+        names_filter: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Any, ActivationCache | dict[str, torch.Tensor]]:
+        """Run the model and cache activations (TransformerLens semantics).
+
+        Returns ``(output, cache)``; the cache is an ``ActivationCache`` unless
+        ``return_cache_object=False``. ``names_filter`` takes a name, a list of names or a predicate;
+        unknown names raise with close matches instead of silently caching nothing.
+        """
+        self._check_names_filter(names_filter)
+        out, cache_dict = super().run_with_cache(
+            *model_args, remove_batch_dim=remove_batch_dim, names_filter=names_filter, **kwargs
+        )
+        if return_cache_object:
+            return out, self.activation_cache_class(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        return out, cache_dict
+
+    # ------------------------------------------------------------------ SAE splicing (SAELens)
+    def hook_width(self, name: str) -> int | None:
+        """Width of the last dimension at hook ``name`` (None when it is not a feature dimension)."""
+        return None
+
+    def add_sae(self, sae: SAE, use_error_term: bool | None = None, exclude_special_tokens: Any = False) -> None:
+        """Attach an SAELens SAE at ``sae.cfg.metadata.hook_name`` (SAELens semantics).
+
+        Unlike SAELens, an unknown hook or a width mismatch raises instead of logging and skipping.
+        """
+        hook_name = sae.cfg.metadata.hook_name
+        if hook_name is None:
+            raise ValueError(
+                "This SAE has no cfg.metadata.hook_name, so it is not known where to attach it. "
+                "Set sae.cfg.metadata.hook_name = '<hook name>' first."
+            )
+        if hook_name not in self._acts_to_saes and hook_name not in self.hook_dict:
+            raise unknown_hook_error(hook_name, self.hook_dict.keys(), what="hook for this SAE")
+        expected = self.hook_width(hook_name)
+        d_in = sae.cfg.d_in
+        if getattr(sae.cfg, "reshape_activations", "none") == "hook_z":
+            expected = self._hook_z_width(hook_name, expected)
+        if expected is not None and d_in != expected:
+            raise ValueError(
+                f"SAE d_in={d_in} does not match hook {hook_name!r}, whose activations have width "
+                f"{expected}. Use an SAE trained on this hook (or set cfg.metadata.hook_name to a hook "
+                f"of width {d_in})."
+            )
+        HookedSAETransformer.add_sae(self, sae, use_error_term, exclude_special_tokens)  # type: ignore[arg-type]
+
+    def _hook_z_width(self, hook_name: str, per_head: int | None) -> int | None:
+        n_heads = getattr(getattr(self, "cfg", None), "n_heads", None)
+        return None if per_head is None or n_heads is None else per_head * n_heads
+
+    # The remaining splicing methods are SAELens's own, used unchanged: they only need hook_dict,
+    # setup(), real HookPoint attributes, _acts_to_saes and run_with_cache(return_cache_object=...).
+    acts_to_saes = HookedSAETransformer.acts_to_saes
+    _reset_sae = HookedSAETransformer._reset_sae
+    reset_saes = HookedSAETransformer.reset_saes
+    run_with_saes = HookedSAETransformer.run_with_saes
+    run_with_cache_with_saes = HookedSAETransformer.run_with_cache_with_saes
+    run_with_hooks_with_saes = HookedSAETransformer.run_with_hooks_with_saes
+    saes = HookedSAETransformer.saes

@@ -151,5 +151,15 @@ def _native_name(family: VisionFamily, name: str, path: Path) -> str:
     return f"local-dir:{path}" if path.is_dir() else f"hf-hub:{name}"
 
 
-# Register the built-in families (each import calls register_vision_family).
-from sae_lens_multimodal.models.conversions import open_clip_vit  # noqa: E402,F401
+def _register_builtin_families() -> None:
+    """Import every family module of this package (each calls register_vision_family on import).
+    Importing a family module imports no source library: those are imported when a model is converted."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_register_builtin_families()

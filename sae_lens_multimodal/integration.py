@@ -1,0 +1,91 @@
+"""Registration with SAELens and TransformerLens, run once at ``import sae_lens_multimodal``.
+
+Everything here is idempotent (importing twice or ``importlib.reload`` raises nothing and registers
+nothing twice) and touches no network.
+
+* Model classes: SAELens resolves ``model_class_name`` strings in ``sae_lens.load_model.load_model``
+  (used by its training and activation-caching runners). We wrap that function so our class names
+  (``"HookedViT"``, ``"HookedCLIP"``, ...) resolve to our ``from_pretrained``; other names go to SAELens.
+* SAE architectures and pretrained releases register themselves through the hooks listed in
+  ``_REGISTRARS`` (each optional module contributes one function).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["MODEL_CLASSES", "register_model_class", "register_with_ecosystem", "load_model"]
+
+#: Our model class names -> "module:attribute" (imported lazily, so registration stays cheap).
+MODEL_CLASSES: dict[str, str] = {
+    "HookedViT": "sae_lens_multimodal.models.hooked_vit:HookedViT",
+}
+
+#: Optional registration functions of other subpackages ("module:function"), run when present.
+_REGISTRARS: tuple[str, ...] = (
+    "sae_lens_multimodal.saes:register_sae_classes",
+    "sae_lens_multimodal.pretrained:register_releases",
+)
+
+_RUNNER_MODULES = (
+    "sae_lens.load_model",
+    "sae_lens.llm_sae_training_runner",
+    "sae_lens.cache_activations_runner",
+    "sae_lens.multi_sae_training_runner",
+)
+
+
+def register_model_class(name: str, target: str) -> None:
+    """Make ``model_class_name=name`` resolve (in SAELens runners) to ``target`` ('module:Class')."""
+    MODEL_CLASSES[name] = target
+
+
+def _resolve(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def load_model(model_class_name: str, model_name: str, device: Any = None,
+               model_from_pretrained_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """Load one of our hooked models by class name, as SAELens's ``load_model`` does for its own."""
+    cls = _resolve(MODEL_CLASSES[model_class_name])
+    return cls.from_pretrained(model_name, device=device, **(model_from_pretrained_kwargs or {}))
+
+
+def _wrap_sae_lens_load_model() -> None:
+    import sae_lens.load_model as lm
+
+    original = getattr(lm.load_model, "__wrapped_original__", lm.load_model)
+
+    def load_model_with_multimodal(model_class_name: str, model_name: str, *args: Any, **kwargs: Any) -> Any:
+        if model_class_name in MODEL_CLASSES:
+            return load_model(model_class_name, model_name, *args, **kwargs)
+        return original(model_class_name, model_name, *args, **kwargs)
+
+    load_model_with_multimodal.__wrapped_original__ = original  # type: ignore[attr-defined]
+    load_model_with_multimodal.__doc__ = original.__doc__
+    for module_name in _RUNNER_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if getattr(module, "load_model", None) is not None:
+            module.load_model = load_model_with_multimodal  # type: ignore[attr-defined]
+
+
+def register_with_ecosystem() -> None:
+    """Register model classes, SAE architectures and releases (idempotent)."""
+    _wrap_sae_lens_load_model()
+    for target in _REGISTRARS:
+        module_name, _, func = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:  # a real missing dependency inside the module: surface it
+                raise
+            continue
+        registrar: Callable[[], None] | None = getattr(module, func, None)
+        if registrar is not None:
+            registrar()

@@ -20,7 +20,8 @@ import torch
 from sae_lens import SAE
 from sae_lens.analysis.hooked_sae_transformer import HookedSAETransformer
 from transformer_lens.ActivationCache import ActivationCache
-from transformer_lens.hook_points import HookedRootModule, HookPoint
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.HookedRootModule import HookedRootModule
 
 __all__ = ["MultimodalHookedRootModule", "is_observed", "unknown_hook_error"]
 
@@ -31,13 +32,36 @@ def is_observed(hook_point: HookPoint) -> bool:
     Models use this to skip work that only exists to be observed, e.g. materialising attention patterns
     instead of calling the fused SDPA kernel, or per-head results.
     """
+    if not isinstance(hook_point, HookPoint):
+        return True  # replaced, e.g. by an SAE that add_sae spliced in: its value must be computed
     return bool(
         hook_point._forward_hooks
         or hook_point._forward_pre_hooks
         or hook_point._backward_hooks
         or hook_point._backward_pre_hooks
         or getattr(hook_point, "_always_observed", False)
+        or ("__nnsight__" in hook_point.__dict__ and _nnsight_watches(hook_point))
     )
+
+
+def _nnsight_watches(hook_point: HookPoint) -> bool:
+    """Whether a running nnsight trace wants this hook point's input or output.
+
+    nnsight (0.8) registers no torch hooks: it installs a controller as the module's ``forward`` and keeps
+    a per-module state under ``__dict__["__nnsight__"]``. A trace's workers run ahead of the model and
+    park on the next location they need, so a worker that wants ``...hook_pattern.output`` is parked on
+    it when the attention module decides whether to materialise the pattern. Caches (``tracer.cache``)
+    are listed in ``interleaver.observers``. If nnsight's internals differ from this, any active trace
+    counts as watching: slower, never wrong.
+    """
+    try:
+        interleaver, _, locations = hook_point.__dict__["__nnsight__"].active()
+        if interleaver is None:
+            return False
+        parked, observers = interleaver.parked, interleaver.observers
+        return any(loc in parked or loc in observers for loc in locations)
+    except Exception:  # unknown nnsight version: err on the side of materialising
+        return True
 
 
 def unknown_hook_error(name: str, known: Iterable[str], what: str = "hook") -> KeyError:
@@ -76,6 +100,12 @@ class MultimodalHookedRootModule(HookedRootModule):
         if name not in self.mod_dict:
             raise unknown_hook_error(name, self.hook_dict.keys())
         super()._enable_hook_with_name(name, hook, dir)  # type: ignore[arg-type]
+
+    def add_hook(self, name: Any, hook: Callable, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        # TransformerLens indexes mod_dict directly here, which gives a bare KeyError.
+        if isinstance(name, str) and name not in self.mod_dict:
+            raise unknown_hook_error(name, self.hook_dict.keys())
+        super().add_hook(name, hook, *args, **kwargs)
 
     def _check_names_filter(self, names_filter: Any) -> None:
         names = [names_filter] if isinstance(names_filter, str) else names_filter

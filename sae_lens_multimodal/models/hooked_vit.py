@@ -288,7 +288,7 @@ class HookedViT(MultimodalHookedRootModule):
         if return_type == "tokens":
             return x
         if cfg.pool_type == "none":
-            pooled = x
+            pooled = self.hook_pooled(x)  # fires for every pool type, so it is never a dead hook
         else:
             pooled = self._pool(x)
             if cfg.has_ln_final and cfg.final_ln_after_pool:

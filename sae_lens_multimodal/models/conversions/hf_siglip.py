@@ -1,0 +1,164 @@
+"""transformers SigLIP vision towers -> HookedViT: ``SiglipVisionModel`` and ``SiglipModel`` (its vision
+tower; the text tower is not converted). model_type "siglip" / "siglip_vision_model". (SigLIP 2 is a
+different model type and is not handled here.)
+
+Mapping (transformers -> HookedViT):
+
+* ``embeddings.patch_embedding`` (conv with bias) / ``position_embedding`` (patches only) -> ``embed``.
+  No CLS token and no ``ln_pre`` (``has_cls_token=False``, ``n_pos_prefix_tokens=0``): tokens are the
+  patches in row-major order. transformers' ``hidden_states[0]`` is the embedding output
+  (``blocks.0.hook_resid_pre``); ``hidden_states[i + 1]`` is ``blocks.{i}.hook_resid_post``, before
+  ``post_layernorm``.
+* ``post_layernorm`` (on all tokens) -> ``ln_final``; ``return_type="tokens"`` is ``last_hidden_state``.
+* The multihead-attention-pooling head (``head``: a learned ``probe`` attending over all tokens with a
+  ``torch.nn.MultiheadAttention``, then ``x + mlp(layernorm(x))``) -> ``attn_pool``
+  (``pool_type="attn"``): ``attn_pool.probe``, ``attn_pool.attn`` (W_Q/W_K/W_V from ``in_proj``, W_O from
+  ``out_proj``; ``attn_pool.attn.hook_pattern`` [batch, head, 1, pos] is the probe's attention),
+  ``attn_pool.ln``, ``attn_pool.mlp``. ``hook_pooled`` / ``hook_out`` is ``pooler_output``
+  (``SiglipModel.get_image_features``). Without a head (``vision_use_head=False``) ``pool_type="none"``
+  and ``hook_out`` is ``last_hidden_state``.
+* Activation ``gelu_pytorch_tanh``; ``layer_norm_eps`` 1e-6.
+* Position embeddings: transformers refuses other image sizes unless ``interpolate_pos_encoding=True``; so
+  does HookedViT (``pos_embed_interpolation=None``). Set ``model.cfg.pos_embed_interpolation = "bicubic"``
+  to reproduce ``interpolate_pos_encoding=True``.
+
+Loading by name: always ``SiglipVisionModel`` (from a ``SiglipModel`` checkpoint only the vision weights are
+read; the text tower is never built). Preprocessing is the checkpoint's own image processor, else
+``SiglipImageProcessor`` at the config's image size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sae_lens_multimodal.models.config import HookedViTConfig
+from sae_lens_multimodal.models.conversions import (
+    ConvertResult,
+    UnsupportedModelError,
+    VisionFamily,
+    register_vision_family,
+)
+from sae_lens_multimodal.models.conversions._common import (
+    _c,
+    attention_state,
+    fused_qkv_to_heads,
+    linear_to_heads_out,
+    ln_state,
+    mlp_state,
+)
+from sae_lens_multimodal.models.conversions._hf_common import (
+    act_fn_name,
+    conv_bias,
+    image_preprocess,
+    is_transformers_class,
+    load_checkpoint,
+    single_eps,
+)
+
+_CLASSES = ("SiglipVisionModel", "SiglipModel")
+
+
+def _is_hf_siglip(obj: Any) -> bool:
+    return is_transformers_class(obj, "siglip", _CLASSES)
+
+
+def load_hf_siglip(name_or_dir: str, **kwargs: Any) -> Any:
+    """The SigLIP vision tower a hub repo id / local directory holds, as a ``SiglipVisionModel``."""
+    import transformers
+
+    model, _ = load_checkpoint(transformers.SiglipVisionModel, name_or_dir, **kwargs)
+    return model
+
+
+def _default_processor(image_size: int) -> Any:
+    from transformers import SiglipImageProcessor
+
+    return SiglipImageProcessor(size={"height": image_size, "width": image_size})
+
+
+def _map_head_state(head: Any, n_heads: int) -> dict[str, torch.Tensor]:
+    mha = head.attention
+    where = "transformers SigLIP attention-pooling head"
+    if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+        raise UnsupportedModelError(f"{where}: only a plain nn.MultiheadAttention (shared q/k/v width, no bias_k/v, "
+                                    "no add_zero_attn) is supported.")
+    if mha.num_heads != n_heads:
+        raise UnsupportedModelError(f"{where}: {mha.num_heads} pooling heads != {n_heads} encoder heads.")
+    sd = {"attn_pool.probe": _c(head.probe.reshape(-1))}
+    sd.update({f"attn_pool.attn.{k}": v for k, v in fused_qkv_to_heads(mha.in_proj_weight, mha.in_proj_bias, n_heads).items()})
+    sd["attn_pool.attn.W_O"], sd["attn_pool.attn.b_O"] = linear_to_heads_out(mha.out_proj.weight, mha.out_proj.bias, n_heads)
+    sd.update(ln_state("attn_pool.ln.", head.layernorm))
+    sd.update(mlp_state("attn_pool.mlp.", (head.mlp.fc1.weight, head.mlp.fc1.bias), (head.mlp.fc2.weight, head.mlp.fc2.bias)))
+    return sd
+
+
+def convert_hf_siglip(model: Any) -> ConvertResult:
+    where = f"transformers {type(model).__name__}"
+    tower = model.vision_model if type(model).__name__ == "SiglipModel" else model
+    emb, layers = tower.embeddings, tower.encoder.layers
+    conv = emb.patch_embedding
+    l0 = layers[0]
+    n_heads = l0.self_attn.num_heads
+    head = tower.head if getattr(tower, "use_head", False) else None
+    lns = [tower.post_layernorm] + [ln for l in layers for ln in (l.layer_norm1, l.layer_norm2)]
+    lns += [head.layernorm] if head is not None else []
+    if head is not None and head.mlp.fc1.out_features != l0.mlp.fc1.out_features:
+        raise UnsupportedModelError(f"{where}: the pooling head's MLP width differs from the blocks'.")
+    cfg = HookedViTConfig(
+        n_layers=len(layers),
+        d_model=conv.out_channels,
+        n_heads=n_heads,
+        d_head=l0.self_attn.head_dim,
+        d_mlp=l0.mlp.fc1.out_features,
+        image_size=emb.image_size,
+        patch_size=conv.kernel_size,
+        n_channels=conv.in_channels,
+        act_fn=act_fn_name(tower.config.hidden_act, where),
+        eps=single_eps(lns, where),
+        patch_embed_bias=conv.bias is not None,
+        has_cls_token=False,
+        n_pos_prefix_tokens=0,
+        pos_embed_interpolation=None,
+        has_ln_pre=False,
+        has_ln_final=True,
+        pool_type="attn" if head is not None else "none",
+        head_type="none",
+        model_name=getattr(model, "name_or_path", "") or type(model).__name__,
+        original_architecture=f"transformers.{type(model).__name__}",
+        dtype=conv.weight.dtype,
+    )
+    sd: dict[str, torch.Tensor] = {
+        "embed.W_patch": _c(conv.weight),
+        "embed.b_patch": conv_bias(conv),
+        "embed.W_pos": _c(emb.position_embedding.weight),
+    }
+    for i, layer in enumerate(layers):
+        p = f"blocks.{i}."
+        a = layer.self_attn
+        sd.update(ln_state(p + "ln1.", layer.layer_norm1))
+        sd.update(ln_state(p + "ln2.", layer.layer_norm2))
+        sd.update(attention_state(
+            p + "attn.",
+            (a.q_proj.weight, a.q_proj.bias), (a.k_proj.weight, a.k_proj.bias),
+            (a.v_proj.weight, a.v_proj.bias), (a.out_proj.weight, a.out_proj.bias), n_heads,
+        ))
+        sd.update(mlp_state(p + "mlp.", (layer.mlp.fc1.weight, layer.mlp.fc1.bias), (layer.mlp.fc2.weight, layer.mlp.fc2.bias)))
+    sd.update(ln_state("ln_final.", tower.post_layernorm))
+    if head is not None:
+        sd.update(_map_head_state(head, n_heads))
+    return cfg, sd, image_preprocess(model, lambda: _default_processor(cfg.image_size[0]))
+
+
+register_vision_family(
+    VisionFamily(
+        name="hf_siglip",
+        description="transformers SiglipVisionModel / SiglipModel (vision tower) "
+        "(hub repo id or local dir with model_type 'siglip' / 'siglip_vision_model')",
+        matches=_is_hf_siglip,
+        convert=convert_hf_siglip,
+        load=load_hf_siglip,
+        hf_model_types=("siglip", "siglip_vision_model"),
+    )
+)

@@ -1,0 +1,155 @@
+"""transformers ViT -> HookedViT: ``ViTModel`` and ``ViTForImageClassification`` (model_type "vit"; also
+DINO v1 and other checkpoints stored as ViTModel).
+
+Mapping (transformers -> HookedViT):
+
+* ``embeddings.patch_embeddings.projection`` (a conv *with* bias: ``patch_embed_bias=True``) /
+  ``cls_token`` / ``position_embeddings`` (CLS + patches) -> ``embed``; token order ``[CLS, patches...]``.
+  No ``ln_pre``: transformers' ``hidden_states[0]`` is the embedding output (``hook_full_embed`` =
+  ``blocks.0.hook_resid_pre``); ``hidden_states[i + 1]`` is ``blocks.{i}.hook_resid_post``, *before* the
+  final ``layernorm`` (so ``hidden_states[-1] != last_hidden_state``).
+* ``layernorm`` -> ``ln_final`` on all tokens; ``return_type="tokens"`` is ``last_hidden_state``.
+* ``ViTModel`` with its pooler (dense + tanh on the normalised CLS) -> ``head_type="linear_tanh"``;
+  ``hook_out`` is ``pooler_output``. Without a pooler (``add_pooling_layer=False``, where transformers'
+  ``pooler_output`` is None) ``hook_out`` is the normalised CLS token ``last_hidden_state[:, 0]``.
+* ``ViTForImageClassification``: ``classifier`` on the normalised CLS -> ``head_type="linear"``;
+  ``hook_out`` is ``logits``.
+* ``qkv_bias=False`` checkpoints get zero q/k/v biases. ``layer_norm_eps`` is usually 1e-12.
+* Position embeddings: transformers refuses other image sizes unless ``interpolate_pos_encoding=True``; so
+  does HookedViT (``pos_embed_interpolation=None``). Set ``model.cfg.pos_embed_interpolation = "bicubic"``
+  to reproduce ``interpolate_pos_encoding=True``.
+
+Loading by name: the class ``architectures`` names when it is ``ViTForImageClassification``, else
+``ViTModel`` (its pooler is dropped when the checkpoint has no pooler weights, instead of being randomly
+initialised). Preprocessing is the checkpoint's own image processor, else ``ViTImageProcessor`` at the
+config's image size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sae_lens_multimodal.models.config import HookedViTConfig
+from sae_lens_multimodal.models.conversions import (
+    ConvertResult,
+    UnsupportedModelError,
+    VisionFamily,
+    register_vision_family,
+)
+from sae_lens_multimodal.models.conversions._common import _c, attention_state, linear_to_matrix, ln_state, mlp_state
+from sae_lens_multimodal.models.conversions._hf_common import (
+    act_fn_name,
+    conv_bias,
+    image_preprocess,
+    is_transformers_class,
+    load_checkpoint,
+    read_hf_config,
+    single_eps,
+)
+
+_CLASSES = ("ViTModel", "ViTForImageClassification")
+
+
+def _is_hf_vit(obj: Any) -> bool:
+    return is_transformers_class(obj, "vit", _CLASSES)
+
+
+def load_hf_vit(name_or_dir: str, **kwargs: Any) -> Any:
+    """The transformers ViT a hub repo id / local directory holds (see module docstring)."""
+    import transformers
+
+    config = read_hf_config(name_or_dir, **kwargs)
+    if "ViTForImageClassification" in (config.get("architectures") or []):
+        model, _ = load_checkpoint(transformers.ViTForImageClassification, name_or_dir, **kwargs)
+        return model
+    model, missing = load_checkpoint(
+        transformers.ViTModel, name_or_dir, allowed_missing=lambda k: k.startswith("pooler."), **kwargs
+    )
+    if missing:  # checkpoint saved without a pooler: do not convert a randomly initialised one
+        model.pooler = None
+    return model
+
+
+def _default_processor(image_size: int) -> Any:
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(size={"height": image_size, "width": image_size})
+
+
+def convert_hf_vit(model: Any) -> ConvertResult:
+    where = f"transformers {type(model).__name__}"
+    if type(model).__name__ == "ViTForImageClassification":
+        vit = model.vit
+        head = model.classifier if isinstance(model.classifier, torch.nn.Linear) else None
+        head_type = "linear" if head is not None else "none"
+    else:
+        vit = model
+        head = vit.pooler.dense if vit.pooler is not None else None
+        head_type = "linear_tanh" if head is not None else "none"
+        if head is not None and vit.config.pooler_act != "tanh":
+            raise UnsupportedModelError(f"{where}: pooler activation {vit.config.pooler_act!r} is not supported (tanh is).")
+    emb, layers = vit.embeddings, vit.layers
+    conv = emb.patch_embeddings.projection
+    l0 = layers[0]
+    n_heads = l0.attention.num_attention_heads
+    lns = [vit.layernorm] + [ln for l in layers for ln in (l.layernorm_before, l.layernorm_after)]
+    cfg = HookedViTConfig(
+        n_layers=len(layers),
+        d_model=conv.out_channels,
+        n_heads=n_heads,
+        d_head=l0.attention.head_dim,
+        d_mlp=l0.mlp.fc1.out_features,
+        image_size=emb.image_size,
+        patch_size=conv.kernel_size,
+        n_channels=conv.in_channels,
+        act_fn=act_fn_name(vit.config.hidden_act, where),
+        eps=single_eps(lns, where),
+        patch_embed_bias=conv.bias is not None,
+        has_cls_token=True,
+        n_pos_prefix_tokens=1,
+        pos_embed_interpolation=None,
+        has_ln_pre=False,
+        has_ln_final=True,
+        pool_type="cls",
+        head_type=head_type,
+        d_out=head.out_features if head is not None else None,
+        model_name=getattr(model, "name_or_path", "") or type(model).__name__,
+        original_architecture=f"transformers.{type(model).__name__}",
+        dtype=conv.weight.dtype,
+    )
+    d = cfg.d_model
+    sd: dict[str, torch.Tensor] = {
+        "embed.W_patch": _c(conv.weight),
+        "embed.b_patch": conv_bias(conv),
+        "embed.cls_token": _c(emb.cls_token.reshape(d)),
+        "embed.W_pos": _c(emb.position_embeddings.reshape(-1, d)),
+    }
+    for i, layer in enumerate(layers):
+        p = f"blocks.{i}."
+        a = layer.attention
+        sd.update(ln_state(p + "ln1.", layer.layernorm_before))
+        sd.update(ln_state(p + "ln2.", layer.layernorm_after))
+        sd.update(attention_state(
+            p + "attn.",
+            (a.q_proj.weight, a.q_proj.bias), (a.k_proj.weight, a.k_proj.bias),
+            (a.v_proj.weight, a.v_proj.bias), (a.o_proj.weight, a.o_proj.bias), n_heads,
+        ))
+        sd.update(mlp_state(p + "mlp.", (layer.mlp.fc1.weight, layer.mlp.fc1.bias), (layer.mlp.fc2.weight, layer.mlp.fc2.bias)))
+    sd.update(ln_state("ln_final.", vit.layernorm))
+    if head is not None:
+        sd["head.W"], sd["head.b"] = linear_to_matrix(head.weight, head.bias)
+    return cfg, sd, image_preprocess(model, lambda: _default_processor(cfg.image_size[0]))
+
+
+register_vision_family(
+    VisionFamily(
+        name="hf_vit",
+        description="transformers ViTModel / ViTForImageClassification (hub repo id or local dir with model_type 'vit')",
+        matches=_is_hf_vit,
+        convert=convert_hf_vit,
+        load=load_hf_vit,
+        hf_model_types=("vit",),
+    )
+)

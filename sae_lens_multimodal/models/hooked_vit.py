@@ -135,6 +135,27 @@ class ViTActivationCache(ActivationCache):
             components = self.apply_ln_to_stack(components, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (components, labels) if return_labels else components
 
+    def _get_cached_ln_scale(self, layer, mlp_input, pos_slice, batch_slice=None):
+        cfg = self.model.cfg
+        if not (getattr(cfg, "final_ln_after_pool", False) and (layer is None or layer in (-1, cfg.n_layers))):
+            return super()._get_cached_ln_scale(layer, mlp_input, pos_slice, batch_slice)
+        # Here ln_final saw only the pooled vector, so its cached scale has no position dimension and
+        # TransformerLens's pos_slice on dim -2 would index the batch instead (silently wrong).
+        from transformer_lens.utilities import Slice
+
+        pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+        if not (cfg.pool_type == "cls" and pos_slice.mode == "int" and pos_slice.slice == 0):
+            raise ValueError(
+                f"This model's ln_final normalises only the pooled vector (final_ln_after_pool, "
+                f"pool_type={cfg.pool_type!r}), so its cached scale applies to the CLS token alone. "
+                "Pass pos_slice=0 (with pool_type 'cls'), or use accumulated_resid(apply_ln=True), which "
+                "recomputes the normalisation."
+            )
+        scale = self["ln_final.hook_scale"]
+        if batch_slice is not None and self.has_batch_dim:
+            scale = batch_slice.apply(scale)
+        return scale
+
 
 class HookedViT(MultimodalHookedRootModule):
     """A vision transformer whose every intermediate activation is a TransformerLens HookPoint.

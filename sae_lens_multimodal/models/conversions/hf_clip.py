@@ -20,7 +20,8 @@ Mapping (transformers -> HookedViT):
 
 Loading by name (hub repo id or local directory with ``model_type`` "clip" or "clip_vision_model"): a
 ``CLIPModel`` checkpoint is loaded as ``CLIPVisionModelWithProjection`` (same vision weights and projection;
-the text tower is never built), a vision-only checkpoint as the class its ``architectures`` names.
+the text tower is never built), a vision-only checkpoint as ``CLIPVisionModelWithProjection`` when its
+``architectures`` says so, else as ``CLIPVisionModel``.
 Preprocessing is the checkpoint's own image processor (preprocessor_config.json), else
 ``CLIPImageProcessor`` at the config's image size.
 """
@@ -57,7 +58,7 @@ def load_hf_clip(name_or_dir: str, **kwargs: Any) -> Any:
 
     config = read_hf_config(name_or_dir, **kwargs)
     archs = config.get("architectures") or []
-    if config.get("model_type") == "clip_vision_model" and "CLIPVisionModel" in archs:
+    if config.get("model_type") == "clip_vision_model" and "CLIPVisionModelWithProjection" not in archs:
         cls = transformers.CLIPVisionModel
     else:  # CLIPModel / CLIPVisionModelWithProjection checkpoints: vision tower + projection
         cls = transformers.CLIPVisionModelWithProjection

@@ -13,7 +13,8 @@ non-language model:
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -113,6 +114,25 @@ class MultimodalHookedRootModule(HookedRootModule):
             for name in names:
                 if name not in self.hook_dict:
                     raise unknown_hook_error(name, self.hook_dict.keys())
+
+    @contextmanager
+    def hooks(self, *args: Any, **kwargs: Any) -> Iterator["MultimodalHookedRootModule"]:  # type: ignore[override]
+        """TransformerLens ``hooks`` (used by run_with_hooks and run_with_cache), with hook names claimed.
+
+        A hooked model nested in another (HookedCLIP's towers, a VLM's vision tower) shares its HookPoints
+        with the outer model, whose ``setup()`` names them from the outer root (``vision.blocks.0...``).
+        Cache keys and ``hook.name`` come from those names, so for the duration of this context every hook
+        point is named relative to ``self``, and the previous names are restored afterwards.
+        """
+        renamed = [(hp, hp.name) for name, hp in self.hook_dict.items() if hp.name != name]
+        for name, hp in self.hook_dict.items():
+            hp.name = name
+        try:
+            with super().hooks(*args, **kwargs) as model:
+                yield model
+        finally:
+            for hp, old in renamed:
+                hp.name = old
 
     def run_with_cache(  # type: ignore[override]
         self,

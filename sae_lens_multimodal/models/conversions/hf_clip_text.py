@@ -1,0 +1,110 @@
+"""transformers CLIP text towers -> HookedText (a text family; see ``models/hooked_text.py``).
+
+Handles ``CLIPModel`` (text model + ``text_projection``), ``CLIPTextModelWithProjection`` and
+``CLIPTextModel`` (no projection). The tower is causal and takes the tokenizer's attention mask for
+padding, as transformers does. The text embedding is read at the end-of-text token exactly as
+transformers picks it: the largest token id when the config has the legacy ``eos_token_id == 2``,
+otherwise the first ``eos_token_id``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sae_lens_multimodal.models.conversions._common import _c, attention_state, ln_state, mlp_state
+from sae_lens_multimodal.models.hooked_text import HookedTextConfig, TextFamily, register_text_family
+
+_CLASSES = ("CLIPModel", "CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+def _is_hf_clip_text(obj: Any) -> bool:
+    return type(obj).__module__.startswith("transformers.models.clip.") and type(obj).__name__ in _CLASSES
+
+
+def _text_model_and_projection(model: Any) -> tuple[Any, Any]:
+    name = type(model).__name__
+    if name == "CLIPTextModel":
+        return model, None
+    return model.text_model, model.text_projection
+
+
+def hf_text_layers_state(text_model: Any, n_heads: int) -> dict[str, torch.Tensor]:
+    """Embeddings, blocks and final LN of a transformers CLIP-style text model (shared with SigLIP)."""
+    emb = text_model.embeddings
+    sd: dict[str, torch.Tensor] = {
+        "embed.W_E": _c(emb.token_embedding.weight),
+        "pos_embed.W_pos": _c(emb.position_embedding.weight),
+    }
+    for i, layer in enumerate(text_model.encoder.layers):
+        p = f"blocks.{i}."
+        sd.update(ln_state(p + "ln1.", layer.layer_norm1))
+        sd.update(ln_state(p + "ln2.", layer.layer_norm2))
+        a = layer.self_attn
+        sd.update(
+            attention_state(
+                p + "attn.",
+                (a.q_proj.weight, a.q_proj.bias), (a.k_proj.weight, a.k_proj.bias),
+                (a.v_proj.weight, a.v_proj.bias), (a.out_proj.weight, a.out_proj.bias), n_heads,
+            )
+        )
+        sd.update(mlp_state(p + "mlp.", (layer.mlp.fc1.weight, layer.mlp.fc1.bias), (layer.mlp.fc2.weight, layer.mlp.fc2.bias)))
+    sd.update(ln_state("ln_final.", text_model.final_layer_norm))
+    return sd
+
+
+def convert_hf_clip_text(model: Any) -> tuple[HookedTextConfig, dict[str, torch.Tensor]]:
+    text_model, proj = _text_model_and_projection(model)
+    c = text_model.config
+    eos = getattr(text_model, "eos_token_id", c.eos_token_id)
+    dtype = text_model.embeddings.token_embedding.weight.dtype
+    cfg = HookedTextConfig(
+        n_layers=c.num_hidden_layers,
+        d_model=c.hidden_size,
+        n_heads=c.num_attention_heads,
+        d_mlp=c.intermediate_size,
+        d_vocab=c.vocab_size,
+        n_ctx=c.max_position_embeddings,
+        act_fn=c.hidden_act,
+        eps=c.layer_norm_eps,
+        causal=True,
+        pool_type="argmax" if eos == 2 else "eos",
+        eos_token_id=None if eos == 2 else eos,
+        pad_token_id=c.pad_token_id,
+        use_attention_mask=True,
+        tokenizer_padding="longest",
+        d_out=proj.weight.shape[0] if proj is not None else None,
+        model_name=getattr(c, "_name_or_path", "") or "transformers-clip",
+        original_architecture=f"transformers.{type(model).__name__}.text",
+        dtype=dtype,
+    )
+    sd = hf_text_layers_state(text_model, c.num_attention_heads)
+    if proj is not None:
+        sd["head.W"] = _c(proj.weight.T)
+        sd["head.b"] = _c(proj.bias) if proj.bias is not None else torch.zeros(proj.weight.shape[0], dtype=dtype)
+    return cfg, sd
+
+
+def hf_tokenizer(model: Any) -> Any:
+    """The tokenizer saved next to the model (a local directory or the hub cache), if it loads offline."""
+    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if not path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:  # no tokenizer files there, or not cached offline: strings then need tokenizer=
+        return None
+
+
+register_text_family(
+    TextFamily(
+        name="hf_clip_text",
+        description="transformers CLIPModel / CLIPTextModel / CLIPTextModelWithProjection",
+        matches=_is_hf_clip_text,
+        convert=convert_hf_clip_text,
+        tokenizer=hf_tokenizer,
+    )
+)

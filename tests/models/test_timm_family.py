@@ -183,6 +183,16 @@ def test_pil_input_matches_timm_transform():
         assert max_err(hooked(images), ref) <= TOL
 
 
+def test_pil_input_for_a_model_built_at_another_size():
+    from PIL import Image
+
+    # timm's data config still says 224 here; the preprocess must produce what the model accepts.
+    hooked = HookedViT.from_pretrained(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=96))
+    image = Image.new("RGB", (130, 100), color=(30, 60, 90))
+    assert hooked.preprocess(image).shape == (3, 96, 96)
+    assert hooked(image).shape == (1, 1000)
+
+
 # ---------------------------------------------------------------- unsupported features are refused by name
 def _tiny(**kwargs: Any) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
@@ -295,3 +305,10 @@ def test_load_from_offline_hub_cache(saved_tiny, offline_hub_cache, name):
     hooked = HookedViT.from_pretrained(name)
     with torch.no_grad():
         assert max_err(hooked(x), ref) <= TOL
+
+
+def test_missing_pretrained_weights_offline_says_what_to_do(offline_hub_cache):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    with pytest.raises(LocalEntryNotFoundError, match="pretrained=False"):
+        HookedViT.from_pretrained("timm:vit_tiny_patch16_224.augreg_in21k")

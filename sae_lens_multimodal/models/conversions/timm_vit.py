@@ -72,7 +72,15 @@ def load_timm(name: str, **kwargs: Any) -> Any:
                     f"Unknown timm model {arch!r}.{hint} Use a name from timm.list_models(), "
                     "'hf-hub:<org>/<repo>' or 'local-dir:<path>'."
                 )
-    return timm.create_model(name, **kwargs).eval()
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return timm.create_model(name, **kwargs).eval()
+    except LocalEntryNotFoundError as e:
+        raise LocalEntryNotFoundError(
+            f"timm weights for {name!r} are neither in the Hugging Face cache nor downloadable (offline, or no "
+            f"network). Download them once online, or pass pretrained=False for random weights. ({e})"
+        ) from e
 
 
 def _act_fn(act: nn.Module) -> str:
@@ -193,7 +201,13 @@ def _pool_state(pool: nn.Module, n_heads: int, d_model: int, checker: _Checker) 
 def _preprocess(model: nn.Module):
     from timm.data import create_transform, resolve_model_data_config
 
-    return create_transform(**resolve_model_data_config(model), is_training=False)
+    data_cfg = dict(resolve_model_data_config(model))
+    img_size = tuple(model.patch_embed.img_size)
+    if not model.dynamic_img_size and tuple(data_cfg["input_size"][1:]) != img_size:
+        # timm falls back to 224 for a model built at another img_size (or without a pretrained_cfg), which this
+        # fixed-size model would refuse: resize to the size it was built for, keeping the rest of timm's config.
+        data_cfg["input_size"] = (data_cfg["input_size"][0], *img_size)
+    return create_transform(**data_cfg, is_training=False)
 
 
 def _model_name(model: nn.Module) -> str:

@@ -289,7 +289,7 @@ def offline_hub_cache(tmp_path, monkeypatch):
     return cache
 
 
-@pytest.mark.parametrize("prefix", ["timm:local-dir:", ""], ids=["timm_local_dir", "bare_path"])
+@pytest.mark.parametrize("prefix", ["timm:local-dir:", "timm:", ""], ids=["timm_local_dir", "timm_path", "bare_path"])
 def test_load_from_local_dir_in_timm_layout(saved_tiny, prefix):
     folder, x, ref = saved_tiny
     hooked = HookedViT.from_pretrained(f"{prefix}{folder}")
@@ -298,7 +298,11 @@ def test_load_from_local_dir_in_timm_layout(saved_tiny, prefix):
         assert max_err(hooked(x), ref) <= TOL
 
 
-@pytest.mark.parametrize("name", ["timm:hf-hub:test-org/tiny-vit", "test-org/tiny-vit"], ids=["timm_hf_hub", "bare_repo_id"])
+@pytest.mark.parametrize(
+    "name",
+    ["timm:hf-hub:test-org/tiny-vit", "timm:test-org/tiny-vit", "test-org/tiny-vit"],
+    ids=["timm_hf_hub", "timm_repo_id", "bare_repo_id"],
+)
 def test_load_from_offline_hub_cache(saved_tiny, offline_hub_cache, name):
     folder, x, ref = saved_tiny
     make_hub_cache(offline_hub_cache, "test-org/tiny-vit", {f: folder / f for f in ("config.json", "model.safetensors")})

@@ -1,0 +1,37 @@
+"""TransformerLens-style hooks in diffusers denoisers and a per-timestep caching/intervening pipeline.
+
+Public names: :class:`HookedUNet`, :class:`HookedDiT`, :class:`HookedDiffusionPipeline`,
+:class:`DiffusionCache`, and the denoising-state accessors :func:`current_timestep`,
+:func:`current_branch`, :func:`current_denoising_state`. Hook names: docs/hooks-diffusion.md.
+"""
+
+from sae_lens_multimodal.diffusion.cache import DiffusionCache
+from sae_lens_multimodal.diffusion.context import (
+    DenoisingState,
+    current_branch,
+    current_denoising_state,
+    current_timestep,
+)
+from sae_lens_multimodal.diffusion.hooked import SUPPORTED_DITS, SUPPORTED_UNETS, HookedDiT, HookedUNet
+from sae_lens_multimodal.diffusion.pipeline import (
+    SUPPORTED_PIPELINES,
+    DenoisingLoop,
+    HookedDiffusionPipeline,
+    TimestepSelector,
+)
+
+__all__ = [
+    "HookedUNet",
+    "HookedDiT",
+    "HookedDiffusionPipeline",
+    "DiffusionCache",
+    "DenoisingLoop",
+    "DenoisingState",
+    "TimestepSelector",
+    "current_timestep",
+    "current_branch",
+    "current_denoising_state",
+    "SUPPORTED_UNETS",
+    "SUPPORTED_DITS",
+    "SUPPORTED_PIPELINES",
+]

@@ -373,9 +373,12 @@ def _read_json(path: Path) -> Optional[dict]:
 
 def load_clip_source(name: str, **kwargs: Any) -> tuple[Any, Any]:
     """The source-library CLIP model and tokenizer (or None) a name refers to."""
-    registered = _from_registry(name, **kwargs)
-    if registered is not None:
-        return registered
+    try:
+        from sae_lens_multimodal.models.registry import resolve_model_name
+
+        name = resolve_model_name(name)  # a registered short name ("shapes-clip") -> its source name
+    except ImportError:  # no named-model registry in this installation
+        pass
     if name.startswith("open-clip:"):
         import open_clip
 
@@ -421,12 +424,3 @@ def load_clip_source(name: str, **kwargs: Any) -> tuple[Any, Any]:
         f"or SigLIP model{' (found model_type ' + repr(model_type) + ')' if model_type else ''}, or a "
         "registered model name."
     )
-
-
-def _from_registry(name: str, **kwargs: Any) -> Optional[tuple[Any, Any]]:
-    """A model from this package's named-model registry (models/registry.py), when it has that name."""
-    try:
-        from sae_lens_multimodal.models import registry
-    except ImportError:
-        return None
-    return registry.load_clip_by_name(name, **kwargs) if hasattr(registry, "load_clip_by_name") else None

@@ -147,11 +147,11 @@ class HookedCLIP(MultimodalHookedRootModule):
             )
         if isinstance(model, HookedCLIP):
             return model
+        scale, bias = _logit_scale_and_bias(model)
         vision = HookedViT.from_pretrained(model, device=device, dtype=dtype)
         text = HookedText.from_pretrained(model, device=device, dtype=dtype)
         if tokenizer is not None or found_tokenizer is not None:
             text.tokenizer = tokenizer if tokenizer is not None else found_tokenizer
-        scale, bias = _logit_scale_and_bias(model)
         hooked = cls(
             vision, text, logit_scale=scale, logit_bias=bias,
             model_name=vision.cfg.model_name if vision.cfg.model_name != "custom" else text.cfg.model_name,

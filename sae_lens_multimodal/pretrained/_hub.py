@@ -178,7 +178,12 @@ def safe_torch_load(
 
 
 def _refusal_message(source: Any, what: str, error: Exception) -> str:
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    # torch's message starts with advice to retry with weights_only=False; quote only the reason.
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    reason = next((ln for ln in lines if any(w in ln for w in ("Unpickler error", "Unsupported", "unsupported", "blocked",
+                                                                 "Can only", "unrecognized"))), "")
+    detail = reason.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "").rstrip(".")
+    detail = detail or "not a plain state dict"
     unsafe: list[str] = []
     try:
         if isinstance(source, (str, os.PathLike)):

@@ -398,7 +398,8 @@ def _install_directory_hook() -> None:
 
         def get_pretrained_saes_directory() -> dict[str, Any]:
             directory = original()
-            _inject(directory)
+            # Look the registry up by module name so a reloaded registry module is the one injected.
+            sys.modules[__name__]._inject(directory)
             return directory
 
         get_pretrained_saes_directory.__doc__ = original.__doc__

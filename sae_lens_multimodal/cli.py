@@ -1,0 +1,92 @@
+"""Command line: ``sae-lens-mm <subcommand> ...``.
+
+Each subcommand is one ``add_<name>_command(subparsers)`` function that registers its parser and sets
+``handler`` to the function that runs it; add new subcommands to ``SUBCOMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Callable, Optional
+
+__all__ = ["main", "build_parser", "SUBCOMMANDS"]
+
+
+# ----------------------------------------------------------------------------------------- releases
+def run_releases(args: argparse.Namespace) -> int:
+    from sae_lens_multimodal.pretrained import expand_manifest_release, get_release, list_releases
+
+    if args.runs:
+        release = get_release(args.runs)
+        if not release.manifest:
+            print(f"Release {args.runs!r} has a fixed list of SAEs (no manifest); showing it.", file=sys.stderr)
+        else:
+            expand_manifest_release(args.runs, download=True)
+        table = list_releases(release=args.runs, model=args.model, hook=args.hook)
+        table = type(table)(row for row in table if row.release == args.runs)
+    else:
+        table = list_releases(model=args.model, hook=args.hook, release=args.release)
+    if args.json:
+        print(json.dumps([{**asdict(row), "unverified": list(row.unverified)} for row in table], indent=1, default=str))
+    else:
+        print(table.to_text())
+        if not table:
+            print("No release matches. Try a shorter --model / --hook (substring or glob).", file=sys.stderr)
+    return 0
+
+
+def add_releases_command(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "releases",
+        help="list the pretrained vision/diffusion SAE releases (load with sae_lens.SAE.from_pretrained)",
+        description="List the SAE releases registered with SAELens by sae-lens-multimodal. Load one with "
+                    "sae_lens.SAE.from_pretrained(release, sae_id).",
+    )
+    parser.add_argument("--model", help="only models whose name contains this (case-insensitive)")
+    parser.add_argument("--hook", help="only SAEs at hooks containing this, or matching this glob")
+    parser.add_argument("--release", help="only releases whose name contains this")
+    parser.add_argument("--runs", metavar="RELEASE",
+                        help="read RELEASE's manifest (downloading it unless offline) and list every run")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(handler=run_releases)
+
+
+#: subcommand registrars, in the order they appear in --help
+SUBCOMMANDS: list[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]] = [
+    add_releases_command,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sae-lens-mm",
+        description="sae-lens-multimodal: TransformerLens hooks and SAELens SAEs for vision and diffusion models.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``sae-lens-mm`` script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"sae-lens-mm {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

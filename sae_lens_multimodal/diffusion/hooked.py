@@ -335,6 +335,13 @@ class HookedDenoiser(MultimodalHookedRootModule):
                 out[f"mid.{parts[2]}"] = path
         return out
 
+    def _unknown(self, given: str, what: str = "hook") -> KeyError:
+        canonical = self.canonical_hook_name(given)
+        err = unknown_hook_error(canonical, self.hook_dict.keys(), what=what)
+        if canonical == given:
+            return err
+        return KeyError(f"{given!r} is an alias of {canonical!r}, which does not exist. {err.args[0]}")
+
     def _filter_names(self, names_filter: Any) -> list[str]:
         if names_filter is None:
             return list(self.hook_dict)
@@ -345,7 +352,7 @@ class HookedDenoiser(MultimodalHookedRootModule):
         names = [self.canonical_hook_name(n) for n in names_filter]
         for name, given in zip(names, names_filter):
             if name not in self.hook_dict:
-                raise unknown_hook_error(given, self.hook_dict.keys())
+                raise self._unknown(given)
         return names
 
     def _canonical_filter(self, names_filter: Any) -> Any:
@@ -358,7 +365,7 @@ class HookedDenoiser(MultimodalHookedRootModule):
     def _enable_hook_with_name(self, name: str, hook: Callable, dir: str) -> None:  # type: ignore[override]
         canonical = self.canonical_hook_name(name)
         if canonical not in self.mod_dict:
-            raise unknown_hook_error(name, self.hook_dict.keys())
+            raise self._unknown(name)
         super()._enable_hook_with_name(canonical, hook, dir)
 
     @contextmanager
@@ -395,7 +402,7 @@ class HookedDenoiser(MultimodalHookedRootModule):
             super().add_sae(sae, use_error_term, exclude_special_tokens)
         except KeyError as err:
             if given != meta.hook_name:
-                raise unknown_hook_error(given, self.hook_dict.keys(), what="hook for this SAE") from err
+                raise self._unknown(given, what="hook for this SAE") from err
             raise
         finally:
             meta.hook_name = given

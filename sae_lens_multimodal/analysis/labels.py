@@ -6,9 +6,9 @@ with scores that say which to trust:
 
 ``direct-path``
     The decoder direction ``d`` goes through the direct path only: the final LayerNorm linearised at the
-    real activation scale (its scale frozen per image, as measured on the reference images) and the
-    projection, i.e. the change of the image embedding if ``d`` were added to the residual that the head
-    reads and nothing else changed. **validity** is the share of the feature's real effect on the
+    real activation of each reference image (its Jacobian there: the real scale, plus the first-order
+    change of the scale itself) and the projection, i.e. the first-order change of the image embedding if
+    ``d`` were added to the residual that the head reads and no layer in between reacted. **validity** is the share of the feature's real effect on the
     embedding that this direct path accounts for: ``1 - sum |total - direct|^2 / sum |total|^2`` over the
     reference images (clipped to [0, 1]), where ``total`` is the embedding change in the real forward pass
     under the same intervention. Near 1 for features at the last layer; low where later layers carry the
@@ -236,6 +236,20 @@ def _sae_parts(sae: Any) -> tuple[torch.Tensor, Optional[str]]:
     return sae.W_dec.detach(), sae.cfg.metadata.hook_name
 
 
+def _normalised_ln_input(vision: Any, final: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The final LN's input, centred and divided by its real scale, at each token it reads: [N, T, d_model].
+    With the LN after pooling, every token sees the pooled input (the LN's Jacobian is taken there)."""
+    cfg = vision.cfg
+    if cfg.final_ln_after_pool:
+        pooled = final[:, :1] if cfg.pool_type == "cls" else final[:, cfg.n_prefix_tokens :].mean(1, keepdim=True)
+        x = pooled.expand_as(final)
+        s = scale.reshape(-1, 1, 1)
+    else:
+        x = final
+        s = scale.reshape(final.shape[0], -1, 1)
+    return (x - x.mean(-1, keepdim=True)) / s
+
+
 def _batches(n: int, size: int):
     for i in range(0, n, size):
         yield slice(i, min(n, i + size))
@@ -319,13 +333,17 @@ def label_features(
     n_feat = len(ids)
 
     # ---- clean pass on the reference images: activations at the hook, final-LN scales, embeddings
-    acts, scales, embeds = [], [], []
+    acts, scales, embeds, finals = [], [], [], []
     n_images = len(images)
     if n_images == 0:
         raise ValueError("Pass at least one reference image.")
+    final_name = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
     for sl in _batches(n_images, batch_size):
-        _, cache = vision.run_with_cache(images[sl], names_filter=[hook, "ln_final.hook_scale", "hook_out"])
+        _, cache = vision.run_with_cache(
+            images[sl], names_filter=list(dict.fromkeys([hook, final_name, "ln_final.hook_scale", "hook_out"]))
+        )
         acts.append(cache[hook])
+        finals.append(cache[final_name])
         scales.append(cache["ln_final.hook_scale"])
         embeds.append(cache["hook_out"])
     act = torch.cat(acts)  # [N, T, d_in]
@@ -333,6 +351,7 @@ def label_features(
     emb = torch.cat(embeds)  # [N, d_embed]
     n_tokens = act.shape[1]
     w_read = read_weights(vision, scale, n_tokens)  # [N, T]
+    x_hat = _normalised_ln_input(vision, torch.cat(finals), scale)  # [N, T, d_model]
 
     pos_mask = torch.zeros(n_tokens, dtype=dtype, device=device)
     if positions == "all":
@@ -381,7 +400,15 @@ def label_features(
     M, _ = direct_path_matrix(vision)
     M = M - M.mean(dim=0, keepdim=True)
     u = resid_dirs @ M  # [F, d_embed]: centre(d) * ln_w @ W_head
-    direct_delta = torch.einsum("bq,fbq->fb", w_read, coef)[..., None] * u[:, None, :]  # [F, N, d_embed]
+    d_c = resid_dirs - resid_dirs.mean(-1, keepdim=True)
+    radial = torch.einsum("bqd,fd->fbq", x_hat, d_c) / cfg.d_model  # the LN scale's own first-order change
+    x_hat_M = x_hat @ M  # [N, T, d_embed]
+
+    def direct(c: torch.Tensor) -> torch.Tensor:  # [F, N, T] coefficients -> [F, N, d_embed]
+        wc = w_read[None] * c
+        return wc.sum(-1)[..., None] * u[:, None, :] - torch.einsum("fbq,bqe->fbe", wc * radial, x_hat_M)
+
+    direct_delta = direct(coef)
     e_norm = emb.norm(dim=-1, keepdim=True)
     e_hat = emb / e_norm
     mean_image = e_hat.mean(dim=0)
@@ -430,8 +457,8 @@ def label_features(
         vocabulary=vocab, feature_ids=ids, hook_name=hook, intervention=intervention, strength=strength_vec.cpu(), k=k
     )
     if "direct-path" in methods:
-        read_all = w_read.sum(-1)  # adding d at every token the head reads
-        direct_vec = tangent(read_all[None, :, None] * u[:, None, :]).mean(dim=1)
+        # Adding d at every token the head reads, through the linearised final LN and the projection.
+        direct_vec = tangent(direct(torch.ones_like(coef))).mean(dim=1)
         report.direct_scores = scores(direct_vec).cpu()
         assert total_delta is not None
         err = (total_delta - direct_delta).pow(2).sum((1, 2))

@@ -1,0 +1,31 @@
+"""Activation stores, the on-disk activation cache, SAE training through SAELens's SAETrainer, and
+evaluation, for image models (HookedViT / HookedCLIP) and diffusion models."""
+
+from __future__ import annotations
+
+from sae_lens_multimodal.training.cache import (
+    ActivationCacheReader,
+    ActivationCacheWriter,
+    ActivationChunk,
+    CacheMismatchError,
+    model_identity,
+)
+from sae_lens_multimodal.training.caching import cache_activations
+from sae_lens_multimodal.training.image_store import TOKEN_POLICIES, ImageActivationStore
+from sae_lens_multimodal.training.providers import ActivationProvider, activation_provider
+from sae_lens_multimodal.training.train import estimate_bucket_scaling_factors, train_sae
+
+__all__ = [
+    "TOKEN_POLICIES",
+    "ActivationCacheReader",
+    "ActivationCacheWriter",
+    "ActivationChunk",
+    "ActivationProvider",
+    "CacheMismatchError",
+    "ImageActivationStore",
+    "activation_provider",
+    "cache_activations",
+    "estimate_bucket_scaling_factors",
+    "model_identity",
+    "train_sae",
+]

@@ -1,0 +1,403 @@
+"""On-disk activation cache (format: docs/activation-cache.md).
+
+One cache directory holds the activations of ONE hook of ONE model::
+
+    <dir>/metadata.json                 what made the cache (model, hook, token policy, dtype, ...)
+    <dir>/shard_00000.json              shard manifest: written last, so a shard exists only once complete
+    <dir>/shard_00000.acts.npy          (rows, d_in) activations, memory-mapped on read
+    <dir>/shard_00000.sample.npy        (rows,) int64 index of the source item (image / trajectory)
+    <dir>/shard_00000.timestep.npy      (rows,) float64 scheduler timestep      (diffusion caches)
+    <dir>/shard_00000.branch.npy        (rows,) int8 CFG branch 0 uncond, 1 cond, -1 none (diffusion)
+
+Shard ``k`` holds source items ``[k * items_per_shard, (k + 1) * items_per_shard)``, so an interrupted
+run resumes at the first missing shard. Every file is written under a temporary name and moved into
+place with ``os.replace``; the manifest goes last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ActivationChunk",
+    "ActivationCacheReader",
+    "ActivationCacheWriter",
+    "CacheMismatchError",
+    "model_identity",
+    "open_activation_cache",
+]
+
+FORMAT_NAME = "sae-lens-multimodal/activation-cache"
+FORMAT_VERSION = 1
+_SHARD_RE = re.compile(r"^shard_(\d{5,})\.json$")
+LABEL_COLUMNS = {"sample": np.int64, "timestep": np.float64, "branch": np.int8}
+# numpy has no bfloat16: such caches store the raw 16 bits and say so in metadata.dtype.
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "float64": np.float64}
+
+
+class CacheMismatchError(ValueError):
+    """The cache on disk was made by a different model / hook / setting than the one asked for."""
+
+
+@dataclass
+class ActivationChunk:
+    """Activation rows of one hook from one forward batch, with per-row labels."""
+
+    acts: torch.Tensor  # (rows, d_in)
+    sample: torch.Tensor  # (rows,) int64 source item index
+    timestep: Optional[torch.Tensor] = None  # (rows,) float64
+    branch: Optional[torch.Tensor] = None  # (rows,) int8
+
+    def __len__(self) -> int:
+        return self.acts.shape[0]
+
+    def select(self, mask: torch.Tensor) -> "ActivationChunk":
+        return ActivationChunk(
+            self.acts[mask], self.sample[mask],
+            None if self.timestep is None else self.timestep[mask],
+            None if self.branch is None else self.branch[mask],
+        )
+
+    @staticmethod
+    def cat(chunks: Sequence["ActivationChunk"]) -> "ActivationChunk":
+        def cat_opt(xs: list[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+            return None if xs[0] is None else torch.cat(xs)  # type: ignore[arg-type]
+
+        return ActivationChunk(
+            torch.cat([c.acts for c in chunks]), torch.cat([c.sample for c in chunks]),
+            cat_opt([c.timestep for c in chunks]), cat_opt([c.branch for c in chunks]),
+        )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def model_identity(model: torch.nn.Module, name: Optional[str] = None) -> dict[str, str]:
+    """Name, class and a weight fingerprint of a model: what a cache is checked against on read.
+
+    The fingerprint hashes every parameter's name, shape, dtype and first values, so two random-init
+    models of the same architecture (same ``model_name``) still differ.
+    """
+    h = hashlib.sha256()
+    for pname, p in model.state_dict().items():
+        h.update(f"{pname}:{tuple(p.shape)}:{p.dtype};".encode())
+        if p.numel():
+            h.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+    cfg = getattr(model, "cfg", None)
+    return {
+        "name": name or str(getattr(cfg, "model_name", None) or type(model).__name__),
+        "class": type(model).__name__,
+        "fingerprint": "sha256:" + h.hexdigest()[:32],
+    }
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _atomic_write_npy(path: Path, array: np.ndarray) -> int:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
+        out[...] = array
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    return path.stat().st_size
+
+
+def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
+    t = t.detach().cpu()
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return t.to(getattr(torch, dtype)).numpy()
+
+
+# ---------------------------------------------------------------------- writing
+class ActivationCacheWriter:
+    """Writes one hook's activations to ``directory`` shard by shard; resumes a partial cache.
+
+    ``metadata`` describes what produces the activations (see ``docs/activation-cache.md``); when the
+    directory already holds a cache, its metadata must match on every identifying key, otherwise
+    :class:`CacheMismatchError` (a different model/hook never appends to an existing cache).
+    """
+
+    IDENTIFYING_KEYS = ("kind", "model", "hook_name", "d_in", "dtype", "token_policy", "source", "diffusion")
+
+    def __init__(self, directory: Union[str, os.PathLike], metadata: dict[str, Any], items_per_shard: int):
+        if items_per_shard <= 0:
+            raise ValueError(f"items_per_shard must be positive, got {items_per_shard}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        meta_path = self.directory / "metadata.json"
+        wanted = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "items_per_shard": items_per_shard,
+                  **metadata}
+        if meta_path.exists():
+            existing = json.loads(meta_path.read_text())
+            _check_format(existing, self.directory)
+            for key in self.IDENTIFYING_KEYS:
+                if existing.get(key) != wanted.get(key):
+                    raise CacheMismatchError(
+                        f"{self.directory} already holds a cache with {key}={existing.get(key)!r}, but this run "
+                        f"has {key}={wanted.get(key)!r}. Use another directory, or delete this one to start over."
+                    )
+            self.metadata = existing
+        else:
+            _atomic_write_json(meta_path, wanted)
+            self.metadata = wanted
+        self.items_per_shard = int(self.metadata["items_per_shard"])
+        for stale in self.directory.glob("*.tmp"):  # leftovers of an interrupted write
+            stale.unlink()
+        self.completed = set(_completed_shards(self.directory))
+
+    def shard_done(self, index: int) -> bool:
+        return index in self.completed
+
+    def empty_chunk(self) -> ActivationChunk:
+        labelled = self.metadata.get("kind") == "diffusion"
+        return ActivationChunk(
+            torch.zeros(0, int(self.metadata["d_in"])), torch.zeros(0, dtype=torch.long),
+            torch.zeros(0, dtype=torch.float64) if labelled else None,
+            torch.zeros(0, dtype=torch.int8) if labelled else None,
+        )
+
+    def first_missing_item(self, n_items: Optional[int]) -> int:
+        """Source item to restart from: the start of the first missing shard."""
+        k = 0
+        while k in self.completed:
+            k += 1
+        start = k * self.items_per_shard
+        return start if n_items is None else min(start, n_items)
+
+    def write_shard(self, index: int, chunk: ActivationChunk, item_range: tuple[int, int]) -> None:
+        if index in self.completed:
+            return
+        stem = self.directory / f"shard_{index:05d}"
+        dtype = self.metadata["dtype"]
+        files: dict[str, Any] = {}
+        acts = _to_numpy(chunk.acts, dtype)
+        size = _atomic_write_npy(Path(f"{stem}.acts.npy"), acts)
+        files["acts"] = {"shape": list(acts.shape), "dtype": dtype, "bytes": size}
+        for name, np_dtype in LABEL_COLUMNS.items():
+            col = getattr(chunk, name)
+            if col is None:
+                continue
+            arr = col.detach().cpu().numpy().astype(np_dtype)
+            size = _atomic_write_npy(Path(f"{stem}.{name}.npy"), arr)
+            files[name] = {"shape": list(arr.shape), "dtype": np.dtype(np_dtype).name, "bytes": size}
+        manifest: dict[str, Any] = {"index": index, "items": list(item_range), "rows": int(acts.shape[0]),
+                                    "files": files}
+        if chunk.timestep is not None and len(chunk):
+            manifest["timesteps"] = sorted({float(t) for t in chunk.timestep.unique().tolist()})
+        _atomic_write_json(Path(f"{stem}.json"), manifest)  # the commit point
+        self.completed.add(index)
+
+
+def write_activation_caches(
+    chunks: Iterator[tuple[int, int, dict[str, ActivationChunk]]],
+    writers: dict[str, ActivationCacheWriter],
+    n_items: Optional[int],
+) -> dict[str, int]:
+    """Group per-forward-batch chunks into item-aligned shards and write the missing ones.
+
+    ``chunks`` yields ``(item_start, item_end, {hook: chunk})`` in item order; rows carry their item
+    index in ``chunk.sample``. A shard is written once every one of its items has been processed (or
+    the source ends). Returns the number of rows written per hook.
+    """
+    per_shard = next(iter(writers.values())).items_per_shard
+    pending: dict[int, dict[str, list[ActivationChunk]]] = {}
+    written = {h: 0 for h in writers}
+    last_end = 0
+
+    def flush(k: int) -> None:
+        lo = k * per_shard
+        hi = max(lo, min(lo + per_shard, n_items if n_items is not None else last_end))
+        parts = pending.pop(k, {})
+        for hook, writer in writers.items():
+            if writer.shard_done(k):
+                continue
+            chunk = ActivationChunk.cat(parts[hook]) if parts.get(hook) else writer.empty_chunk()
+            writer.write_shard(k, chunk, (lo, hi))
+            written[hook] += len(chunk)
+
+    for item_start, item_end, by_hook in chunks:
+        for k in range(item_start // per_shard, (max(item_end, item_start + 1) - 1) // per_shard + 1):
+            pending.setdefault(k, {})
+        for hook, chunk in by_hook.items():
+            if hook not in writers:
+                continue
+            # A forward batch may straddle a shard boundary: split its rows by item index.
+            shard_of_row = torch.div(chunk.sample, per_shard, rounding_mode="floor")
+            for k in shard_of_row.unique().tolist():
+                pending.setdefault(k, {}).setdefault(hook, []).append(chunk.select(shard_of_row == k))
+        last_end = item_end
+        for k in sorted(pending):
+            if (k + 1) * per_shard <= item_end:
+                flush(k)
+    for k in sorted(pending):  # the source ended: its last shard is complete as it is
+        flush(k)
+    return written
+
+
+# ---------------------------------------------------------------------- reading
+def _check_format(meta: dict[str, Any], directory: Path) -> None:
+    if meta.get("format") != FORMAT_NAME:
+        raise CacheMismatchError(f"{directory} is not an activation cache (metadata.json format={meta.get('format')!r}).")
+    if int(meta.get("format_version", -1)) > FORMAT_VERSION:
+        raise CacheMismatchError(
+            f"{directory} uses activation-cache format version {meta['format_version']}; this sae-lens-multimodal "
+            f"reads versions <= {FORMAT_VERSION}. Upgrade sae-lens-multimodal."
+        )
+
+
+def _completed_shards(directory: Path) -> list[int]:
+    out = []
+    for p in directory.iterdir():
+        m = _SHARD_RE.match(p.name)
+        if m:
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+@dataclass
+class Shard:
+    index: int
+    rows: int
+    items: tuple[int, int]
+    paths: dict[str, Path] = field(default_factory=dict)
+    timesteps: Optional[list[float]] = None
+
+
+class ActivationCacheReader:
+    """Read access to one hook's cache: memory-mapped shards, labels, shuffled batches."""
+
+    def __init__(self, directory: Union[str, os.PathLike]):
+        self.directory = Path(directory)
+        meta_path = self.directory / "metadata.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(
+                f"No activation cache at {self.directory} (no metadata.json). Create one with "
+                "`sae-lens-mm cache` or sae_lens_multimodal.training.cache_activations."
+            )
+        self.metadata: dict[str, Any] = json.loads(meta_path.read_text())
+        _check_format(self.metadata, self.directory)
+        self.shards: list[Shard] = []
+        for k in _completed_shards(self.directory):
+            manifest = json.loads((self.directory / f"shard_{k:05d}.json").read_text())
+            paths = {}
+            for name, info in manifest["files"].items():
+                path = self.directory / f"shard_{k:05d}.{name}.npy"
+                if not path.exists() or path.stat().st_size != info["bytes"]:
+                    raise ValueError(f"Shard file {path} is missing or truncated (expected {info['bytes']} bytes).")
+                paths[name] = path
+            self.shards.append(Shard(k, int(manifest["rows"]), tuple(manifest["items"]), paths,  # type: ignore[arg-type]
+                                     manifest.get("timesteps")))
+        self.dtype = self.metadata["dtype"]
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def hook_name(self) -> str:
+        return self.metadata["hook_name"]
+
+    @property
+    def d_in(self) -> int:
+        return int(self.metadata["d_in"])
+
+    @property
+    def n_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def has_timesteps(self) -> bool:
+        return bool(self.shards) and "timestep" in self.shards[0].paths
+
+    def timesteps(self) -> list[float]:
+        """Every timestep that has rows in the cache."""
+        return sorted({t for s in self.shards for t in (s.timesteps or [])})
+
+    def check(self, model: Optional[Union[torch.nn.Module, dict[str, str]]] = None, hook_name: Optional[str] = None,
+              token_policy: Optional[str] = None, d_in: Optional[int] = None) -> "ActivationCacheReader":
+        """Refuse (CacheMismatchError) a cache made by another model, at another hook or token policy."""
+        made = self.metadata
+        if model is not None:
+            ident = model if isinstance(model, dict) else model_identity(model)
+            if ident.get("fingerprint") != made["model"].get("fingerprint"):
+                raise CacheMismatchError(
+                    f"The cache at {self.directory} was made by model {made['model']['name']!r} "
+                    f"({made['model']['fingerprint']}), not by this {ident.get('name')!r} "
+                    f"({ident.get('fingerprint')}). Cache this model's activations first."
+                )
+        for key, want in (("hook_name", hook_name), ("token_policy", token_policy), ("d_in", d_in)):
+            if want is not None and made.get(key) != want:
+                raise CacheMismatchError(
+                    f"The cache at {self.directory} has {key}={made.get(key)!r}, but {want!r} was asked for."
+                )
+        return self
+
+    # ------------------------------------------------------------------ access
+    def _acts(self, shard: Shard) -> np.ndarray:
+        return np.load(shard.paths["acts"], mmap_mode="r")
+
+    def _to_torch(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.array(arr))  # copies out of the memory map
+        return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
+
+    def shard_chunk(self, shard: Shard, rows: Optional[np.ndarray] = None) -> ActivationChunk:
+        def col(name: str) -> Optional[torch.Tensor]:
+            if name not in shard.paths:
+                return None
+            arr = np.load(shard.paths[name], mmap_mode="r")
+            return torch.from_numpy(np.array(arr if rows is None else arr[rows]))
+
+        acts = self._acts(shard)
+        return ActivationChunk(self._to_torch(acts if rows is None else acts[rows]), col("sample"),  # type: ignore[arg-type]
+                               col("timestep"), col("branch"))
+
+    def read_all(self) -> ActivationChunk:
+        if not self.shards:
+            raise ValueError(f"The cache at {self.directory} has no complete shard yet.")
+        return ActivationChunk.cat([self.shard_chunk(s) for s in self.shards])
+
+    def iter_chunks(self, shuffle: bool = True, seed: int = 0, epochs: Optional[int] = 1) -> Iterator[ActivationChunk]:
+        """Whole shards (memory-mapped, copied to memory one at a time), in random order per epoch."""
+        if not self.shards:
+            raise ValueError(f"The cache at {self.directory} has no complete shard yet.")
+        rng = np.random.default_rng(seed)
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
+            for i in order:
+                yield self.shard_chunk(self.shards[int(i)])
+            epoch += 1

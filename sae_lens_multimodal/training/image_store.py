@@ -1,0 +1,191 @@
+"""Image activation store: images -> HookedViT / HookedCLIP-vision activations at any hook, as rows.
+
+Rows are selected by a token policy: ``"all"`` tokens, ``"cls"`` (the CLS token only) or ``"patches"``
+(patch tokens only, no CLS/distillation/register tokens). Pooled hooks ((batch, d) activations such
+as ``hook_pooled``) give one row per image. Per-head hooks (``hook_q/k/v/z``) are flattened to
+``n_heads * d_head`` as SAELens's ``hook_z`` SAEs expect.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, Optional, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from sae_lens_multimodal.core.hooked_root import unknown_hook_error
+from sae_lens_multimodal.training.cache import ActivationChunk, dtype_name, model_identity
+from sae_lens_multimodal.training.sources import ImageSource, image_source
+
+__all__ = ["TOKEN_POLICIES", "TokenPolicy", "ImageActivationStore", "apply_token_policy"]
+
+TokenPolicy = Literal["all", "cls", "patches"]
+TOKEN_POLICIES = ("all", "cls", "patches")
+_HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z")
+_NOT_FEATURES = ("hook_pattern", "hook_attn_scores")
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def vision_tower(model: Any) -> Any:
+    """The HookedViT inside ``model`` (itself, or a HookedCLIP's ``vision`` tower)."""
+    if hasattr(model, "vision") and not hasattr(model, "embed"):
+        return model.vision
+    return model
+
+
+def local_hook_name(model: Any, hook: str) -> str:
+    """A HookedCLIP hook name relative to its vision tower (``vision.blocks.3...`` -> ``blocks.3...``)."""
+    if model is not vision_tower(model):
+        if hook.startswith("text."):
+            raise ValueError(f"Hook {hook!r} is in the text tower; image activation stores read the vision tower.")
+        if hook.startswith("vision."):
+            return hook[len("vision."):]
+    return hook
+
+
+def apply_token_policy(act: torch.Tensor, policy: str, hook: str, n_prefix: int, has_cls: bool) -> torch.Tensor:
+    """(batch, ...) activation -> (batch, rows_per_image, d) following the token policy."""
+    tail = hook.rsplit(".", 1)[-1]
+    if tail in _NOT_FEATURES:
+        raise ValueError(f"Hook {hook!r} holds attention scores/patterns, not feature vectors: no SAE reads it.")
+    if act.ndim == 4 and tail in _HEAD_HOOKS:
+        act = act.flatten(-2)  # (batch, tokens, heads * d_head)
+    if act.ndim == 2:  # pooled: one vector per image
+        if policy == "patches":
+            raise ValueError(f"Hook {hook!r} has one vector per image (no tokens); use token_policy='all' or 'cls'.")
+        return act[:, None]
+    if act.ndim != 3:
+        raise ValueError(f"Hook {hook!r} gives activations of shape {tuple(act.shape)}; expected (batch, tokens, d).")
+    if policy == "all":
+        return act
+    if policy == "cls":
+        if not has_cls:
+            raise ValueError("This model has no CLS token; use token_policy='patches' or 'all'.")
+        return act[:, :1]
+    if policy == "patches":
+        return act[:, n_prefix:]
+    raise ValueError(f"Unknown token_policy {policy!r}; expected one of {TOKEN_POLICIES}.")
+
+
+class ImageActivationStore:
+    """Runs images through a HookedViT (or a HookedCLIP's vision tower) and yields activation rows.
+
+    ``images``: a (N, C, H, W) tensor, a list of PIL images / tensors, an image folder, or a Hugging Face
+    ``datasets`` Dataset / IterableDataset with an image column (``image_column``, found automatically
+    when it has the ``Image`` feature type). Images that are not tensors go through ``preprocess``
+    (default: ``model.preprocess``). ``batch_size`` is images per forward pass. The forward pass stops
+    after the last block that a hook needs.
+    """
+
+    kind = "image"
+
+    def __init__(
+        self,
+        model: Any,
+        hook_names: Union[str, Sequence[str]],
+        images: Any,
+        *,
+        token_policy: TokenPolicy = "all",
+        batch_size: int = 32,
+        preprocess: Any = None,
+        image_column: Optional[str] = None,
+        dtype: Union[str, torch.dtype] = "float32",
+        model_name: Optional[str] = None,
+        progress: bool = True,
+    ):
+        self.model = model
+        self.vit = vision_tower(model)
+        names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
+        if not names:
+            raise ValueError("Give at least one hook name.")
+        self.hook_names = names
+        self.local_names = {h: local_hook_name(model, h) for h in names}
+        for given, local in self.local_names.items():
+            if local not in self.vit.hook_dict:
+                raise unknown_hook_error(given, self.vit.hook_dict.keys())
+        if token_policy not in TOKEN_POLICIES:
+            raise ValueError(f"Unknown token_policy {token_policy!r}; expected one of {TOKEN_POLICIES}.")
+        self.token_policy = token_policy
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size = batch_size
+        self.source: ImageSource = image_source(
+            images, preprocess if preprocess is not None else getattr(self.vit, "preprocess", None), image_column
+        )
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.progress = progress
+        self.identity = model_identity(self.vit, model_name)
+        blocks = [_BLOCK_RE.match(n) for n in self.local_names.values()]
+        self.stop_at_layer = max(int(m.group(1)) + 1 for m in blocks) if all(blocks) else None  # type: ignore[union-attr]
+        self._d_in = {h: self._width(local) for h, local in self.local_names.items()}
+
+    # ------------------------------------------------------------------ facts
+    def _width(self, local: str) -> int:
+        tail = local.rsplit(".", 1)[-1]
+        width = self.vit.hook_width(local) if hasattr(self.vit, "hook_width") else None
+        if tail in _NOT_FEATURES or width is None:
+            raise ValueError(f"Hook {local!r} holds no feature vectors (attention scores/patterns) for an SAE.")
+        return width * self.vit.cfg.n_heads if tail in _HEAD_HOOKS else width
+
+    def d_in(self, hook: str) -> int:
+        return self._d_in[hook]
+
+    @property
+    def n_items(self) -> Optional[int]:
+        return self.source.n_items
+
+    def rows_per_item(self) -> int:
+        """Most rows one image gives at any of the hooks (at the model's native image size)."""
+        cfg = self.vit.cfg
+        per_policy = {"all": cfg.n_ctx, "cls": 1, "patches": cfg.n_patches}[self.token_policy]
+        return max(1 if local in ("hook_pooled", "hook_out") else per_policy for local in self.local_names.values())
+
+    def describe(self, hook: str) -> dict[str, Any]:
+        """Cache metadata for ``hook`` (see docs/activation-cache.md)."""
+        return {
+            "kind": self.kind, "model": self.identity, "hook_name": hook, "d_in": self.d_in(hook),
+            "dtype": dtype_name(self.dtype), "token_policy": self.token_policy, "source": self.source.describe(),
+            "diffusion": None,
+        }
+
+    # ------------------------------------------------------------------ activations
+    @torch.no_grad()
+    def iter_chunks(self, start_item: int = 0) -> Iterator[tuple[int, int, dict[str, ActivationChunk]]]:
+        """``(item_start, item_end, {hook: chunk})`` per forward batch, in source order."""
+        cfg = self.vit.cfg
+        n_prefix, has_cls = cfg.n_prefix_tokens, cfg.has_cls_token
+        captured: dict[str, torch.Tensor] = {}
+
+        def capture_for(local: str) -> Any:
+            # (bound per hook: inside a HookedCLIP, hook.name carries the tower prefix)
+            def capture(act: torch.Tensor, hook: Any) -> None:
+                rows = apply_token_policy(act, self.token_policy, local, n_prefix, has_cls)
+                captured[local] = rows.detach().to(self.dtype)
+
+            return capture
+
+        fwd_hooks = [(local, capture_for(local)) for local in self.local_names.values()]
+        bar = tqdm(total=self.n_items, initial=start_item, unit="img", desc="Caching activations",
+                   disable=not self.progress)
+        try:
+            for start, pixels in self.source.batches(self.batch_size, start_item):
+                captured.clear()
+                with self.vit.hooks(fwd_hooks=fwd_hooks):
+                    self.vit(pixels, return_type=None, stop_at_layer=self.stop_at_layer)
+                n = pixels.shape[0]
+                out = {}
+                for hook, local in self.local_names.items():
+                    rows = captured[local]  # (batch, rows_per_image, d)
+                    sample = torch.arange(start, start + n).repeat_interleave(rows.shape[1])
+                    out[hook] = ActivationChunk(rows.reshape(-1, rows.shape[-1]), sample)
+                bar.update(n)
+                yield start, start + n, out
+        finally:
+            bar.close()
+
+    def activation_batches(self, hook: str) -> Iterator[torch.Tensor]:
+        """Unshuffled (rows, d_in) tensors of one hook, one per forward batch."""
+        for _, _, chunks in self.iter_chunks():
+            yield chunks[hook].acts

@@ -1,0 +1,199 @@
+"""Image sources for activation stores: tensors, image folders, Hugging Face ``datasets``.
+
+Each source yields ``(item_start, pixels)`` batches of preprocessed (B, C, H, W) tensors, can start at
+any item (to resume a cache), and describes itself for cache metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageSource", "image_source"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+Preprocess = Callable[[Any], torch.Tensor]
+
+
+class ImageSource:
+    """Base: a sequence of images with an optional known length."""
+
+    kind = "images"
+
+    def __len__(self) -> int:  # pragma: no cover - overridden
+        raise TypeError(f"{type(self).__name__} has no known length")
+
+    @property
+    def n_items(self) -> Optional[int]:
+        try:
+            return len(self)
+        except TypeError:
+            return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "n_items": self.n_items}
+
+    def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        raise NotImplementedError
+
+
+def _needs_preprocess(preprocess: Optional[Preprocess], what: str) -> Preprocess:
+    if preprocess is None:
+        raise ValueError(
+            f"{what} must be preprocessed into tensors, and no preprocess function is known. Pass "
+            "preprocess=<callable PIL image -> (C, H, W) tensor> (models from from_pretrained carry "
+            "their own as model.preprocess)."
+        )
+    return preprocess
+
+
+class TensorImages(ImageSource):
+    """A (N, C, H, W) tensor of preprocessed images, or a list of PIL images / (C, H, W) tensors."""
+
+    kind = "tensor"
+
+    def __init__(self, images: Union[torch.Tensor, Sequence[Any]], preprocess: Optional[Preprocess] = None):
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4:
+                raise ValueError(f"An image tensor must be (N, C, H, W), got shape {tuple(images.shape)}")
+        self.images = images
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        if isinstance(self.images, torch.Tensor):
+            sample = self.images.reshape(-1)[:4096].float().numpy().tobytes()
+            d["fingerprint"] = hashlib.sha256(sample + str(tuple(self.images.shape)).encode()).hexdigest()[:16]
+        return d
+
+    def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        for i in range(start, len(self.images), batch_size):
+            part = self.images[i:i + batch_size]
+            if isinstance(part, torch.Tensor):
+                yield i, part
+            else:
+                yield i, torch.stack([p if isinstance(p, torch.Tensor)
+                                      else _needs_preprocess(self.preprocess, "PIL images")(p) for p in part])
+
+
+class FolderImages(ImageSource):
+    """Every image file under a directory (recursively, sorted by path)."""
+
+    kind = "folder"
+
+    def __init__(self, root: Union[str, os.PathLike], preprocess: Optional[Preprocess] = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"Image folder {self.root} does not exist.")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}.")
+        self.preprocess = _needs_preprocess(preprocess, f"Images in {self.root}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def describe(self) -> dict[str, Any]:
+        names = "\n".join(str(p.relative_to(self.root)) for p in self.files).encode()
+        return {**super().describe(), "root": str(self.root.resolve()),
+                "fingerprint": hashlib.sha256(names).hexdigest()[:16]}
+
+    def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        from PIL import Image
+
+        for i in range(start, len(self.files), batch_size):
+            tensors = []
+            for path in self.files[i:i + batch_size]:
+                with Image.open(path) as im:
+                    tensors.append(self.preprocess(im.convert("RGB")))
+            yield i, torch.stack(tensors)
+
+
+class DatasetImages(ImageSource):
+    """A Hugging Face ``datasets`` Dataset or IterableDataset (streaming) with an image column."""
+
+    kind = "dataset"
+
+    def __init__(self, dataset: Any, image_column: Optional[str] = None, preprocess: Optional[Preprocess] = None):
+        self.dataset = dataset
+        self.image_column = image_column or self._find_image_column(dataset)
+        self.preprocess = preprocess
+
+    @staticmethod
+    def _find_image_column(dataset: Any) -> str:
+        features = getattr(dataset, "features", None) or {}
+        try:
+            from datasets import Image as ImageFeature
+        except ImportError:  # pragma: no cover - datasets always ships with sae_lens
+            ImageFeature = ()  # type: ignore[assignment]
+        image_cols = [name for name, feat in features.items() if isinstance(feat, ImageFeature)]
+        if image_cols:
+            return image_cols[0]
+        if "image" in features or "img" in features:
+            return "image" if "image" in features else "img"
+        raise ValueError(
+            f"Could not find an image column in the dataset (columns: {list(features)}). "
+            "Pass image_column=<name>."
+        )
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # IterableDataset raises TypeError: unknown length
+
+    def describe(self) -> dict[str, Any]:
+        info = getattr(self.dataset, "info", None)
+        name = getattr(info, "dataset_name", None) or getattr(info, "builder_name", None)
+        return {**super().describe(), "dataset": name, "split": str(getattr(self.dataset, "split", None)),
+                "fingerprint": getattr(self.dataset, "_fingerprint", None), "image_column": self.image_column}
+
+    def _to_tensor(self, value: Any) -> torch.Tensor:
+        if isinstance(value, torch.Tensor):
+            return value
+        return _needs_preprocess(self.preprocess, "Dataset images")(value.convert("RGB") if hasattr(value, "convert") else value)
+
+    def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        if hasattr(self.dataset, "__len__") and hasattr(self.dataset, "select"):
+            n = len(self.dataset)
+            for i in range(start, n, batch_size):
+                rows = self.dataset[i:min(i + batch_size, n)][self.image_column]
+                yield i, torch.stack([self._to_tensor(v) for v in rows])
+            return
+        if start and hasattr(self.dataset, "skip"):
+            stream = iter(self.dataset.skip(start))
+        else:
+            stream = iter(self.dataset)
+            for _ in range(start):
+                next(stream)
+        buf: list[torch.Tensor] = []
+        i = start
+        for row in stream:
+            buf.append(self._to_tensor(row[self.image_column]))
+            if len(buf) == batch_size:
+                yield i, torch.stack(buf)
+                i += len(buf)
+                buf = []
+        if buf:
+            yield i, torch.stack(buf)
+
+
+def image_source(images: Any, preprocess: Optional[Preprocess] = None, image_column: Optional[str] = None) -> ImageSource:
+    """Wrap what the user gave: a tensor or list of images, a folder path, or a ``datasets`` dataset."""
+    if isinstance(images, ImageSource):
+        return images
+    if isinstance(images, (str, os.PathLike)):
+        return FolderImages(images, preprocess)
+    if type(images).__module__.startswith("datasets"):
+        return DatasetImages(images, image_column, preprocess)
+    if isinstance(images, (torch.Tensor, list, tuple)):
+        return TensorImages(images, preprocess)
+    raise TypeError(
+        f"Unsupported image source {type(images).__name__}: pass a (N, C, H, W) tensor, a list of images, "
+        "an image folder path, or a datasets.Dataset / IterableDataset with an image column."
+    )

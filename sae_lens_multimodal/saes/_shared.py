@@ -223,8 +223,12 @@ class RowRoutingMixin:
         return len(b) == 1 and b.ranges[0] == (0.0, float(b.num_train_timesteps))
 
     def plan_rows(self, rows: torch.Size, device: torch.device,
-                  labels: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None) -> RowPlan:
+                  labels: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+                  out_of_range: Optional[str] = None) -> RowPlan:
+        """Bucket of every row (-1: pass through). ``labels`` = (timesteps, branches) given explicitly;
+        otherwise they come from :func:`timestep_context` / the diffusion pipeline."""
         buckets = self.timestep_buckets
+        policy = out_of_range or self.cfg.out_of_range
         if labels is not None:
             t_value, b_value = labels
         else:
@@ -244,7 +248,7 @@ class RowRoutingMixin:
             t = broadcast_rows(t_value, rows, device, "timesteps")
             idx = buckets.bucket_of(t)
             outside = idx < 0
-            if bool(outside.any()) and self.cfg.out_of_range == "error":
+            if bool(outside.any()) and policy == "error":
                 bad = sorted({float(v) for v in t[outside].flatten()[:8].tolist()})
                 raise ValueError(
                     f"Timestep(s) {bad} lie outside every range of this SAE ({buckets.describe()}; "

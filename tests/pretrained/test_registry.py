@@ -174,3 +174,60 @@ def test_docs_table_lists_every_release():
     text = DOCS.read_text(encoding="utf-8")
     for name in registered_releases().keys() & SHIPPED.keys():
         assert f"`{name}`" in text, name
+
+
+def test_config_getters_match_the_loaded_sae(hub, test_release):
+    """SAELens's load_sae_config_from_huggingface uses our config getters; they agree with the full load."""
+    from safetensors.torch import save
+    from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
+
+    from tests.pretrained.test_saev import SCHEMAS, saev_file, saev_state
+    from tests.pretrained.test_sdxl_unbox import unbox_files, unbox_spec
+    from tests.pretrained.test_sparsify import saeuron_cfg, sparsify_state, spec
+
+    _fixture_release(hub, test_release, "test-getter-prisma")
+    hub.write_repo("getter-test/saev", {"sae.pt": saev_file(SCHEMAS["5-batchtopk-threshold"][0], saev_state(threshold=0.2))})
+    test_release("test-getter-saev", {"format": "saev", "repo_id": "getter-test/saev", "model": "open-clip:ViT-B-16/openai",
+                                      "model_class_name": "HookedViT",
+                                      "defaults": {"token_policy": "patches", "input_kind": "block_output"},
+                                      "saes": [{"id": "blocks.10.hook_resid_post", "path": "sae.pt"}]})
+    files, _, _ = unbox_files(8, 32, 3)
+    hub.write_repo("getter-test/unbox", files)
+    test_release("test-getter-unbox", unbox_spec("getter-test/unbox", "mid_block.attentions.0.hook_update", ""))
+    hub.write_repo("getter-test/sparsify", {"unet.mid_block.attentions.0/cfg.json": json.dumps(saeuron_cfg(8, 2, unit_norm=True)),
+                                            "unet.mid_block.attentions.0/sae.safetensors": save(sparsify_state(8, 32))})
+    test_release("test-getter-sparsify", spec("getter-test/sparsify", "mid_block.attentions.0.hook_out",
+                                              "unet.mid_block.attentions.0"))
+    for release, sae_id in [("test-getter-prisma", "blocks.1.hook_resid_post"), ("test-getter-saev", "blocks.10.hook_resid_post"),
+                            ("test-getter-unbox", "mid_block.attentions.0.hook_update"),
+                            ("test-getter-sparsify", "mid_block.attentions.0.hook_out")]:
+        cfg = load_sae_config_from_huggingface(release, sae_id)
+        sae = SAE.from_pretrained(release, sae_id)
+        assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"]) == (sae.cfg.architecture(), sae.cfg.d_in, sae.cfg.d_sae)
+        assert cfg["metadata"]["hook_name"] == sae.cfg.metadata.hook_name == sae_id
+        assert cfg["normalize_activations"] == sae.cfg.normalize_activations
+
+
+def test_unverified_model_defers_to_the_files_model_name(hub, test_release):
+    hub.write_repo("registry-test/dino", {
+        "config.json": json.dumps(prisma_config(1, "hook_resid_post", 8, 2, model_name="facebook/dino-vitb8")),
+        "weights.pt": torch_bytes(prisma_state(8, 16))})
+    test_release("test-registry-dino", {
+        "format": "prisma", "repo_id": "registry-test/dino", "model": "facebook/dino-vitb16", "model_class_name": "HookedViT",
+        "defaults": {"token_policy": "all", "input_kind": "block_output", "unverified": ["model"]},
+        "saes": [{"id": "blocks.1.hook_resid_post", "path": "weights.pt"}]})
+    meta = SAE.from_pretrained("test-registry-dino", "blocks.1.hook_resid_post").cfg.metadata
+    assert meta.model_name == "facebook/dino-vitb8" and meta.unverified == ["model"]
+
+
+def test_shipped_yaml_is_what_the_generator_writes():
+    import importlib.util
+
+    import yaml
+
+    script = Path(__file__).resolve().parents[2] / "sae_lens_multimodal" / "pretrained" / "_build_releases_yaml.py"
+    module_spec = importlib.util.spec_from_file_location("_build_releases_yaml", script)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    shipped = yaml.safe_load(script.with_name("releases.yaml").read_text(encoding="utf-8"))
+    assert shipped == module.build()

@@ -410,12 +410,10 @@ def load_clip_source(name: str, **kwargs: Any) -> tuple[Any, Any]:
         import transformers
 
         cls = transformers.CLIPModel if model_type == "clip" else transformers.SiglipModel
+        from sae_lens_multimodal.models.conversions.hf_clip_text import load_hf_tokenizer
+
         model = cls.from_pretrained(name, **kwargs)
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        except Exception:  # no tokenizer saved there: strings then need tokenizer=
-            tokenizer = None
-        return model, tokenizer
+        return model, load_hf_tokenizer(name, model.config.text_config.vocab_size)
     from sae_lens_multimodal.models.conversions import UnsupportedModelError
 
     raise UnsupportedModelError(

@@ -364,3 +364,38 @@ def test_input_errors(small):
         HookedCLIP.from_pretrained(transformers.CLIPTextModel(transformers.CLIPTextConfig(num_hidden_layers=1)))
     img, txt = model(x, return_type="embeddings", texts=text_ids(1, 12, 100))
     assert img.shape == txt.shape == (1, 32)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_load_transformers_directory_by_name(kind, tmp_path):
+    small_text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    small_vision = dict(small_text, image_size=32, patch_size=8)
+    if kind == "clip":
+        cfg = transformers.CLIPConfig(text_config=small_text, vision_config=small_vision, projection_dim=16)
+        src = transformers.CLIPModel(cfg)
+    else:
+        cfg = transformers.SiglipConfig(text_config=small_text, vision_config=small_vision)
+        src = transformers.SiglipModel(cfg)
+    src = randomise_constants(src)
+    src.save_pretrained(tmp_path)
+    model = HookedCLIP.from_pretrained(str(tmp_path))
+    n_ctx = src.config.text_config.max_position_embeddings
+    ids = torch.randint(1, 1000, (2, n_ctx), generator=torch.Generator().manual_seed(0))
+    if kind == "clip":  # CLIP pools at the end-of-text token; SigLIP at the last position
+        ids[:, -1] = src.config.text_config.eos_token_id
+    x = images(2, 32)
+    with torch.no_grad():
+        ref = src(input_ids=ids, pixel_values=x).logits_per_image
+        assert max_err(model(x, ids), ref) <= TOL
+    assert model.text.tokenizer is None  # none was saved: strings then need tokenizer=
+    with pytest.raises(ValueError, match="no tokenizer"):
+        model.encode_text("a cat")
+
+
+def test_unknown_name_is_explained(tmp_path):
+    from sae_lens_multimodal.models.conversions import UnsupportedModelError
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(UnsupportedModelError, match="model_type 'bert'"):
+        HookedCLIP.from_pretrained(str(tmp_path))

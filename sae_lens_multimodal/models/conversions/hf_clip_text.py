@@ -86,17 +86,41 @@ def convert_hf_clip_text(model: Any) -> tuple[HookedTextConfig, dict[str, torch.
     return cfg, sd
 
 
-def hf_tokenizer(model: Any) -> Any:
-    """The tokenizer saved next to the model (a local directory or the hub cache), if it loads offline."""
-    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    if not path:
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
+
+
+def has_tokenizer_files(name: str) -> bool:
+    """Whether a local directory or hub repo (cache, or the network unless offline) holds tokenizer files.
+    transformers would otherwise build a default tokenizer from the config alone, with a bogus vocabulary."""
+    from pathlib import Path
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return any((path / f).is_file() for f in _TOKENIZER_FILES)
+    from sae_lens_multimodal.models.conversions import _hub_json
+
+    return _hub_json(name, "tokenizer_config.json") is not None
+
+
+def load_hf_tokenizer(name: str, vocab_size: int) -> Any:
+    """The transformers tokenizer saved at ``name`` (directory or hub id), or None when there is none that
+    fits the model (no tokenizer files, not cached offline, or ids beyond the model's vocabulary)."""
+    if not name or not has_tokenizer_files(name):
         return None
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(path)
-    except Exception:  # no tokenizer files there, or not cached offline: strings then need tokenizer=
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception:  # unreadable or not cached offline: strings then need tokenizer=
         return None
+    return tok if len(tok) <= vocab_size else None
+
+
+def hf_tokenizer(model: Any) -> Any:
+    """The tokenizer saved next to the model (its ``config._name_or_path``), if there is one offline."""
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", config)
+    return load_hf_tokenizer(getattr(config, "_name_or_path", "") or "", getattr(text_config, "vocab_size", 0))
 
 
 register_text_family(

@@ -61,6 +61,8 @@ class TensorImages(ImageSource):
         if isinstance(images, torch.Tensor):
             if images.ndim != 4:
                 raise ValueError(f"An image tensor must be (N, C, H, W), got shape {tuple(images.shape)}")
+        elif any(not isinstance(im, torch.Tensor) for im in images):
+            _needs_preprocess(preprocess, "PIL images")
         self.images = images
         self.preprocess = preprocess
 

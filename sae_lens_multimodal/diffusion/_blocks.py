@@ -70,7 +70,8 @@ class Stream:
 
 
 def _param_pos(module: nn.Module, name: str) -> int | None:
-    params = list(inspect.signature(module.forward).parameters.values())
+    # The class's forward: an instance-level replacement (nnsight's controller) hides the real signature.
+    params = list(inspect.signature(type(module).forward).parameters.values())[1:]
     for i, p in enumerate(params):
         if p.name == name:
             return i if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) else None

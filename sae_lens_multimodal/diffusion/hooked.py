@@ -88,7 +88,7 @@ class Installation:
         self.current: DenoisingState | None = None
         self._tokens: list[Any] = []
         self._calls = 0
-        params = list(inspect.signature(denoiser.forward).parameters)
+        params = list(inspect.signature(type(denoiser).forward).parameters)[1:]  # class forward, minus self
         self._timestep_pos = params.index("timestep") if "timestep" in params else None
         self._install()
 

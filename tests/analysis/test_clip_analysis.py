@@ -290,3 +290,22 @@ def test_user_vocabulary(tmp_path):
         load_vocabulary("red")
     with pytest.raises(ValueError, match="at least one word"):
         Vocabulary.from_words([])
+
+
+def test_analysis_after_folding_layer_norms(small):
+    """fold_layer_norm / center_writing_weights move the final LN's weights into the head; the
+    decomposition, the lens and the labels read the folded weights and still agree with the source."""
+    src, tok, _ = small
+    model = HookedCLIP.from_pretrained(src, tokenizer=tok)
+    model.vision.fold_layer_norm()
+    model.vision.center_writing_weights()
+    assert model.vision.ln_final.w is None
+    x = images(3, 32, seed=5)
+    with torch.no_grad():
+        ref = src.encode_image(x)
+    assert (decompose_image_embedding(model, x).total() - ref).abs().max() <= TOL
+    clf = ZeroShotClassifier(model, ["red", "blue"], ["{}"])
+    assert (clip_logit_lens(model, x, clf).embeddings[-1] - ref).abs().max() <= TOL
+    dirs = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    rep = label_features(model, dirs, x, ["red", "blue", "green"], hook_name="blocks.2.hook_resid_post", strength=1e-3)
+    assert rep.validity.min() > 0.999

@@ -55,9 +55,18 @@ def add_releases_command(subparsers: "argparse._SubParsersAction[argparse.Argume
     parser.set_defaults(handler=run_releases)
 
 
+from sae_lens_multimodal.training.cli import (  # noqa: E402  (cache / train / evaluate)
+    add_cache_command,
+    add_evaluate_command,
+    add_train_command,
+)
+
 #: subcommand registrars, in the order they appear in --help
 SUBCOMMANDS: list[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]] = [
     add_releases_command,
+    add_cache_command,
+    add_train_command,
+    add_evaluate_command,
 ]
 
 

@@ -1,0 +1,472 @@
+"""``sae-lens-mm cache | train | evaluate``: activation caching, SAE training and evaluation from the
+command line. Every option can also come from a YAML file (``--config run.yaml``; keys are the option
+names, with ``-`` or ``_``); options given on the command line win over the file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["add_cache_command", "add_evaluate_command", "add_train_command"]
+
+SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+# ---------------------------------------------------------------------- YAML configs
+class _Unset:
+    """Default of every option while parsing, to tell 'not given' from 'given with the default value'."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET = _Unset()
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="YAML",
+                        help="YAML file of options (keys are option names, e.g. 'total-training-samples: 1000000'); "
+                             "options given on the command line override it")
+
+
+def _handler(parser: argparse.ArgumentParser, run: Any) -> Any:
+    """Make ``parser``'s options fall back to the YAML file, then to their defaults, and check required ones."""
+    actions = [a for a in parser._actions if a.dest not in ("help", "config") and a.dest != argparse.SUPPRESS]
+    defaults = {a.dest: a.default for a in actions}
+    for a in actions:
+        # (repeatable options keep None: argparse appends to the default; None already means 'not given')
+        a.default = None if isinstance(a, argparse._AppendAction) else _UNSET
+
+    def handle(args: argparse.Namespace) -> int:
+        config: dict[str, Any] = {}
+        if getattr(args, "config", None):
+            import yaml
+
+            data = yaml.safe_load(Path(args.config).read_text()) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"{args.config} must hold a mapping of option names to values.")
+            for key, value in data.items():
+                dest = str(key).replace("-", "_")
+                if dest not in defaults:
+                    raise ValueError(
+                        f"Unknown option {key!r} in {args.config}; known: {sorted(d.replace('_', '-') for d in defaults)}"
+                    )
+                config[dest] = value
+        for a in actions:
+            value = getattr(args, a.dest, _UNSET)
+            if value is _UNSET or (value is None and isinstance(a, argparse._AppendAction)):
+                value = config.get(a.dest, defaults[a.dest])
+                if a.dest in config:
+                    if isinstance(a, argparse._AppendAction) and not isinstance(value, list):
+                        value = [value]
+                    if a.choices is not None and value is not None and value not in a.choices:
+                        raise ValueError(f"{a.dest.replace('_', '-')}: {value!r} is not one of {list(a.choices)}")
+                    if a.type is not None and value is not None and not isinstance(value, list):
+                        value = a.type(value)
+            setattr(args, a.dest, value)
+            if getattr(a, "_required_option", False) and value is None:
+                raise ValueError(f"--{a.dest.replace('_', '-')} is required (on the command line or in --config).")
+        return run(args)
+
+    return handle
+
+
+def _required(action: argparse.Action) -> argparse.Action:
+    action._required_option = True  # type: ignore[attr-defined]
+    return action
+
+
+# ---------------------------------------------------------------------- loading
+def load_model(kind: str, name: str, device: Optional[str]) -> Any:
+    """HookedViT / HookedCLIP / HookedDiffusionPipeline from a name or local directory."""
+    if kind == "vit":
+        from sae_lens_multimodal.models.hooked_vit import HookedViT
+
+        return HookedViT.from_pretrained(name, device=device)
+    if kind == "clip":
+        from sae_lens_multimodal.models.hooked_clip import HookedCLIP
+
+        return HookedCLIP.from_pretrained(name, device=device)
+    if kind == "diffusion":
+        from sae_lens_multimodal.diffusion import HookedDiffusionPipeline
+
+        pipe = HookedDiffusionPipeline.from_pretrained(name)
+        if hasattr(pipe.pipe, "set_progress_bar_config"):
+            pipe.pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device) if device else pipe
+    raise ValueError(f"Unknown --model-kind {kind!r}; use vit, clip or diffusion.")
+
+
+def load_images(args: argparse.Namespace) -> Any:
+    """An image folder, a dataset saved with ``save_to_disk``, or a Hugging Face dataset by name."""
+    if args.dataset:
+        import datasets
+
+        ds = datasets.load_dataset(args.dataset, split=args.split, streaming=args.streaming)
+    elif args.images:
+        path = Path(args.images)
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+            import datasets
+
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[args.split]
+            if args.streaming:
+                ds = ds.to_iterable_dataset()
+        else:
+            ds = str(path)
+    else:
+        raise ValueError("Give the images: --images <folder or saved dataset> or --dataset <name>.")
+    if args.max_images is not None and not isinstance(ds, str):
+        ds = ds.take(args.max_images) if hasattr(ds, "take") else ds.select(range(min(args.max_images, len(ds))))
+    return ds
+
+
+def load_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("Give prompts: --prompt TEXT (repeatable) or --prompts FILE (one per line).")
+    return prompts
+
+
+def _pipeline_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale}
+    if args.height:
+        kw["height"] = args.height
+    if args.width:
+        kw["width"] = args.width
+    if args.output_type:
+        kw["output_type"] = args.output_type
+    return kw
+
+
+def _floats(text: Optional[str]) -> Optional[list[float]]:
+    return None if text in (None, "") else [float(v) for v in str(text).split(",") if v.strip()]
+
+
+# ---------------------------------------------------------------------- shared options
+def _model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    a = p.add_argument("--model", help="model name or local directory (HookedViT / HookedCLIP / diffusers pipeline "
+                                       "from_pretrained; e.g. 'open-clip:ViT-B-32/laion2b_s34b_b79k')")
+    if required:
+        _required(a)
+    p.add_argument("--model-kind", choices=("vit", "clip", "diffusion"), default="vit",
+                   help="what --model is: an image ViT, a CLIP model (its vision tower is read), or a diffusion pipeline "
+                        "(default: vit)")
+    p.add_argument("--device", default=None, help="torch device for the model and training (default: cpu)")
+
+
+def _image_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("images (vit / clip)")
+    g.add_argument("--images", help="image folder, or a datasets dataset saved with save_to_disk")
+    g.add_argument("--dataset", help="Hugging Face dataset name for datasets.load_dataset (needs hub access)")
+    g.add_argument("--split", default="train", help="dataset split (default: train)")
+    g.add_argument("--image-column", help="dataset column holding the images (default: the Image-typed column)")
+    g.add_argument("--streaming", action="store_true", help="stream the dataset instead of loading it")
+    g.add_argument("--max-images", type=int, help="use at most this many images")
+    g.add_argument("--token-policy", choices=("all", "cls", "patches"), default="all",
+                   help="which tokens become rows: all, the CLS token only, or patch tokens only (default: all)")
+
+
+def _diffusion_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    g.add_argument("--prompts", metavar="FILE", help="text file with one prompt per line")
+    g.add_argument("--seed-offset", type=int, default=0, help="prompt i is generated with seed SEED_OFFSET + i (default: 0)")
+    g.add_argument("--num-inference-steps", type=int, default=20, help="sampling steps (default: 20)")
+    g.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    g.add_argument("--height", type=int, help="image height in pixels (default: the pipeline's)")
+    g.add_argument("--width", type=int, help="image width in pixels (default: the pipeline's)")
+    g.add_argument("--output-type", default=None,
+                   help="pipeline output_type, e.g. 'latent' to skip VAE decoding (default: the pipeline's)")
+
+
+# ---------------------------------------------------------------------- cache
+def run_cache(args: argparse.Namespace) -> int:
+    from sae_lens_multimodal.training.caching import cache_activations
+
+    model = load_model(args.model_kind, args.model, args.device)
+    hooks = args.hook if isinstance(args.hook, list) else [args.hook]
+    if args.model_kind == "diffusion":
+        from sae_lens_multimodal.training.diffusion_store import DiffusionActivationStore
+
+        store: Any = DiffusionActivationStore(
+            model, hooks, load_prompts(args), seed_offset=args.seed_offset, timesteps=_floats(args.timesteps),
+            cfg_branch=args.cfg_branch, tokens_per_sample=args.tokens_per_sample, batch_size=args.batch_size,
+            pipeline_kwargs=_pipeline_kwargs(args), dtype=args.dtype, progress=not args.no_progress,
+            model_name=args.model,
+        )
+    else:
+        from sae_lens_multimodal.training.image_store import ImageActivationStore
+
+        store = ImageActivationStore(
+            model, hooks, load_images(args), token_policy=args.token_policy, batch_size=args.batch_size,
+            image_column=args.image_column, dtype=args.dtype, progress=not args.no_progress, model_name=args.model,
+        )
+    readers = cache_activations(store, args.out, items_per_shard=args.items_per_shard,
+                                shard_size_mb=args.shard_size_mb)
+    for hook, reader in readers.items():
+        print(f"{hook}: {reader.n_rows} rows in {len(reader.shards)} shards at {reader.directory}")
+    return 0
+
+
+def add_cache_command(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser(
+        "cache", help="cache a model's activations at some hooks to disk (resumable)",
+        description="Run images (ViT / CLIP) or prompts (diffusion) through a model and write the activations at each "
+                    "--hook to OUT/<hook>/ (format: docs/activation-cache.md). Re-running the same command resumes an "
+                    "interrupted cache; a directory holding another model's or hook's cache is refused.",
+    )
+    _add_config(p)
+    _model_options(p)
+    _required(p.add_argument("--hook", action="append", help="hook name to record (repeat for several)"))
+    _required(p.add_argument("--out", help="output directory (one cache per hook under it)"))
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per forward pass, or prompts per pipeline call (default: 32)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="storage dtype of the activations (default: float32)")
+    p.add_argument("--items-per-shard", type=int,
+                   help="images / trajectories per shard (default: shards of about --shard-size-mb)")
+    p.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size in MiB (default: 256)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _image_options(p)
+    _diffusion_options(p)
+    g = p._action_groups[-1]
+    g.add_argument("--timesteps", help="comma-separated scheduler timesteps to record (default: all)")
+    g.add_argument("--cfg-branch", choices=("cond", "uncond"), help="record one CFG branch only (default: both)")
+    g.add_argument("--tokens-per-sample", type=int,
+                   help="keep this many random spatial positions per sample and timestep (default: all)")
+    p.set_defaults(handler=_handler(p, run_cache))
+
+
+# ---------------------------------------------------------------------- train
+def _ranges(args: argparse.Namespace, reader: Any, n_train: int) -> list[list[float]]:
+    from sae_lens_multimodal.saes import TimestepBuckets
+
+    if args.timestep_ranges:
+        out = []
+        for part in str(args.timestep_ranges).split(","):
+            lo, _, hi = part.partition(":")
+            out.append([float(lo), float(hi)])
+        return out
+    if args.per_timestep:
+        return TimestepBuckets.per_timestep(reader.timesteps(), n_train).to_list()
+    return TimestepBuckets.uniform(args.n_buckets, n_train).to_list()
+
+
+def build_training_sae(args: argparse.Namespace, reader: Any) -> Any:
+    """The TrainingSAE the options describe (SAELens architectures or our timestep-aware ones)."""
+    from sae_lens.registry import get_sae_training_class
+
+    d_in = reader.d_in
+    d_sae = args.d_sae or int(args.expansion_factor * d_in)
+    inner: dict[str, Any] = json.loads(args.inner_config) if args.inner_config else {}
+    if args.k is not None:
+        inner["k"] = int(args.k) if float(args.k).is_integer() else float(args.k)
+    if args.l1_coefficient is not None:
+        inner["l1_coefficient"] = args.l1_coefficient
+    if args.l0_coefficient is not None:
+        inner["l0_coefficient"] = args.l0_coefficient
+    metadata = {"hook_name": reader.hook_name, "model_name": reader.metadata["model"]["name"]}
+    if args.input_kind:
+        metadata["input_kind"] = args.input_kind
+    if args.cfg_branch:
+        metadata["cfg_branch"] = args.cfg_branch
+    from sae_lens.saes.sae import SAEMetadata
+
+    common = dict(d_in=d_in, d_sae=d_sae, normalize_activations=args.normalize_activations,
+                  metadata=SAEMetadata(**metadata))
+    if args.architecture in ("timestep_bucketed", "timestep_conditioned"):
+        diffusion = reader.metadata.get("diffusion") or {}
+        n_train = args.num_train_timesteps or diffusion.get("num_train_timesteps")
+        if not n_train:
+            raise ValueError("--num-train-timesteps is needed (the cache does not record the scheduler's).")
+        sae_cls, cfg_cls = get_sae_training_class(args.architecture)
+        cfg = cfg_cls(**common, inner_architecture=args.inner_architecture, inner_config=inner,
+                      timestep_ranges=_ranges(args, reader, int(n_train)), num_train_timesteps=int(n_train),
+                      out_of_range=args.out_of_range)
+        return sae_cls(cfg)
+    sae_cls, cfg_cls = get_sae_training_class(args.architecture)
+    return sae_cls(cfg_cls(**common, **inner))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from sae_lens_multimodal.training.cache import ActivationCacheReader
+    from sae_lens_multimodal.training.train import train_sae
+
+    reader = ActivationCacheReader(args.cache)
+    model = load_model(args.model_kind, args.model, None) if args.model else None
+    identity = None
+    if model is not None:
+        from sae_lens_multimodal.training.cache import model_identity
+        from sae_lens_multimodal.training.image_store import vision_tower
+
+        target = model.denoiser if args.model_kind == "diffusion" else vision_tower(model)
+        identity = model_identity(target)
+    reader.check(model=identity, hook_name=args.hook)
+    sae = build_training_sae(args, reader)
+    train_sae(
+        sae, reader, total_training_samples=args.total_training_samples, batch_size=args.batch_size, lr=args.lr,
+        lr_end=args.lr_end, lr_scheduler_name=args.lr_scheduler, lr_warm_up_steps=args.lr_warm_up_steps,
+        lr_decay_steps=args.lr_decay_steps, device=args.device or "cpu", dead_feature_window=args.dead_feature_window,
+        normalize_per_bucket=args.normalize_per_bucket, seed=args.seed, checkpoint_path=args.checkpoint_path,
+        n_checkpoints=args.n_checkpoints,
+    )
+    sae.save_inference_model(args.out)
+    print(f"Saved the trained {sae.cfg.architecture()} SAE to {args.out} "
+          f"(load with sae_lens.SAE.load_from_disk({str(args.out)!r}))")
+    return 0
+
+
+def add_train_command(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train an SAE on cached activations with SAELens's SAETrainer",
+        description="Train a SAELens SAE (standard, topk, batchtopk, jumprelu, ...) or a timestep-aware one "
+                    "(timestep_bucketed, timestep_conditioned) on a cache written by `sae-lens-mm cache`, with "
+                    "SAELens's SAETrainer, and save it for SAE.load_from_disk.",
+    )
+    _add_config(p)
+    _required(p.add_argument("--cache", help="cache directory of one hook (OUT/<hook> of `sae-lens-mm cache`)"))
+    _required(p.add_argument("--out", help="directory to save the trained SAE in"))
+    p.add_argument("--model", help="optional: model name/directory; the cache is refused if another model made it")
+    p.add_argument("--model-kind", choices=("vit", "clip", "diffusion"), default="vit",
+                   help="what --model is (default: vit)")
+    p.add_argument("--hook", help="optional: the hook the cache must hold (refused otherwise)")
+    p.add_argument("--device", default=None, help="training device (default: cpu)")
+    g = p.add_argument_group("SAE")
+    g.add_argument("--architecture", default="topk",
+                   help="SAELens training architecture, or timestep_bucketed / timestep_conditioned (default: topk)")
+    g.add_argument("--inner-architecture", default="topk",
+                   help="architecture inside each bucket / of the shared dictionary of a timestep-aware SAE "
+                        "(default: topk)")
+    g.add_argument("--d-sae", type=int, help="number of latents (default: expansion factor x d_in)")
+    g.add_argument("--expansion-factor", type=float, default=8.0, help="d_sae / d_in when --d-sae is not given (default: 8)")
+    g.add_argument("--k", type=float, help="k of topk / batchtopk architectures")
+    g.add_argument("--l1-coefficient", type=float, help="L1 coefficient of the standard architecture")
+    g.add_argument("--l0-coefficient", type=float, help="L0 coefficient of the jumprelu architecture")
+    g.add_argument("--inner-config", help="JSON object of further architecture settings, e.g. '{\"aux_loss_coefficient\": 0.5}'")
+    g.add_argument("--normalize-activations", default="none",
+                   choices=("none", "expected_average_only_in", "layer_norm", "constant_norm_rescale"),
+                   help="SAELens activation normalisation (default: none)")
+    t = p.add_argument_group("timesteps (timestep_bucketed / timestep_conditioned)")
+    t.add_argument("--timestep-ranges", help="comma-separated START:END ranges in scheduler units, e.g. '0:500,500:1000'")
+    t.add_argument("--n-buckets", type=int, default=1, help="equal-width buckets when no ranges are given (default: 1 = pooled)")
+    t.add_argument("--per-timestep", action="store_true", help="one bucket per timestep present in the cache")
+    t.add_argument("--num-train-timesteps", type=int, help="scheduler num_train_timesteps (default: from the cache)")
+    t.add_argument("--out-of-range", choices=("error", "passthrough"), default="error",
+                   help="what a spliced SAE does at a timestep outside every range (default: error)")
+    t.add_argument("--cfg-branch", choices=("cond", "uncond", "both"),
+                   help="CFG branch the SAE applies to (recorded in metadata; rows of the other branch pass through)")
+    t.add_argument("--input-kind", choices=("block_output", "residual_update"),
+                   help="whether the hook carries a block output or a residual update (recorded in metadata)")
+    t.add_argument("--normalize-per-bucket", action="store_true",
+                   help="scale each bucket's inputs to norm sqrt(d_in) on average (factors saved in the config)")
+    o = p.add_argument_group("optimisation (SAELens SAETrainerConfig)")
+    _required(o.add_argument("--total-training-samples", type=int, help="activation rows to train on"))
+    o.add_argument("--batch-size", type=int, default=4096, help="rows per training step (default: 4096)")
+    o.add_argument("--lr", type=float, default=3e-4, help="learning rate (default: 3e-4)")
+    o.add_argument("--lr-end", type=float, help="final learning rate of decaying schedules (default: --lr)")
+    o.add_argument("--lr-scheduler", default="constant", help="SAELens lr scheduler name (default: constant)")
+    o.add_argument("--lr-warm-up-steps", type=int, default=0, help="learning-rate warm-up steps (default: 0)")
+    o.add_argument("--lr-decay-steps", type=int, default=0, help="learning-rate decay steps (default: 0)")
+    o.add_argument("--dead-feature-window", type=int, default=1000,
+                   help="steps without firing after which a latent counts as dead (default: 1000)")
+    o.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    o.add_argument("--checkpoint-path", help="directory for SAETrainer checkpoints")
+    o.add_argument("--n-checkpoints", type=int, default=0, help="intermediate checkpoints to save (default: 0)")
+    p.set_defaults(handler=_handler(p, run_train))
+
+
+# ---------------------------------------------------------------------- evaluate
+def run_evaluate(args: argparse.Namespace) -> int:
+    from sae_lens import SAE
+
+    from sae_lens_multimodal.training.cache import ActivationCacheReader
+    from sae_lens_multimodal.training.evaluate import (
+        clip_zero_shot,
+        diffusion_downstream,
+        evaluate_sae,
+        image_embedding_cosine,
+    )
+
+    if not args.sae and not args.release:
+        raise ValueError("Give the SAE: --sae <directory> or --release NAME --sae-id ID.")
+    sae = SAE.from_pretrained(args.release, args.sae_id) if args.release else SAE.load_from_disk(args.sae)
+    results: dict[str, Any] = {}
+    if args.cache:
+        reader = ActivationCacheReader(args.cache).check(hook_name=sae.cfg.metadata.hook_name, d_in=sae.cfg.d_in)
+        results["reconstruction"] = evaluate_sae(sae, reader, n_rows=args.n_rows, batch_size=args.batch_size,
+                                                 dense_threshold=args.dense_threshold)
+    if args.model:
+        model = load_model(args.model_kind, args.model, args.device)
+        if args.model_kind == "diffusion":
+            calls = [{"prompt": p, **_pipeline_kwargs(args)} for p in load_prompts(args)]
+            results["diffusion"] = diffusion_downstream(model, sae, calls,
+                                                        seeds=[args.seed_offset + i for i in range(len(calls))])
+        else:
+            images = _image_tensor(model, args)
+            for label, error_term in (("embedding_cosine", False), ("embedding_cosine_error_term", True)):
+                results[label] = image_embedding_cosine(model, sae, images, batch_size=args.batch_size,
+                                                        use_error_term=error_term)
+            if args.class_names:
+                if args.model_kind != "clip":
+                    raise ValueError("Zero-shot evaluation needs --model-kind clip.")
+                labels = [int(v) for v in Path(args.labels).read_text().split()]
+                classes = [c.strip() for c in Path(args.class_names).read_text().splitlines() if c.strip()]
+                results["zero_shot"] = clip_zero_shot(model, sae, images, labels, classes, batch_size=args.batch_size)
+    if not results:
+        raise ValueError("Nothing to evaluate: give --cache (reconstruction metrics) and/or --model (downstream).")
+    text = json.dumps(results, indent=1, default=str)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text if not args.json else f"Wrote {args.json}")
+    return 0
+
+
+def _image_tensor(model: Any, args: argparse.Namespace) -> Any:
+    from sae_lens_multimodal.training.image_store import vision_tower
+    from sae_lens_multimodal.training.sources import image_source
+
+    source = image_source(load_images(args), vision_tower(model).preprocess, args.image_column)
+    import torch
+
+    return torch.cat([pixels for _, pixels in source.batches(args.batch_size)])
+
+
+def add_evaluate_command(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="evaluate an SAE: reconstruction/sparsity on cached activations, downstream effects",
+        description="Reconstruction (explained variance, FVU, MSE), sparsity (L0, dead and dense latents) overall, per "
+                    "timestep bucket and per timestep on a cache; and, with --model, the downstream effect of splicing "
+                    "the SAE in: image-embedding cosine (ViT/CLIP), zero-shot accuracy with the logit scale (CLIP), "
+                    "denoiser-output MSE per timestep and final-image difference with and without the error term "
+                    "(diffusion).",
+    )
+    _add_config(p)
+    p.add_argument("--sae", help="directory of an SAE saved by SAELens (save_model / save_inference_model)")
+    p.add_argument("--release", help="or: SAE.from_pretrained release name")
+    p.add_argument("--sae-id", help="SAE id within --release")
+    p.add_argument("--cache", help="cache directory of the SAE's hook, for reconstruction/sparsity metrics")
+    p.add_argument("--n-rows", type=int, default=100_000, help="rows of the cache to evaluate on (default: 100000)")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows (or images) per evaluation batch (default: 1024)")
+    p.add_argument("--dense-threshold", type=float, default=0.1,
+                   help="a latent active on more than this fraction of rows counts as dense (default: 0.1)")
+    p.add_argument("--json", metavar="FILE", help="write the results to this JSON file instead of printing them")
+    _model_options(p, required=False)
+    _image_options(p)
+    g = p._action_groups[-1]
+    g.add_argument("--class-names", metavar="FILE", help="zero-shot: file with one class name per line (CLIP)")
+    g.add_argument("--labels", metavar="FILE", help="zero-shot: whitespace-separated class index of each image")
+    _diffusion_options(p)
+    p.set_defaults(handler=_handler(p, run_evaluate))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from sae_lens_multimodal.cli import main
+
+    sys.exit(main())

@@ -480,6 +480,9 @@ class HookedVLM(MultimodalHookedRootModule):
         self.lm = lm
         if image_newline is not None:  # LLaVA-NeXT's learned row separator (the original Parameter)
             self.image_newline = image_newline
+        #: [n_image_tokens_total, d_text]: the image features in the order they fill the placeholders
+        #: (LLaVA: projector.hook_out flattened; LLaVA-NeXT: after crop packing and newline tokens).
+        self.hook_image_features = HookPoint()
         #: The transformers processor (tokenizer + image processor) when loaded by name, else None.
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", None)
@@ -502,8 +505,8 @@ class HookedVLM(MultimodalHookedRootModule):
         """Hook a transformers LLaVA / LLaVA-NeXT model.
 
         ``model`` is a ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration`` object (its
-        language model and projector modules are reused in place; the vision tower is converted to a
-        HookedViT and the original tower released from this model), or a hub repo id / local directory
+        language model and projector modules are reused in place, sharing weights with it; the vision tower
+        is converted to a HookedViT, a copy; the object itself is not modified), or a hub repo id / local directory
         whose ``config.json`` has ``model_type`` "llava" or "llava_next" (loaded with ``from_pretrained``;
         ``dtype`` and ``source_kwargs`` go there, e.g. ``attn_implementation="sdpa"``). ``processor``
         overrides the processor found next to the checkpoint.
@@ -524,7 +527,7 @@ class HookedVLM(MultimodalHookedRootModule):
                 f"{type(model).__module__}.{kind}. For a vision tower alone use HookedViT.from_pretrained."
             )
         if dtype is not None:
-            model = model.to(dtype)
+            model = model.to(dtype)  # casts the given object: its language-model modules are shared
         config = model.config
         inner = model.model
         vision = HookedViT.from_pretrained(inner.vision_tower)
@@ -555,8 +558,6 @@ class HookedVLM(MultimodalHookedRootModule):
         )
         hooked = cls(vision, projector, lm, cfg, image_newline=getattr(inner, "image_newline", None) if is_next else None,
                      processor=processor)
-        # The transformers vision tower has been converted; drop the reference so its memory can be freed.
-        inner.vision_tower = nn.Identity()
         if device is not None:
             hooked.to(device)
         return hooked.eval()
@@ -607,12 +608,13 @@ class HookedVLM(MultimodalHookedRootModule):
         they fill the image placeholders. LLaVA: pixel_values [n_images, C, H, W]. LLaVA-NeXT: pixel_values
         [n_images, n_crops, C, H, W] and ``image_sizes`` [n_images, 2] (the processor's outputs)."""
         if self.cfg.architecture == "llava_next":
-            return self._encode_images_next(pixel_values, image_sizes)
+            return self.hook_image_features(self._encode_images_next(pixel_values, image_sizes))
         if pixel_values.ndim != 4:
             raise ValueError(
-                f"LLaVA expects pixel_values of shape (n_images, C, H, W), got {tuple(pixel_values.shape)}."
+                f"LLaVA expects pixel_values of shape (n_images, C, H, W), got {tuple(pixel_values.shape)}"
+                + (": add the image dimension with pixel_values.unsqueeze(0)." if pixel_values.ndim == 3 else ".")
             )
-        return self.projector(self.vision_features(pixel_values)).flatten(0, 1)
+        return self.hook_image_features(self.projector(self.vision_features(pixel_values)).flatten(0, 1))
 
     def _encode_images_next(self, pixel_values: torch.Tensor, image_sizes: Optional[torch.Tensor]) -> torch.Tensor:
         from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
@@ -831,6 +833,8 @@ class HookedVLM(MultimodalHookedRootModule):
         return part, rest
 
     def hook_width(self, name: str) -> Optional[int]:
+        if name == "hook_image_features":
+            return self.cfg.d_text
         part, rest = self.part_and_name(name)
         if part == "vision":
             return self.vision.hook_width(rest)
@@ -853,6 +857,8 @@ class HookedVLM(MultimodalHookedRootModule):
         return len(layer) if isinstance(layer, list) else 1
 
     def _hook_z_width(self, hook_name: str, per_head: Optional[int]) -> Optional[int]:
+        if hook_name == "hook_image_features":
+            return per_head
         part, _ = self.part_and_name(hook_name)
         n_heads = self.vision.cfg.n_heads if part == "vision" else self.lm.cfg.n_heads
         return None if per_head is None else per_head * n_heads
@@ -879,7 +885,7 @@ class HookedVLM(MultimodalHookedRootModule):
         return self._resolve(name, sae)
 
     def _resolve(self, name: str, sae: Optional[SAE] = None, part: Optional[str] = None) -> str:
-        if name.partition(".")[0] in PARTS:
+        if name.partition(".")[0] in PARTS or name == "hook_image_features":
             if not self._exists(name):
                 raise unknown_hook_error(name, self.hook_dict.keys(), what="hook for this SAE")
             return name
@@ -1031,3 +1037,60 @@ def _load_vlm_source(name: str, dtype: Optional[torch.dtype] = None, **kwargs: A
     except (OSError, ValueError, KeyError, TypeError):  # no processor files there (or not reachable offline)
         processor = None
     return model, processor
+
+
+# ============================================================================================ tiny models
+def tiny_random_llava(
+    architecture: Literal["llava", "llava_next"] = "llava",
+    text_model: Literal["llama", "mistral", "qwen2"] = "llama",
+    *,
+    seed: int = 0,
+    vision_feature_layer: Union[int, list[int]] = -2,
+    vision_feature_select_strategy: str = "default",
+    attn_implementation: str = "sdpa",
+) -> Any:
+    """A randomly initialised transformers LLaVA (or LLaVA-NeXT) with the real block structure at toy size,
+    built offline: a 3-block CLIP vision tower (QuickGELU, 32x32 images, 8x8 patches: CLS + 16 patches), the
+    GELU projector, and a 2-block Llama / Mistral / Qwen2 language model (grouped-query attention for
+    Mistral and Qwen2) with a 256-token vocabulary; the image token is 255. Parameters that transformers
+    initialises to constants (norm weights, biases, LLaVA-NeXT's newline) are randomised so that nothing
+    is trivially 1 or 0. For examples and tests; real checkpoints load with HookedVLM.from_pretrained(name).
+    """
+    import transformers
+
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+        patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    )
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  vocab_size=256, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                  tie_word_embeddings=False)
+    if text_model == "llama":
+        text = transformers.LlamaConfig(num_key_value_heads=4, **common)
+    elif text_model == "mistral":
+        text = transformers.MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+    elif text_model == "qwen2":
+        text = transformers.Qwen2Config(num_key_value_heads=2, **common)
+    else:
+        raise ValueError(f"text_model must be 'llama', 'mistral' or 'qwen2', got {text_model!r}.")
+    kw = dict(vision_config=vision, text_config=text, image_token_index=255, vision_feature_layer=vision_feature_layer,
+              vision_feature_select_strategy=vision_feature_select_strategy, projector_hidden_act="gelu")
+    torch.manual_seed(seed)
+    if architecture == "llava":
+        config = transformers.LlavaConfig(image_seq_length=16, **kw)
+        cls = transformers.LlavaForConditionalGeneration
+    elif architecture == "llava_next":
+        config = transformers.LlavaNextConfig(image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]], **kw)
+        cls = transformers.LlavaNextForConditionalGeneration
+    else:
+        raise ValueError(f"architecture must be 'llava' or 'llava_next', got {architecture!r}.")
+    config._attn_implementation = attn_implementation
+    model = cls(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                noise = torch.randn(p.shape, generator=g)
+                is_scale = name.endswith("weight") and "norm" in name
+                p.copy_(1 + 0.2 * noise if is_scale else 0.1 * noise)
+    return model

@@ -44,6 +44,22 @@ def _empty(*shape: int, device=None, dtype=None) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape, device=device, dtype=dtype))
 
 
+def _heads_in(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x [batch, pos, d_model] @ W [head, d_model, d_head] + b -> [batch, pos, head, d_head] (a permuted view).
+
+    One batched GEMM over heads, reading the weights in place: einsum's "bpd,hdk->bphk" copied x per
+    head and ran ~20-35% slower than the source models with 2 CPU threads.
+    """
+    batch, pos, d = x.shape
+    out = torch.matmul(x.reshape(batch * pos, d), W) + b[:, None, :]  # [head, batch*pos, d_head]
+    return out.view(W.shape[0], batch, pos, W.shape[-1]).permute(1, 2, 0, 3)
+
+
+def _linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x [..., d_in] @ W [d_in, d_out] + b as one fused addmm (as nn.Linear does)."""
+    return torch.addmm(b, x.reshape(-1, x.shape[-1]), W).view(*x.shape[:-1], W.shape[-1])
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with TransformerLens hooks ``hook_scale`` [..., 1] and ``hook_normalized`` [..., d].
 
@@ -127,9 +143,9 @@ class Attention(nn.Module):
         ``attention_mask`` is an optional additive mask broadcastable to [batch, head, q, k].
         """
         kv_input = x if kv_input is None else kv_input
-        q = self.hook_q(torch.einsum("bpd,hdk->bphk", x, self.W_Q) + self.b_Q)
-        k = self.hook_k(torch.einsum("bpd,hdk->bphk", kv_input, self.W_K) + self.b_K)
-        v = self.hook_v(torch.einsum("bpd,hdk->bphk", kv_input, self.W_V) + self.b_V)
+        q = self.hook_q(_heads_in(x, self.W_Q, self.b_Q))
+        k = self.hook_k(_heads_in(kv_input, self.W_K, self.b_K))
+        v = self.hook_v(_heads_in(kv_input, self.W_V, self.b_V))
         causal = self.causal
         if causal and attention_mask is not None:
             # SDPA takes either is_causal or a mask: fold the causal part into the additive mask.
@@ -154,7 +170,7 @@ class Attention(nn.Module):
             result = self.hook_result(torch.einsum("bqhk,hkm->bqhm", z, self.W_O))
             return result.sum(-2) + self.b_O
         b, p = z.shape[:2]
-        return z.reshape(b, p, -1) @ self.W_O.reshape(-1, self.W_O.shape[-1]) + self.b_O
+        return _linear(z.reshape(b, p, -1), self.W_O.reshape(-1, self.W_O.shape[-1]), self.b_O)
 
 
 class MLP(nn.Module):
@@ -174,9 +190,9 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.hook_pre(x @ self.W_in + self.b_in)
+        pre = self.hook_pre(_linear(x, self.W_in, self.b_in))
         post = self.hook_post(ACT_FNS[self.act_fn](pre))
-        return post @ self.W_out + self.b_out
+        return _linear(post, self.W_out, self.b_out)
 
 
 class TransformerBlock(nn.Module):

@@ -533,3 +533,23 @@ def test_nnsight_attention_pattern_with_sdpa_fast_path(clip_small):
     # Outside a trace the wrapped model is back on the fast path.
     assert not is_observed(hp)
     assert no_hooks_left(model)
+
+
+def test_nnsight_rewrap_after_sae_splicing(clip_small):
+    """SAELens swaps hook-point modules; a wrapper made after the swap sees the current ones (docs/hooks.md)."""
+    model, x = clip_small, images()
+    hook = "blocks.1.hook_resid_post"
+    model.add_sae(_sae("standard", model.cfg.d_model, hook))
+    try:
+        wrapped = nnsight.NNsight(model)
+        with torch.no_grad(), wrapped.trace(x):
+            feats = wrapped.blocks[1].hook_resid_post.hook_sae_acts_post.output.save()
+        _, cache = model.run_with_cache(x, names_filter=f"{hook}.hook_sae_acts_post")
+        torch.testing.assert_close(feats, cache[f"{hook}.hook_sae_acts_post"], rtol=0, atol=0)
+    finally:
+        model.reset_saes()
+    wrapped = nnsight.NNsight(model)
+    with torch.no_grad(), wrapped.trace(x):
+        resid = wrapped.blocks[1].hook_resid_post.output.save()
+    _, cache = model.run_with_cache(x, names_filter=hook)
+    assert torch.equal(resid, cache[hook])

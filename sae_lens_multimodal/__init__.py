@@ -5,10 +5,44 @@ Importing this package registers its model classes, SAE architectures and SAE re
 and TransformerLens (idempotently, without network access).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from sae_lens_multimodal._version import __version__
 from sae_lens_multimodal.integration import register_with_ecosystem
 from sae_lens_multimodal.models import HookedViT, HookedViTConfig
+from sae_lens_multimodal.models.hooked_clip import HookedCLIP
+from sae_lens_multimodal.models.hooked_text import HookedText, HookedTextConfig
 
-__all__ = ["__version__", "HookedViT", "HookedViTConfig", "register_with_ecosystem"]
+# Heavier subpackages (diffusers, the VLM wrapper) load on first use.
+_LAZY = {
+    "HookedUNet": "sae_lens_multimodal.diffusion",
+    "HookedDiT": "sae_lens_multimodal.diffusion",
+    "HookedDiffusionPipeline": "sae_lens_multimodal.diffusion",
+    "DiffusionCache": "sae_lens_multimodal.diffusion",
+    "current_timestep": "sae_lens_multimodal.diffusion",
+    "HookedVLM": "sae_lens_multimodal.models.hooked_vlm",
+    "list_releases": "sae_lens_multimodal.pretrained",
+}
+
+__all__ = [
+    "__version__",
+    "HookedViT",
+    "HookedViTConfig",
+    "HookedCLIP",
+    "HookedText",
+    "HookedTextConfig",
+    "register_with_ecosystem",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sae_lens_multimodal' has no attribute {name!r}")
+
 
 register_with_ecosystem()

@@ -21,6 +21,11 @@ __all__ = ["MODEL_CLASSES", "register_model_class", "register_with_ecosystem", "
 #: Our model class names -> "module:attribute" (imported lazily, so registration stays cheap).
 MODEL_CLASSES: dict[str, str] = {
     "HookedViT": "sae_lens_multimodal.models.hooked_vit:HookedViT",
+    "HookedCLIP": "sae_lens_multimodal.models.hooked_clip:HookedCLIP",
+    "HookedText": "sae_lens_multimodal.models.hooked_text:HookedText",
+    "HookedUNet": "sae_lens_multimodal.diffusion:HookedUNet",
+    "HookedDiT": "sae_lens_multimodal.diffusion:HookedDiT",
+    "HookedVLM": "sae_lens_multimodal.models.hooked_vlm:HookedVLM",
 }
 
 #: Optional registration functions of other subpackages ("module:function"), run when present.
@@ -51,7 +56,8 @@ def load_model(model_class_name: str, model_name: str, device: Any = None,
                model_from_pretrained_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
     """Load one of our hooked models by class name, as SAELens's ``load_model`` does for its own."""
     cls = _resolve(MODEL_CLASSES[model_class_name])
-    return cls.from_pretrained(model_name, device=device, **(model_from_pretrained_kwargs or {}))
+    model = cls.from_pretrained(model_name, **(model_from_pretrained_kwargs or {}))
+    return model.to(device) if device is not None else model
 
 
 def _wrap_sae_lens_load_model() -> None:

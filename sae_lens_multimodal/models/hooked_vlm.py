@@ -26,7 +26,6 @@ kept in ``model.last_image_token_mask``. Hook names, shapes and loading real che
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field

@@ -185,6 +185,20 @@ def test_other_backbones_and_feature_layers_match_transformers(arch, text, layer
     check_equivalence(hf, model, prompt(n_tokens), images())
 
 
+def test_mistral_sliding_window_matches_transformers():
+    hf = tiny_random_llava("llava", "mistral", seed=5)
+    hf.model.language_model.config.sliding_window = 6  # shorter than the prompt, so the window matters
+    model = HookedVLM.from_pretrained(hf)
+    assert model.lm.layer_types == ["sliding_attention"] * 2
+    ids, px = prompt(), images()
+    check_equivalence(hf, model, ids, px)
+    _, cache = model.run_with_cache(ids, px, names_filter="lm.blocks.1.attn.hook_pattern")
+    assert cache["lm.blocks.1.attn.hook_pattern"][0, :, -1].nonzero()[:, 1].unique().tolist() == list(range(17, 23))
+    with torch.no_grad():
+        expected = hf.generate(input_ids=ids, pixel_values=px, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, px, max_new_tokens=6), expected)
+
+
 def test_llava_next_matches_transformers_forward_and_generate():
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 

@@ -99,3 +99,27 @@ def test_out_of_range_timestep_in_the_pipeline(unet):
         clean = unet(x, 800, encoder_hidden_states=enc).sample
         out = unet.run_with_saes(x, 800, encoder_hidden_states=enc, saes=[sae]).sample
         assert torch.equal(out, clean)
+
+
+def test_cond_only_sae_in_a_guided_pipeline_leaves_the_uncond_half_alone(unet):
+    """Batched CFG: the pipeline reports branch 'both' with per-row branches; a cfg_branch='cond' SAE
+    passes the unconditional rows through unchanged and reconstructs the conditional ones."""
+    from sae_lens_multimodal.diffusion import HookedDiffusionPipeline
+
+    pipe = HookedDiffusionPipeline(denoiser=unet.denoiser, scheduler=diffusers.DDIMScheduler(num_train_timesteps=1000))
+    sae = _sae(TimestepBucketedSAE, TimestepBucketedSAEConfig)
+    sae.cfg.metadata.cfg_branch = "cond"
+    _, enc = _inputs()
+    with torch.no_grad(), pipe.saes(saes=[sae]):
+        _, cache = pipe.run_with_cache(prompt_embeds=enc[:1], num_inference_steps=2, guidance_scale=3.0,
+                                       names_filter=[HOOK + ".hook_sae_input", HOOK + ".hook_sae_output"])
+    timesteps = cache.timesteps_of(HOOK + ".hook_sae_input", branch="cond")
+    assert len(timesteps) == 2
+    for t in timesteps:
+        for branch in ("uncond", "cond"):
+            x = cache.get(HOOK + ".hook_sae_input", t, branch)
+            y = cache.get(HOOK + ".hook_sae_output", t, branch)
+            if branch == "uncond":
+                assert torch.equal(x, y)
+            else:
+                assert (x - y).abs().max() > 1e-3

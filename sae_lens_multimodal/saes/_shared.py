@@ -3,7 +3,6 @@ SAELens architecture each one wraps, and the per-row routing (which bucket, or p
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional
 
@@ -269,7 +268,3 @@ class RowRoutingMixin:
             return x
         f = torch.tensor([1.0] + list(factors), dtype=x.dtype, device=x.device)[plan.bucket + 1]
         return x / f[..., None] if inverse else x * f[..., None]
-
-
-def replace_dataclass(cfg: Any, **changes: Any) -> Any:
-    return dataclasses.replace(cfg, **changes)

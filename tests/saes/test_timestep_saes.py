@@ -4,8 +4,6 @@ own SAE classes, routing by timestep / CFG branch, and out-of-range policies."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch

@@ -428,3 +428,25 @@ def test_lm_cache_works_with_transformer_lens_helpers(llava):
     last = lm[f"blocks.{model.lm.cfg.n_layers - 1}.hook_resid_post"]
     scaled = lm.apply_ln_to_stack(last[None], layer=model.lm.cfg.n_layers)[0]
     assert (scaled * model.lm.ln_final.w - lm["ln_final.hook_normalized"]).abs().max() <= TOL
+
+
+@pytest.mark.slow
+def test_llava_1_5_real_vision_tower_and_llama_width_match_transformers():
+    """LLaVA 1.5's configuration (transformers' LlavaConfig defaults: CLIP ViT-L/14 at 336 px, 24 blocks,
+    feature layer -2, 576 image tokens; Llama-7B width) with the language model cut to 2 of its 32 blocks
+    (memory). Random weights."""
+    import transformers
+
+    config = transformers.LlavaConfig()
+    config.text_config.num_hidden_layers = 2
+    config.text_config.vocab_size = 32064  # llava-hf/llava-1.5-7b-hf: the image token 32000 is in the vocabulary
+    torch.manual_seed(0)
+    hf = transformers.LlavaForConditionalGeneration(config).eval()
+    model = HookedVLM.from_pretrained(hf)
+    assert model.cfg.vision_layers_run == 23 and model.cfg.image_seq_length == 576
+    ids = torch.tensor([[1, 3148, 1001, 29901] + [config.image_token_id] * 576 + [13, 5618, 338, 445, 29973]])
+    px = torch.randn(1, 3, 336, 336)
+    check_equivalence(hf, model, ids, px)
+    with torch.no_grad():
+        expected = hf.generate(input_ids=ids, pixel_values=px, max_new_tokens=3, do_sample=False)
+    assert torch.equal(model.generate(ids, px, max_new_tokens=3), expected)

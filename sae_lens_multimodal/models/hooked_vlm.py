@@ -1043,13 +1043,15 @@ def tiny_random_llava(
     architecture: Literal["llava", "llava_next"] = "llava",
     text_model: Literal["llama", "mistral", "qwen2"] = "llama",
     *,
+    vision_model: Literal["clip", "siglip"] = "clip",
     seed: int = 0,
     vision_feature_layer: Union[int, list[int]] = -2,
     vision_feature_select_strategy: str = "default",
     attn_implementation: str = "sdpa",
 ) -> Any:
     """A randomly initialised transformers LLaVA (or LLaVA-NeXT) with the real block structure at toy size,
-    built offline: a 3-block CLIP vision tower (QuickGELU, 32x32 images, 8x8 patches: CLS + 16 patches), the
+    built offline: a 3-block CLIP vision tower (QuickGELU, 32x32 images, 8x8 patches: CLS + 16 patches; or a
+    SigLIP tower with ``vision_model="siglip"``: no CLS, use strategy "full"), the
     GELU projector, and a 2-block Llama / Mistral / Qwen2 language model (grouped-query attention for
     Mistral and Qwen2) with a 256-token vocabulary; the image token is 255. Parameters that transformers
     initialises to constants (norm weights, biases, LLaVA-NeXT's newline) are randomised so that nothing
@@ -1057,10 +1059,14 @@ def tiny_random_llava(
     """
     import transformers
 
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-        patch_size=8, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-    )
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                 patch_size=8, layer_norm_eps=1e-5)
+    if vision_model == "clip":
+        vision = transformers.CLIPVisionConfig(hidden_act="quick_gelu", **tower)
+    elif vision_model == "siglip":
+        vision = transformers.SiglipVisionConfig(**tower)
+    else:
+        raise ValueError(f"vision_model must be 'clip' or 'siglip', got {vision_model!r}.")
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   vocab_size=256, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
                   tie_word_embeddings=False)

@@ -170,18 +170,19 @@ def test_left_padded_batch_matches_transformers(llava):
 
 
 @pytest.mark.parametrize(
-    "arch,text,layer,strategy,impl",
+    "vision,text,layer,strategy,impl",
     [
-        ("llava", "qwen2", [-3, -1], "full", "eager"),  # biased q/k/v, GQA, concatenated layers, CLS kept
+        ("clip", "qwen2", [-3, -1], "full", "eager"),  # biased q/k/v, GQA, concatenated layers, CLS kept
         # hidden_states[0] (written -4: transformers treats a literal 0 as "no hidden states"): ln_pre output.
-        ("llava", "mistral", -4, "default", "sdpa"),
+        ("clip", "mistral", -4, "default", "sdpa"),
+        ("siglip", "llama", -1, "full", "sdpa"),  # SigLIP tower (no CLS), last block, before post_layernorm
     ],
 )
-def test_other_backbones_and_feature_layers_match_transformers(arch, text, layer, strategy, impl):
-    hf = tiny_random_llava(arch, text, seed=2, vision_feature_layer=layer, vision_feature_select_strategy=strategy,
-                           attn_implementation=impl)
+def test_other_towers_backbones_and_feature_layers_match_transformers(vision, text, layer, strategy, impl):
+    hf = tiny_random_llava("llava", text, vision_model=vision, seed=2, vision_feature_layer=layer,
+                           vision_feature_select_strategy=strategy, attn_implementation=impl)
     model = HookedVLM.from_pretrained(hf)
-    n_tokens = 17 if strategy == "full" else 16
+    n_tokens = 17 if strategy == "full" and vision == "clip" else 16
     check_equivalence(hf, model, prompt(n_tokens), images())
 
 

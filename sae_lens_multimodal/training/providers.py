@@ -79,25 +79,29 @@ def chunk_stream(data: Any, hook: Optional[str] = None, epochs: Optional[int] = 
 def mixing_batches(chunks: Iterable[ActivationChunk], batch_size: int, buffer_rows: int,
                    mix_fraction: float = 0.5, generator: Optional[torch.Generator] = None) -> Iterator[ActivationChunk]:
     """Shuffled fixed-size batches through a mixing buffer (as SAELens's ``mixing_buffer``, but the
-    per-row labels travel with their rows under the same permutation)."""
+    per-row labels travel with their rows under the same permutation, and incoming chunks are only
+    concatenated once the buffer is full)."""
     if buffer_rows < batch_size:
         raise ValueError(f"buffer_rows ({buffer_rows}) must be >= batch_size ({batch_size})")
-    buffer: Optional[ActivationChunk] = None
     keep = int(buffer_rows * mix_fraction)
+    pending: list[ActivationChunk] = []
+    n_pending = 0
     for chunk in chunks:
         if len(chunk) == 0:
             continue
-        buffer = chunk if buffer is None else ActivationChunk.cat([buffer, chunk])
-        if len(buffer) < buffer_rows:
+        pending.append(chunk)
+        n_pending += len(chunk)
+        if n_pending < buffer_rows:
             continue
-        perm = torch.randperm(len(buffer), generator=generator)
-        buffer = buffer.select(perm)
+        buffer = ActivationChunk.cat(pending) if len(pending) > 1 else pending[0]
+        buffer = buffer.select(torch.randperm(len(buffer), generator=generator))
         n_serve = max(1, (len(buffer) - keep) // batch_size) * batch_size
-        serving = buffer.select(slice(0, n_serve))  # type: ignore[arg-type]
-        buffer = buffer.select(slice(n_serve, None))  # type: ignore[arg-type]
         for i in range(0, n_serve, batch_size):
-            yield serving.select(slice(i, i + batch_size))  # type: ignore[arg-type]
-    if buffer is not None and len(buffer) >= batch_size:
+            yield buffer.select(slice(i, i + batch_size))  # type: ignore[arg-type]
+        rest = buffer.select(slice(n_serve, None))  # type: ignore[arg-type]
+        pending, n_pending = ([rest], len(rest)) if len(rest) else ([], 0)
+    if n_pending >= batch_size:
+        buffer = ActivationChunk.cat(pending) if len(pending) > 1 else pending[0]
         buffer = buffer.select(torch.randperm(len(buffer), generator=generator))
         for i in range(0, len(buffer) - batch_size + 1, batch_size):
             yield buffer.select(slice(i, i + batch_size))  # type: ignore[arg-type]

@@ -122,12 +122,13 @@ def caption(
     texture: bool = False,
     text: bool = True,
 ) -> str:
-    """English caption of one image: colour, shape and position always; the size, the texture (only
-    "striped" is said) and the written word on request. ``factors`` may be a ShapeFactors or a dict with
+    """English caption of one image: colour, shape and position always; the size, the texture ("plain" /
+    "striped") and the written word on request. ``factors`` may be a ShapeFactors or a dict with
     at least ``color``, ``shape`` and ``position`` (e.g. to caption a class that has no image).
 
     >>> caption(f)                                    # 'a red circle on the left'
     >>> caption(f, size=True, texture=True)           # 'a large striped red circle on the left'
+    >>> caption(g)                                    # 'a blue square at the top with the word red'
     """
     f = factors.to_dict() if isinstance(factors, ShapeFactors) else dict(factors)
     missing = [k for k in CLASS_FACTORS if k not in f]
@@ -138,8 +139,8 @@ def caption(
     words: list[str] = []
     if size and f.get("size"):
         words.append(f["size"])
-    if texture and f.get("texture") == "striped":
-        words.append("striped")
+    if texture and f.get("texture"):
+        words.append(f["texture"])
     words += [f["color"], f["shape"], POSITION_PHRASES[f["position"]]]
     out = f"{_article(words[0])} {' '.join(words)}"
     if text and f.get("text"):
@@ -149,7 +150,10 @@ def caption(
 
 def class_factor_combinations(factors: Sequence[str] = CLASS_FACTORS) -> list[dict[str, str]]:
     """Every combination of the named factors' values, in a fixed order (the zero-shot classes)."""
-    values = {"color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS, "size": SIZES, "texture": TEXTURES}
+    values = {
+        "color": tuple(COLORS), "shape": SHAPES, "position": POSITIONS, "size": SIZES, "texture": TEXTURES,
+        "text": TEXT_WORDS,
+    }
     unknown = [f for f in factors if f not in values]
     if unknown:
         raise ValueError(f"Cannot enumerate factors {unknown}; choose from {list(values)}.")
@@ -158,7 +162,8 @@ def class_factor_combinations(factors: Sequence[str] = CLASS_FACTORS) -> list[di
 
 def all_captions(factors: Sequence[str] = CLASS_FACTORS) -> list[str]:
     """Caption of every combination of ``factors`` (default colour x shape x position: 162 captions),
-    aligned with :func:`class_factor_combinations`. Add ``"size"`` / ``"texture"`` for finer classes."""
+    aligned with :func:`class_factor_combinations`. Add ``"size"`` / ``"texture"`` / ``"text"`` (the
+    written word, one of TEXT_WORDS) for finer classes."""
     return [
         caption(c, size="size" in factors, texture="texture" in factors)
         for c in class_factor_combinations(factors)
@@ -375,7 +380,7 @@ class ShapesWorld:
     def _write(self, image: np.ndarray, word: str, row: str) -> None:
         """Composite a white word, horizontally centred, vertically centred in its row (in place)."""
         s = self.image_size
-        height = max(5, round(s * 0.17))
+        height = max(5, round(s * 0.22))
         mask = _word_mask(word, height)
         if mask.shape[1] > s:  # too long for the image: squeeze it to fit
             mask = _squeeze_width(mask, s)

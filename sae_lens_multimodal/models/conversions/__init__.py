@@ -121,6 +121,9 @@ def _family_for_layout(get_json: Callable[[str], Optional[dict]]) -> Optional[tu
 
 def load_vision_source(name: str, **kwargs: Any) -> Any:
     """Build the source-library model a name refers to (see HookedViT.from_pretrained for name forms)."""
+    from sae_lens_multimodal.models.registry import resolve_model_name
+
+    name = resolve_model_name(name)  # registered short names ("shapes-clip") first
     for family in VISION_FAMILIES.values():
         if family.prefix and name.startswith(family.prefix) and family.load is not None:
             return family.load(name[len(family.prefix):], **kwargs)

@@ -1,5 +1,12 @@
 """The shapes world: procedurally drawn images with known ground truth, and the small models trained on it."""
 
+from sae_lens_multimodal.world.clip import (
+    SHAPES_CLIP_DIR,
+    ZeroShotResult,
+    load_shapes_clip,
+    typographic_attack,
+    zero_shot_accuracy,
+)
 from sae_lens_multimodal.world.shapes import (
     CLASS_FACTORS,
     COLORS,
@@ -20,6 +27,11 @@ from sae_lens_multimodal.world.shapes import (
 )
 
 __all__ = [
+    "SHAPES_CLIP_DIR",
+    "ZeroShotResult",
+    "load_shapes_clip",
+    "typographic_attack",
+    "zero_shot_accuracy",
     "CLASS_FACTORS",
     "COLORS",
     "FACTOR_NAMES",

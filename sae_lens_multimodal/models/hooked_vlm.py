@@ -553,7 +553,7 @@ class HookedVLM(MultimodalHookedRootModule):
             original_architecture=f"transformers.{kind}",
             device=lm.cfg.device,
             dtype=lm.cfg.dtype,
-            extra={"hf_config": config.to_dict()},
+            extra={"hf_config": config.to_dict(), **_generation_ids(model)},
         )
         hooked = cls(vision, projector, lm, cfg, image_newline=getattr(inner, "image_newline", None) if is_next else None,
                      processor=processor)
@@ -731,6 +731,8 @@ class HookedVLM(MultimodalHookedRootModule):
         mask = attention_mask.to(ids.device).long() if attention_mask is not None else torch.ones_like(ids)
         eos = eos_token_id if eos_token_id is not None else self._default_eos()
         eos_ids = torch.as_tensor([eos] if isinstance(eos, int) else (eos or []), device=ids.device, dtype=torch.long)
+        if pad_token_id is None:
+            pad_token_id = self.cfg.extra.get("pad_token_id")
         pad = pad_token_id if pad_token_id is not None else (int(eos_ids[0]) if len(eos_ids) else 0)
         cache = DynamicCache(config=self.lm.hf_config)
         # transformers' generate: positions count only real tokens (left padding).
@@ -758,9 +760,10 @@ class HookedVLM(MultimodalHookedRootModule):
         self.last_image_token_mask = prompt_image_mask
         return out
 
-    def _default_eos(self) -> Optional[int]:
-        gen = (self.cfg.extra.get("hf_config") or {}).get("text_config", {})
-        eos = gen.get("eos_token_id")
+    def _default_eos(self) -> Optional[Union[int, list[int]]]:
+        eos = self.cfg.extra.get("eos_token_id")  # the checkpoint's generation config, as transformers uses
+        if eos is None:
+            eos = (self.cfg.extra.get("hf_config") or {}).get("text_config", {}).get("eos_token_id")
         return eos if isinstance(eos, (int, list)) else None
 
     @staticmethod
@@ -977,6 +980,12 @@ def _resolve_feature_layer(layer: int, n_layers: int) -> int:
     if not 0 <= k <= n_layers:
         raise ValueError(f"vision_feature_layer {layer} is out of range for a {n_layers}-block vision tower.")
     return k
+
+
+def _generation_ids(model: Any) -> dict[str, Any]:
+    """EOS / pad ids from the model's generation config (what transformers' generate stops and pads with)."""
+    gen = getattr(model, "generation_config", None)
+    return {k: getattr(gen, k, None) for k in ("eos_token_id", "pad_token_id")} if gen is not None else {}
 
 
 def _concat_steps(name: str, parts: list[torch.Tensor]) -> torch.Tensor:

@@ -253,6 +253,14 @@ def test_generate_matches_transformers_greedy(llava):
         expected = hf.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=8, do_sample=False)
     tokens = model.generate(ids, px, attention_mask=mask, max_new_tokens=8)
     assert torch.equal(tokens, expected)
+    # Stopping: one row emits EOS early and is padded while the other continues, as in transformers.
+    eos = int(expected[0, ids.shape[1] + 2])
+    with torch.no_grad():
+        stopped = hf.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                              eos_token_id=eos, pad_token_id=0)
+    assert stopped.shape[1] < expected.shape[1]  # generation ended early
+    assert torch.equal(model.generate(ids, px, attention_mask=mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0),
+                       stopped)
     one = prompt()
     with torch.no_grad():
         expected = hf.generate(input_ids=one, pixel_values=images(), max_new_tokens=8, do_sample=False)

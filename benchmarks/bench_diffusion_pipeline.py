@@ -4,7 +4,9 @@ Two Stable-Diffusion-layout pipelines with the same components (the hooked one g
 UNet, so the plain one runs on modules without any hooks installed) and the same seed:
 
 * time: plain ``pipe(...)`` and ``HookedDiffusionPipeline.run_with_cache(..., names_filter=[one hook])``
-  alternate in one process (the order flips every repeat); reported: ratio of medians (target <= 1.10);
+  alternate in one process (the order flips every repeat); reported: ratio of median wall times (target
+  <= 1.10), plus the median pairwise ratio and the ratio of this process's CPU times (steadier on a shared
+  machine);
 * memory: two child processes build the same pipeline and run it once to warm up, then once measured,
   one plain and one caching; reported: (peak RSS of the caching process - peak RSS of the plain one)
   / bytes held by the cache (target <= 1.2).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -96,8 +99,19 @@ def child(args: argparse.Namespace) -> None:
                 cache = None  # drop the warm-up cache before the measured run
                 _, cache = hooked.run_with_cache(names_filter=[args.hook], **call_kwargs(args))
                 cache_bytes = cache.nbytes
-    print(json.dumps({"maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "cache_bytes": cache_bytes}))
+    print(json.dumps({"maxrss_bytes": peak_rss_bytes(), "cache_bytes": cache_bytes}))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS. VmHWM, not ru_maxrss: on Linux ru_maxrss survives fork+exec, so a child
+    would report its (bigger) parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:
@@ -126,23 +140,31 @@ def main() -> None:
     assert len(cache) == 2 * args.steps, cache  # every step, both CFG branches
     del cache
 
-    plain_t, hooked_t = [], []
+    # Wall time and this process's CPU time (steadier when other processes share the cores).
+    times: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in ("plain", "hooked")}
     with torch.no_grad():
         for r in range(args.repeats):
             runs = [("plain", lambda: pipe(**call_kwargs(args))),
                     ("hooked", lambda: hooked.run_with_cache(names_filter=[args.hook], **call_kwargs(args)))]
             for name, fn in runs if r % 2 == 0 else runs[::-1]:
-                start = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.process_time()
                 out = fn()
-                (plain_t if name == "plain" else hooked_t).append(time.perf_counter() - start)
+                times[name]["wall"].append(time.perf_counter() - wall)
+                times[name]["cpu"].append(time.process_time() - cpu)
                 del out
-    time_ratio = statistics.median(hooked_t) / statistics.median(plain_t)
+    med = {k: {c: statistics.median(v) for c, v in d.items()} for k, d in times.items()}
+    time_ratio = med["hooked"]["wall"] / med["plain"]["wall"]
+    cpu_ratio = med["hooked"]["cpu"] / med["plain"]["cpu"]
+    pair_ratio = statistics.median(h / p for h, p in zip(times["hooked"]["wall"], times["plain"]["wall"]))
 
     measured = {}
     for mode in ("plain", "cache"):
         cmd = [sys.executable, __file__, "--child", mode] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "json") and v is not None]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        # Fixed mmap threshold: blocks >= 64 KiB are returned to the OS when freed, so peak RSS tracks live
+        # memory instead of allocator slack (same setting in both children).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         measured[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     extra = measured["cache"]["maxrss_bytes"] - measured["plain"]["maxrss_bytes"]
     cache_bytes = measured["cache"]["cache_bytes"]
@@ -152,9 +174,12 @@ def main() -> None:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
         "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
         "hook": hooked.canonical_hook_name(args.hook),
-        "plain_median_s": statistics.median(plain_t),
-        "hooked_median_s": statistics.median(hooked_t),
+        "plain_median_wall_s": med["plain"]["wall"],
+        "hooked_median_wall_s": med["hooked"]["wall"],
         "time_ratio": time_ratio,
+        "median_pairwise_time_ratio": pair_ratio,
+        "cpu_time_ratio": cpu_ratio,
+        "wall_times_s": {k: d["wall"] for k, d in times.items()},
         "time_target": 1.10,
         "cache_bytes": cache_bytes,
         "extra_peak_rss_bytes": extra,
@@ -163,7 +188,7 @@ def main() -> None:
         "torch": torch.__version__,
     }
     print(json.dumps(result, indent=2))
-    print(f"time: hooked/plain = {time_ratio:.3f} (target <= 1.10)   "
+    print(f"time: hooked/plain = {time_ratio:.3f} wall, {cpu_ratio:.3f} CPU (target <= 1.10)   "
           f"memory: extra peak RSS / cache = {extra / 2**20:.1f} MiB / {cache_bytes / 2**20:.1f} MiB = "
           f"{memory_ratio:.2f} (target <= 1.2)")
     if args.json:

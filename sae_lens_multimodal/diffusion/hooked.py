@@ -287,7 +287,13 @@ class HookedDenoiser(MultimodalHookedRootModule):
 
     @property
     def current_state(self) -> DenoisingState | None:
+        """The full DenoisingState (timestep, branch, step_index, call_index, batch_branches) of the call in progress."""
         return self._installation.current
+
+    @property
+    def unhooked_attention(self) -> dict[str, str]:
+        """Attention modules whose processor has no hooked version (path -> processor class): no q/k/v/... hooks."""
+        return dict(self._installation.unhooked_attention)
 
     def restore(self) -> nn.Module:
         """Remove every hook point, torch hook and processor wrapper from the denoiser and return it.

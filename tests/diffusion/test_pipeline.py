@@ -269,3 +269,25 @@ def test_saes_see_the_timestep_and_branch():
     # (SAELens encodes twice per call with use_error_term: once spliced, once clean for the error term.)
     assert list(dict.fromkeys(sae.seen)) == [(t, "both", ("uncond", "cond")) for t in schedule]
     assert len(sae.seen) == 2 * len(schedule)
+
+
+def test_timestep_selector_semantics():
+    from sae_lens_multimodal.diffusion import TimestepSelector
+
+    schedule = [999, 749, 499, 249]
+    up = TimestepSelector(range(249, 750))
+    assert [t for t in schedule if up(t)] == [749, 499, 249]
+    down = TimestepSelector(range(999, 499, -1))  # 499 < t <= 999
+    assert [t for t in schedule if down(t)] == [999, 749]
+    stepped = TimestepSelector(range(249, 1000, 250))  # other steps: exact values
+    stepped.validate(schedule)
+    assert [t for t in schedule if stepped(t)] == [999, 749, 499, 249]
+    exact = TimestepSelector([499.0000001])
+    exact.validate(schedule)  # snapped to the schedule's value
+    assert exact.values == [499] and exact(499) and not exact(500)
+    assert TimestepSelector(lambda t: t > 600)(749) and not TimestepSelector(lambda t: t > 600)(499)
+    assert TimestepSelector(None)(0)
+    with pytest.raises(ValueError, match=r"\[999, 749, 499, 249\]"):
+        TimestepSelector([500]).validate(schedule)
+    with pytest.raises(TypeError, match="timesteps must be"):
+        TimestepSelector(object())

@@ -513,7 +513,3 @@ class HookedDiT(HookedDenoiser):
         if not isinstance(dit_or_name, nn.Module) and hasattr(dit_or_name, "transformer"):
             dit_or_name = dit_or_name.transformer
         return cls(dit_or_name)
-
-
-def is_hook_point(module: nn.Module) -> bool:
-    return isinstance(module, HookPoint)

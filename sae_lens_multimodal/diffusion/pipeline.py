@@ -202,10 +202,22 @@ class HookedDiffusionPipeline(HookedDenoiser):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> HookedDiffusionPipeline:
-        """``DiffusionPipeline.from_pretrained(name_or_path, **kwargs)`` wrapped."""
+        """``DiffusionPipeline.from_pretrained(name_or_path, **kwargs)`` wrapped. Registered names
+        (``"shapes-diffusion"``, models/registry.py) resolve to their directory first."""
+        import json
+        from pathlib import Path
+
         from diffusers import DiffusionPipeline
 
-        return cls(DiffusionPipeline.from_pretrained(name_or_path, **kwargs))
+        from sae_lens_multimodal.models.registry import resolve_model_name
+
+        source = resolve_model_name(str(name_or_path))
+        pipeline_cls: Any = DiffusionPipeline
+        index = Path(source) / "model_index.json"
+        # diffusers looks pipeline classes up by name in its own namespace only; load ours explicitly.
+        if index.is_file() and json.loads(index.read_text()).get("_class_name") == "ShapesDiffusionPipeline":
+            from sae_lens_multimodal.world.diffusion import ShapesDiffusionPipeline as pipeline_cls
+        return cls(pipeline_cls.from_pretrained(source, **kwargs))
 
     def to(self, *args: Any, **kwargs: Any) -> HookedDiffusionPipeline:  # type: ignore[override]
         """Move the whole pipeline (text encoders, VAE, denoiser)."""

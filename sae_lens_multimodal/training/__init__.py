@@ -11,6 +11,13 @@ from sae_lens_multimodal.training.cache import (
     model_identity,
 )
 from sae_lens_multimodal.training.caching import cache_activations
+from sae_lens_multimodal.training.diffusion_store import DiffusionActivationStore
+from sae_lens_multimodal.training.evaluate import (
+    clip_zero_shot,
+    diffusion_downstream,
+    evaluate_sae,
+    image_embedding_cosine,
+)
 from sae_lens_multimodal.training.image_store import TOKEN_POLICIES, ImageActivationStore
 from sae_lens_multimodal.training.providers import ActivationProvider, activation_provider
 from sae_lens_multimodal.training.train import estimate_bucket_scaling_factors, train_sae
@@ -22,10 +29,15 @@ __all__ = [
     "ActivationChunk",
     "ActivationProvider",
     "CacheMismatchError",
+    "DiffusionActivationStore",
     "ImageActivationStore",
     "activation_provider",
     "cache_activations",
+    "clip_zero_shot",
+    "diffusion_downstream",
     "estimate_bucket_scaling_factors",
+    "evaluate_sae",
+    "image_embedding_cosine",
     "model_identity",
     "train_sae",
 ]

@@ -25,6 +25,14 @@ _LAZY = {
     "current_timestep": "sae_lens_multimodal.diffusion",
     "HookedVLM": "sae_lens_multimodal.models.hooked_vlm",
     "list_releases": "sae_lens_multimodal.pretrained",
+    "TimestepBucketedSAE": "sae_lens_multimodal.saes",
+    "TimestepConditionedSAE": "sae_lens_multimodal.saes",
+    "timestep_context": "sae_lens_multimodal.saes",
+    "ImageActivationStore": "sae_lens_multimodal.training",
+    "DiffusionActivationStore": "sae_lens_multimodal.training",
+    "cache_activations": "sae_lens_multimodal.training",
+    "train_sae": "sae_lens_multimodal.training",
+    "evaluate_sae": "sae_lens_multimodal.training",
 }
 
 __all__ = [

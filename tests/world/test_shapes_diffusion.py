@@ -31,6 +31,9 @@ PROMPTS = ["a red circle on the left", "a blue triangle at the top"]
 
 @pytest.fixture(scope="module")
 def pipe():
+    if not (SHAPES_DIFFUSION_DIR / "model_index.json").is_file():
+        # Issue 7 is unfinished: the trained weights are not shipped yet. Tests that need them skip, loudly.
+        pytest.skip(f"shapes-diffusion weights are not shipped yet ({SHAPES_DIFFUSION_DIR} is missing)")
     return load_shapes_pipeline()
 
 

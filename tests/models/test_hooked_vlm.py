@@ -109,7 +109,11 @@ def record_hf(hf, ids, px, **kw) -> dict[str, torch.Tensor]:
     with torch_hooks(pairs), torch.no_grad():
         out = hf(input_ids=ids, pixel_values=px, output_hidden_states=True, **kw)
     rec["logits"] = out.logits
-    rec["image_hidden_states"] = out.image_hidden_states
+    feats = out.image_hidden_states
+    # transformers <= 5.23 returns one tensor, 5.24 a list of per-image tensors: compare them as rows.
+    if isinstance(feats, (list, tuple)):
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+    rec["image_hidden_states"] = feats.reshape(-1, feats.shape[-1])
     for i, h in enumerate(out.hidden_states[:-1]):
         rec[f"{i}.resid_pre"] = h
     return rec
@@ -140,7 +144,8 @@ def check_equivalence(hf, model, ids, px, mask=None, extra=None):
             assert err <= TOL, (i, what, float(err))
         mid = cache[f"lm.blocks.{i}.hook_resid_pre"] + cache[f"lm.blocks.{i}.hook_attn_out"]
         assert (cache[f"lm.blocks.{i}.hook_resid_mid"] - mid).abs().max() <= TOL
-    assert (cache["hook_image_features"] - ref["image_hidden_states"]).abs().max() <= TOL
+    ours = cache["hook_image_features"]
+    assert (ours.reshape(-1, ours.shape[-1]) - ref["image_hidden_states"]).abs().max() <= TOL
     return cache
 
 

@@ -97,3 +97,12 @@ register_model(
     "see sae_lens_multimodal/world/README.md.",
     kind="clip",
 )
+
+register_model(
+    "shapes-diffusion",
+    str(_WORLD_WEIGHTS / "shapes_diffusion"),
+    "Small text-to-image diffusers pipeline (ShapesDiffusionPipeline: UNet2DConditionModel on 32x32 RGB "
+    "pixels, conditioned on the shapes-clip text tower) trained on the shapes world; "
+    "see sae_lens_multimodal/world/README.md.",
+    kind="diffusion",
+)

@@ -1,7 +1,7 @@
 """Does the shapes-world diffusion model draw what the prompt says? Measured with the shapes CLIP.
 
     python -m sae_lens_multimodal.world.eval_diffusion                       # the shipped model
-    python -m sae_lens_multimodal.world.eval_diffusion --images-per-prompt 4 --steps 20 --guidance-scale 4
+    python -m sae_lens_multimodal.world.eval_diffusion --images-per-prompt 4 --steps 20 --guidance-scale 2
 
 For every colour x shape x position combination (6 x 3 x 9 = 162 prompts, "a red circle on the left") the
 pipeline generates ``images_per_prompt`` images; the shapes CLIP classifies each image zero-shot **per
@@ -130,7 +130,7 @@ def evaluate_pipeline(
     prompts: Optional[Sequence[dict[str, str]]] = None,
     images_per_prompt: int = 2,
     num_inference_steps: int = 20,
-    guidance_scale: float = 4.0,
+    guidance_scale: float = 2.0,
     seed: int = 0,
     batch_prompts: int = 54,
     classifier: Optional[FactorClassifier] = None,
@@ -200,7 +200,7 @@ def main(argv: Optional[list[str]] = None) -> DiffusionEval:
     parser.add_argument("--model", default=None, help="pipeline directory (default: the shipped shapes-diffusion)")
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20, help="num_inference_steps")
-    parser.add_argument("--guidance-scale", type=float, default=4.0)
+    parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--scheduler", default=None, help="diffusers scheduler class to sample with (default: the saved one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

@@ -48,7 +48,7 @@ __all__ = ["TrainConfig", "TrainResult", "train_diffusion", "main"]
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 1000
+    steps: int = 1800
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 50
@@ -173,7 +173,7 @@ def train_diffusion(cfg: TrainConfig, *, progress: bool = True) -> tuple[ShapesD
             with torch.no_grad():
                 for e, p in zip(ema.parameters(), unet.parameters()):
                     e.lerp_(p, 1 - decay)
-        window.append(float(per_image.mean()))
+        window.append(float(per_image.detach().mean()))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             curve.append((step + 1, float(np.mean(window))))
             bar.set_postfix(loss=f"{curve[-1][1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")

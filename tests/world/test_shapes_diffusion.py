@@ -212,10 +212,11 @@ def test_factor_classifier_is_accurate_on_real_world_images():
         assert np.mean([p == getattr(t, f) for p, t in zip(pred[f], factors)]) >= 0.95
 
 
-# Figures of the shipped model on this small sample (54 prompts, 1 image each, 20 steps, guidance 4,
-# seed 0) were measured when it was trained; thresholds sit a little below them (see world/README.md for
-# the full 162-prompt evaluation and the targets colour >= 90%, position >= 80%, shape >= 70%).
-SAMPLE_THRESHOLDS = {"color": 0.0, "shape": 0.0, "position": 0.0}
+# On this sample (54 prompts x 1 image, 10 DPM-Solver++ steps, guidance 2, seed 0) the shipped model
+# measured 100% for colour, shape and position; on the full evaluation (162 prompts x 4 images, 20 steps)
+# colour 97.7%, shape 96.3%, position 100%. The thresholds sit a little below those and above the issue's
+# targets (colour >= 90%, position >= 80%, shape >= 70%), leaving room for other torch builds' rounding.
+SAMPLE_THRESHOLDS = {"color": 0.92, "shape": 0.90, "position": 0.95}
 
 
 def test_generated_images_show_the_prompted_factors(pipe):
@@ -223,8 +224,8 @@ def test_generated_images_show_the_prompted_factors(pipe):
     # three positions, rotating so that every position appears equally often.
     combos = [c for i, c in enumerate(class_factor_combinations()) if (i % 9 + i // 9) % 3 == 0]
     assert {c["position"] for c in combos} == set(POSITIONS) and len(combos) == 54
-    result = evaluate_pipeline(pipe, prompts=combos, images_per_prompt=1, num_inference_steps=20,
-                               guidance_scale=4.0, seed=0, progress=False)
+    result = evaluate_pipeline(pipe, prompts=combos, images_per_prompt=1, num_inference_steps=10,
+                               guidance_scale=2.0, seed=0, progress=False)
     assert result.n_images == 54
     for factor, threshold in SAMPLE_THRESHOLDS.items():
         assert result.factor_accuracy[factor] >= threshold, str(result)

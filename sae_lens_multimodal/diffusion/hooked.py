@@ -476,6 +476,9 @@ class HookedUNet(HookedDenoiser):
         if isinstance(unet_or_name, (str, os.PathLike)):
             from diffusers import UNet2DConditionModel
 
+            from sae_lens_multimodal.models.registry import resolve_model_name
+
+            unet_or_name = resolve_model_name(str(unet_or_name))  # registered names ("shapes-diffusion")
             return cls(_load(unet_or_name, subfolder, "unet", UNet2DConditionModel.from_pretrained, **kwargs))
         if not isinstance(unet_or_name, nn.Module) and hasattr(unet_or_name, "unet"):
             unet_or_name = unet_or_name.unet

@@ -11,7 +11,7 @@ import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextModelWithProjection
 
-from sae_lens_multimodal.diffusion import HookedDiffusionPipeline
+from sae_lens_multimodal.diffusion import HookedDiffusionPipeline, HookedUNet
 from sae_lens_multimodal.models.registry import list_models, model_info
 from sae_lens_multimodal.world import POSITIONS, all_captions, class_factor_combinations
 from sae_lens_multimodal.world.clip import SHAPES_CLIP_DIR, shapes_clip_config
@@ -163,6 +163,9 @@ def test_hooked_pipeline_wraps_it_and_reproduces_its_images(pipe):
         assert torch.equal(_run(pipe, 3, guidance_scale=4.0), plain)  # nothing left behind
     finally:
         hooked.restore()
+    unet = HookedUNet.from_pretrained("shapes-diffusion")
+    assert unet.state_dict().keys() == pipe.unet.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), pipe.unet.state_dict().values()))
     by_name = HookedDiffusionPipeline.from_pretrained("shapes-diffusion", local_files_only=True)
     by_name.pipe.set_progress_bar_config(disable=True)
     assert torch.equal(by_name(PROMPTS, num_inference_steps=4, output_type="pt",

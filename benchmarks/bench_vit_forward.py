@@ -27,13 +27,21 @@ import torch
 
 
 def alternate(
-    a: Callable[[], object], b: Callable[[], object], repeats: int, warmup: int, clock: Callable[[], float]
+    a: Callable[[], object],
+    b: Callable[[], object],
+    repeats: int,
+    warmup: int,
+    clock: Callable[[], float],
+    sync: Callable[[], None] = lambda: None,
 ) -> tuple[list[float], list[float]]:
-    """Time a and b alternately (a, b, b, a, ... so neither always runs first); returns ms lists."""
+    """Time a and b alternately (a, b, b, a, ... so neither always runs first); returns ms lists.
+    ``sync`` waits for queued GPU work, so a CUDA run is timed to its end rather than to its launch."""
 
     def timed(fn: Callable[[], object]) -> float:
+        sync()
         t0 = clock()
         fn()
+        sync()
         return (clock() - t0) * 1e3
 
     for _ in range(warmup):
@@ -80,15 +88,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     layer = int(args.hook.split(".")[1])
 
     clock = time.perf_counter if args.timer == "wall" else time.process_time
+    sync = torch.cuda.synchronize if str(args.device).startswith("cuda") else (lambda: None)
     with torch.inference_mode():
         max_err = (model(x) - visual(x)).abs().max().item()
-        t_hooked, t_orig = alternate(lambda: model(x), lambda: visual(x), args.repeats, args.warmup, clock)
+        t_hooked, t_orig = alternate(lambda: model(x), lambda: visual(x), args.repeats, args.warmup, clock, sync)
         t_cache, t_full = alternate(
             lambda: model.run_with_cache(x, names_filter=args.hook, stop_at_layer=layer + 1),
             lambda: model(x),
             args.repeats,
             args.warmup,
             clock,
+            sync,
         )
 
     med = statistics.median

@@ -16,13 +16,12 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from sae_lens import SAE, logger
-from sae_lens.analysis.hooked_sae_transformer import _SAEWrapper, get_deep_attr, set_deep_attr
+from sae_lens import SAE
 from torch import nn
 from transformer_lens.ActivationCache import ActivationCache
-from transformer_lens.hook_points import HookPoint
 
 from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule, unknown_hook_error
+from sae_lens_multimodal.core.nested import NestedSAEHostMixin
 from sae_lens_multimodal.models.hooked_text import HookedText, TextInput
 from sae_lens_multimodal.models.hooked_vit import HookedViT, ImageInput, ViTActivationCache
 
@@ -72,13 +71,16 @@ class CLIPActivationCache(ActivationCache):
         return self._tower("text")
 
 
-class HookedCLIP(MultimodalHookedRootModule):
+class HookedCLIP(NestedSAEHostMixin, MultimodalHookedRootModule):
     """A CLIP-style dual encoder with every activation of both towers hookable.
 
     Build it with :meth:`from_pretrained` (open_clip CLIP incl. QuickGELU variants, transformers CLIPModel
     and SiglipModel; by object or name), or from two hooked towers. ``logit_scale`` (and ``logit_bias``)
     are stored as the sources store them: the scale as its logarithm, applied as ``logit_scale.exp()``.
     """
+
+    #: Parts where a bare hook name (as recorded on a standalone sub-model) may live, preferred first.
+    BARE_NAME_PARTS = TOWERS
 
     activation_cache_class = CLIPActivationCache
 
@@ -244,107 +246,13 @@ class HookedCLIP(MultimodalHookedRootModule):
         tower, _ = self.tower_and_name(hook_name)
         return None if per_head is None else per_head * getattr(self, tower).cfg.n_heads
 
-    def _exists(self, full: str) -> bool:
-        return full in self.hook_dict or any(full in locs for locs in self._sae_locations.values())
+    # ------------------------------------------------------------------ SAE splicing (core/nested.py)
+    def _is_full_name(self, name: str) -> bool:
+        return name.partition(".")[0] in TOWERS
 
-    def sae_hook_location(self, sae: SAE) -> str:
-        """Where in this model an SAE is spliced: the full hook name for ``sae.cfg.metadata.hook_name``.
-
-        * A full name (``vision.blocks.9.hook_resid_post``, ``text.blocks.3.hook_resid_post``) is used as is.
-        * A bare tower name (``blocks.9.hook_resid_post``, as recorded on a standalone HookedViT or
-          HookedText) goes to the vision tower, unless the SAE says it belongs to the text tower: its
-          metadata ``model_class_name`` is ``"HookedText"`` or its metadata ``tower`` is ``"text"``, or only
-          the text tower's width at that hook matches ``sae.cfg.d_in``.
-        """
-        name = sae.cfg.metadata.hook_name
-        if name is None:
-            raise ValueError(
-                "This SAE has no cfg.metadata.hook_name, so it is not known where to attach it. "
-                "Set sae.cfg.metadata.hook_name = '<hook name>' first."
-            )
-        return self._resolve(name, sae)
-
-    def _resolve(self, name: str, sae: Optional[SAE] = None, tower: Optional[str] = None) -> str:
-        if name.partition(".")[0] in TOWERS:
-            if not self._exists(name):
-                raise unknown_hook_error(name, self.hook_dict.keys(), what="hook for this SAE")
-            return name
-        candidates = [t for t in TOWERS if self._exists(f"{t}.{name}")]
-        if not candidates:
-            raise unknown_hook_error(
-                f"vision.{name}", self.hook_dict.keys(), what=f"hook for this SAE (bare name {name!r})"
-            )
-        if tower is None and sae is not None and len(candidates) > 1:
-            meta = sae.cfg.metadata
-            if meta.get("tower") in TOWERS:
-                tower = meta.get("tower")
-            elif meta.get("model_class_name") in ("HookedText", "HookedViT"):
-                tower = "text" if meta.get("model_class_name") == "HookedText" else "vision"
-            else:
-                fits = [t for t in candidates if getattr(self, t).hook_width(name) in (None, sae.cfg.d_in)]
-                tower = fits[0] if len(fits) == 1 else None
-        tower = tower if tower in candidates else ("vision" if "vision" in candidates else candidates[0])
-        return f"{tower}.{name}"
-
-    # ------------------------------------------------------------------ SAE splicing
-    def add_sae(self, sae: SAE, use_error_term: Optional[bool] = None, exclude_special_tokens: Any = False) -> None:
-        """Attach an SAELens SAE (SAELens semantics) at :meth:`sae_hook_location` of its ``hook_name``.
-
-        The SAE object is not modified: a vision SAE recorded on HookedViT's ``blocks.9.hook_resid_post``
-        is spliced at ``vision.blocks.9.hook_resid_post`` and keyed by its own hook name in
-        ``acts_to_saes``. Unknown hooks and width mismatches raise.
-        """
-        name = sae.cfg.metadata.hook_name
-        location = self.sae_hook_location(sae)
-        name_out = sae.cfg.metadata.hook_name_out or name
-        location_out = location if name_out == name else self._resolve(name_out, tower=location.split(".")[0])
-        expected = self.hook_width(location)
-        if getattr(sae.cfg, "reshape_activations", "none") == "hook_z":
-            expected = self._hook_z_width(location, expected)
-        if expected is not None and sae.cfg.d_in != expected:
-            raise ValueError(
-                f"SAE d_in={sae.cfg.d_in} does not match hook {location!r} (from the SAE's hook_name "
-                f"{name!r}), whose activations have width {expected}. Use an SAE trained on this hook."
-            )
-        if name in self._acts_to_saes:
-            self._reset_sae(name)
-        wrapper = _SAEWrapper(
-            sae,
-            use_error_term=use_error_term if use_error_term is not None else sae.use_error_term,
-            exclude_special_tokens=exclude_special_tokens,
-        )
-        if location_out != location:  # a transcoder: capture its input at the input hook
-            point = get_deep_attr(self, location)
-            point.add_hook(lambda tensor, hook: (wrapper.capture_input(tensor), tensor)[1], dir="fwd", is_permanent=True)
-        self._acts_to_saes[name] = wrapper
-        self._sae_locations[name] = (location, location_out)
-        set_deep_attr(self, location_out, wrapper)
-        self.setup()
-
-    def _reset_sae(self, act_name: str, prev_wrapper: Optional[_SAEWrapper] = None) -> None:
-        if act_name not in self._acts_to_saes:
-            logger.warning(f"No SAE is attached to {act_name}. There's nothing to reset.")
-            return
-        location, location_out = self._sae_locations.pop(act_name)
-        if location_out != location:
-            point = get_deep_attr(self, location)
-            if isinstance(point, HookPoint):
-                point.remove_hooks(dir="fwd", including_permanent=True)
-        set_deep_attr(self, location_out, HookPoint())
-        del self._acts_to_saes[act_name]
-        self.setup()
-        if prev_wrapper is not None:
-            self.add_sae(
-                prev_wrapper.sae,
-                use_error_term=prev_wrapper.use_error_term,
-                exclude_special_tokens=prev_wrapper.exclude_special_tokens,
-            )
-
-    # ------------------------------------------------------------------ hooks
-    def hooks(self, *args: Any, **kwargs: Any):  # type: ignore[override]
-        # A tower may have been changed directly (model.vision.add_sae(...)): refresh the dictionaries.
-        self.setup()
-        return super().hooks(*args, **kwargs)
+    def _part_named_by_metadata(self, metadata: Any) -> Optional[str]:
+        # An SAE recorded on a standalone tower names that tower's class.
+        return {"HookedText": "text", "HookedViT": "vision"}.get(metadata.get("model_class_name"))
 
     def _apply(self, fn, *args, **kwargs):  # keep cfg.device/dtype in step with .to()/.half()
         out = super()._apply(fn, *args, **kwargs)

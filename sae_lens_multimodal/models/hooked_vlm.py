@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import torch
-from sae_lens import SAE, logger
-from sae_lens.analysis.hooked_sae_transformer import _SAEWrapper, get_deep_attr, set_deep_attr
+from sae_lens import SAE
 from torch import nn
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.hook_points import HookPoint
 
 from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule, is_observed, unknown_hook_error
+from sae_lens_multimodal.core.nested import NestedSAEHostMixin
 from sae_lens_multimodal.models.hooked_vit import HookedViT, ViTActivationCache
 
 __all__ = [
@@ -458,7 +458,7 @@ class VLMActivationCache(ActivationCache):
 Tensorish = Union[torch.Tensor, Iterable[Iterable[int]]]
 
 
-class HookedVLM(MultimodalHookedRootModule):
+class HookedVLM(NestedSAEHostMixin, MultimodalHookedRootModule):
     """A LLaVA-style VLM with every activation of the vision tower, projector and language model hookable.
 
     Build with :meth:`from_pretrained` (a transformers ``LlavaForConditionalGeneration`` /
@@ -467,6 +467,9 @@ class HookedVLM(MultimodalHookedRootModule):
     placeholders in ``input_ids`` (``cfg.image_token_id``, one per image-feature token) are replaced by the
     projected image features, as transformers does.
     """
+
+    #: Parts where a bare hook name (as recorded on a standalone sub-model) may live, preferred first.
+    BARE_NAME_PARTS = ("vision", "lm")
 
     activation_cache_class = VLMActivationCache
 
@@ -865,104 +868,16 @@ class HookedVLM(MultimodalHookedRootModule):
         n_heads = self.vision.cfg.n_heads if part == "vision" else self.lm.cfg.n_heads
         return None if per_head is None else per_head * n_heads
 
-    def _exists(self, full: str) -> bool:
-        return full in self.hook_dict or any(full in locs for locs in self._sae_locations.values())
+    # ------------------------------------------------------------------ SAE splicing (core/nested.py)
+    def _is_full_name(self, name: str) -> bool:
+        return name.partition(".")[0] in PARTS or name == "hook_image_features"
 
-    def sae_hook_location(self, sae: SAE) -> str:
-        """Where an SAE is spliced: the full hook name for ``sae.cfg.metadata.hook_name``.
-
-        * A full name (``vision.blocks.9.hook_resid_post``, ``lm.blocks.3.hook_resid_post``,
-          ``projector.hook_out``) is used as is.
-        * A bare name goes to the vision tower (a vision SAE recorded on a standalone HookedViT splices
-          unchanged), unless the SAE says it belongs to the language model: its metadata ``tower`` /
-          ``part`` is ``"lm"``, its ``model_class_name`` is a TransformerLens language model
-          (``HookedTransformer``, ``HookedSAETransformer``), or only the language model's width fits.
-        """
-        name = sae.cfg.metadata.hook_name
-        if name is None:
-            raise ValueError(
-                "This SAE has no cfg.metadata.hook_name, so it is not known where to attach it. "
-                "Set sae.cfg.metadata.hook_name = '<hook name>' first."
-            )
-        return self._resolve(name, sae)
-
-    def _resolve(self, name: str, sae: Optional[SAE] = None, part: Optional[str] = None) -> str:
-        if name.partition(".")[0] in PARTS or name == "hook_image_features":
-            if not self._exists(name):
-                raise unknown_hook_error(name, self.hook_dict.keys(), what="hook for this SAE")
-            return name
-        candidates = [p for p in ("vision", "lm") if self._exists(f"{p}.{name}")]
-        if not candidates:
-            raise unknown_hook_error(f"vision.{name}", self.hook_dict.keys(), what=f"hook for this SAE (bare name {name!r})")
-        if part is None and sae is not None and len(candidates) > 1:
-            meta = sae.cfg.metadata
-            said = meta.get("part") or meta.get("tower")
-            cls_name = meta.get("model_class_name")
-            if said in ("vision", "lm"):
-                part = said
-            elif cls_name in ("HookedTransformer", "HookedSAETransformer"):
-                part = "lm"
-            elif cls_name == "HookedViT":
-                part = "vision"
-            else:
-                fits = [p for p in candidates if self.hook_width(f"{p}.{name}") in (None, sae.cfg.d_in)]
-                part = fits[0] if len(fits) == 1 else None
-        part = part if part in candidates else ("vision" if "vision" in candidates else candidates[0])
-        return f"{part}.{name}"
-
-    def add_sae(self, sae: SAE, use_error_term: Optional[bool] = None, exclude_special_tokens: Any = False) -> None:
-        """Attach an SAELens SAE (SAELens semantics) at :meth:`sae_hook_location` of its ``hook_name``.
-
-        The SAE object is not modified; it is keyed by its own hook name in ``acts_to_saes``. Unknown hooks
-        and width mismatches raise.
-        """
-        name = sae.cfg.metadata.hook_name
-        location = self.sae_hook_location(sae)
-        name_out = sae.cfg.metadata.hook_name_out or name
-        location_out = location if name_out == name else self._resolve(name_out, part=location.split(".")[0])
-        expected = self.hook_width(location)
-        if getattr(sae.cfg, "reshape_activations", "none") == "hook_z":
-            expected = self._hook_z_width(location, expected)
-        if expected is not None and sae.cfg.d_in != expected:
-            raise ValueError(
-                f"SAE d_in={sae.cfg.d_in} does not match hook {location!r} (from the SAE's hook_name {name!r}), "
-                f"whose activations have width {expected}. Use an SAE trained on this hook."
-            )
-        if name in self._acts_to_saes:
-            self._reset_sae(name)
-        wrapper = _SAEWrapper(
-            sae,
-            use_error_term=use_error_term if use_error_term is not None else sae.use_error_term,
-            exclude_special_tokens=exclude_special_tokens,
-        )
-        if location_out != location:  # a transcoder: capture its input at the input hook
-            point = get_deep_attr(self, location)
-            point.add_hook(lambda tensor, hook: (wrapper.capture_input(tensor), tensor)[1], dir="fwd", is_permanent=True)
-        self._acts_to_saes[name] = wrapper
-        self._sae_locations[name] = (location, location_out)
-        set_deep_attr(self, location_out, wrapper)
-        self.setup()
-
-    def _reset_sae(self, act_name: str, prev_wrapper: Optional[_SAEWrapper] = None) -> None:
-        if act_name not in self._acts_to_saes:
-            logger.warning(f"No SAE is attached to {act_name}. There's nothing to reset.")
-            return
-        location, location_out = self._sae_locations.pop(act_name)
-        if location_out != location:
-            point = get_deep_attr(self, location)
-            if isinstance(point, HookPoint):
-                point.remove_hooks(dir="fwd", including_permanent=True)
-        set_deep_attr(self, location_out, HookPoint())
-        del self._acts_to_saes[act_name]
-        self.setup()
-        if prev_wrapper is not None:
-            self.add_sae(prev_wrapper.sae, use_error_term=prev_wrapper.use_error_term,
-                         exclude_special_tokens=prev_wrapper.exclude_special_tokens)
-
-    def hooks(self, *args: Any, **kwargs: Any):  # type: ignore[override]
-        # The vision tower may have been changed directly (model.vision.add_sae(...)): refresh the names.
-        self.setup()
-        return super().hooks(*args, **kwargs)
+    def _part_named_by_metadata(self, metadata: Any) -> Optional[str]:
+        # TransformerLens language-model SAEs go to the LM; SAEs recorded on a standalone HookedViT to vision.
+        cls_name = metadata.get("model_class_name")
+        if cls_name in ("HookedTransformer", "HookedSAETransformer"):
+            return "lm"
+        return "vision" if cls_name == "HookedViT" else None
 
     def _apply(self, fn, *args, **kwargs):  # keep cfg.device/dtype in step with .to()/.half()
         out = super()._apply(fn, *args, **kwargs)

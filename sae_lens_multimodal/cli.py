@@ -61,12 +61,15 @@ from sae_lens_multimodal.training.cli import (  # noqa: E402  (cache / train / e
     add_train_command,
 )
 
+from sae_lens_multimodal.steering.cli import add_steerability_command  # noqa: E402
+
 #: subcommand registrars, in the order they appear in --help
 SUBCOMMANDS: list[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]] = [
     add_releases_command,
     add_cache_command,
     add_train_command,
     add_evaluate_command,
+    add_steerability_command,
 ]
 
 

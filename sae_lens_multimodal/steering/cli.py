@@ -1,0 +1,94 @@
+"""``sae-lens-mm steerability``: steerability of a vision SAE's features on a HookedCLIP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["add_steerability_command", "run_steerability"]
+
+
+def run_steerability(args: argparse.Namespace) -> int:
+    import torch
+    from sae_lens import SAE
+
+    from sae_lens_multimodal.models.hooked_clip import HookedCLIP
+    from sae_lens_multimodal.steering.steerability import steerability
+
+    torch.manual_seed(args.seed)
+    model = HookedCLIP.from_pretrained(args.model)
+    sae = SAE.from_pretrained(args.release, args.sae_id, device="cpu") if args.release else SAE.load_from_disk(args.sae_path)
+    if isinstance(sae, tuple):  # older SAELens returned (sae, cfg, sparsity)
+        sae = sae[0]
+    text_embeds = None
+    vocabulary = args.vocabulary
+    if args.images == "shapes" or (args.images is None and args.model == "shapes-clip"):
+        from sae_lens_multimodal.steering.ground_truth import factor_text_embeddings
+        from sae_lens_multimodal.world.shapes import ShapesWorld, to_tensor
+
+        raw, _ = ShapesWorld(image_size=32, seed=args.seed).sample(args.n_images)
+        images = to_tensor(raw, mean=(0.5,) * 3, std=(0.5,) * 3)
+        if vocabulary is None:  # the world's factor values, embedded in caption context
+            vocabulary, text_embeds = factor_text_embeddings(model)
+    elif args.images is not None:
+        from PIL import Image
+
+        paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if not paths:
+            raise FileNotFoundError(f"No .png/.jpg/.jpeg/.webp images in {args.images}.")
+        images = torch.stack([model.preprocess(Image.open(p).convert("RGB")) for p in paths[: args.n_images]])
+    else:
+        raise ValueError("Pass --images DIR (a folder of images) or --images shapes (shapes-world images).")
+    strengths = [float(s) for s in args.strengths.split(",")]
+    result = steerability(
+        model, sae, images, vocabulary, text_embeds=text_embeds, max_features=args.max_features,
+        feature_ids=[int(f) for f in args.features.split(",")] if args.features else None,
+        strengths=strengths, positions=args.positions, quantile=args.quantile, seed=args.seed,
+        batch_size=args.batch_size, progress=not args.no_progress,
+    )
+    if args.json:
+        print(json.dumps({"summary": result.summary(), "threshold": result.threshold,
+                          "baseline_thresholds": result.baseline_thresholds,
+                          "fraction_steerable": result.fraction_steerable, "features": result.to_records()}, indent=1))
+    else:
+        print(result.to_table(max_rows=args.rows))
+    if args.plot:
+        print(f"plot written to {result.plot(args.plot)}", file=sys.stderr)
+    return 0
+
+
+def add_steerability_command(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "steerability",
+        help="measure how far clamping each vision SAE feature moves a CLIP's text-space probabilities",
+        description="Clamp each feature at a sweep of strengths, read the change of the CLIP's probabilities over a "
+                    "vocabulary, compare with random-feature and random-direction baselines, and report the "
+                    "fraction of steerable features (docs/steering.md).",
+    )
+    parser.add_argument("--model", required=True, help="HookedCLIP name, e.g. shapes-clip or open-clip:ViT-B-32/...")
+    parser.add_argument("--release", help="SAELens release of the SAE (with --sae-id)")
+    parser.add_argument("--sae-id", help="SAE id within the release, e.g. blocks.2.hook_resid_post")
+    parser.add_argument("--sae-path", help="directory of an SAE saved with SAELens (instead of --release)")
+    parser.add_argument("--images", help="folder of reference images, or 'shapes' (default for shapes-clip)")
+    parser.add_argument("--n-images", type=int, default=24, help="reference images (default 24)")
+    parser.add_argument("--vocabulary", help="vocabulary file (one word per line); default: the package's")
+    parser.add_argument("--features", help="comma-separated feature ids (default: the most active ones)")
+    parser.add_argument("--max-features", type=int, default=64, help="at most this many features (default 64)")
+    parser.add_argument("--strengths", default="1,2,4,8", help="clamp strengths as multiples of max activation")
+    parser.add_argument("--positions", default="all", choices=["all", "patches", "cls"])
+    parser.add_argument("--quantile", type=float, default=0.95, help="baseline quantile for the threshold")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", type=int, default=30, help="table rows to print")
+    parser.add_argument("--plot", help="write the PNG figure here")
+    parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def handler(args: argparse.Namespace) -> int:
+        if bool(args.release) == bool(args.sae_path) or (args.release and not args.sae_id):
+            raise ValueError("Pass either --release with --sae-id, or --sae-path.")
+        return run_steerability(args)
+
+    parser.set_defaults(handler=handler)

@@ -130,3 +130,31 @@ def conv_bias(conv: torch.nn.Conv2d) -> torch.Tensor:
     """The patch embedding's bias (zeros when it has none), as a new tensor."""
     w = conv.weight
     return conv.bias.detach().clone() if conv.bias is not None else w.new_zeros(w.shape[0]).detach()
+
+
+def pre_norm_block_state(
+    prefix: str,
+    ln1: torch.nn.Module,
+    ln2: torch.nn.Module,
+    q: torch.nn.Linear,
+    k: torch.nn.Linear,
+    v: torch.nn.Linear,
+    out: torch.nn.Linear,
+    fc1: torch.nn.Linear,
+    fc2: torch.nn.Linear,
+    n_heads: int,
+) -> dict[str, torch.Tensor]:
+    """One pre-norm encoder block of a transformers model (separate q/k/v Linear layers, a two-layer MLP)
+    in our TransformerLens layout under ``prefix`` (``"blocks.3."``). Every transformers family here
+    (CLIP, ViT, DINOv2, SigLIP, both towers) has this block shape; only the attribute names differ."""
+    from sae_lens_multimodal.models.conversions._common import attention_state, ln_state, mlp_state
+
+    sd: dict[str, torch.Tensor] = {}
+    sd.update(ln_state(prefix + "ln1.", ln1))
+    sd.update(ln_state(prefix + "ln2.", ln2))
+    sd.update(attention_state(
+        prefix + "attn.",
+        (q.weight, q.bias), (k.weight, k.bias), (v.weight, v.bias), (out.weight, out.bias), n_heads,
+    ))
+    sd.update(mlp_state(prefix + "mlp.", (fc1.weight, fc1.bias), (fc2.weight, fc2.bias)))
+    return sd

@@ -34,13 +34,14 @@ import torch
 
 from sae_lens_multimodal.models.config import HookedViTConfig
 from sae_lens_multimodal.models.conversions import ConvertResult, VisionFamily, register_vision_family
-from sae_lens_multimodal.models.conversions._common import _c, attention_state, linear_to_matrix, ln_state, mlp_state
+from sae_lens_multimodal.models.conversions._common import _c, linear_to_matrix, ln_state
 from sae_lens_multimodal.models.conversions._hf_common import (
     act_fn_name,
     conv_bias,
     image_preprocess,
     is_transformers_class,
     load_checkpoint,
+    pre_norm_block_state,
     read_hf_config,
     single_eps,
 )
@@ -121,16 +122,11 @@ def convert_hf_clip(model: Any) -> ConvertResult:
     }
     sd.update(ln_state("ln_pre.", tower.pre_layrnorm))
     for i, layer in enumerate(layers):
-        p = f"blocks.{i}."
         a = layer.self_attn
-        sd.update(ln_state(p + "ln1.", layer.layer_norm1))
-        sd.update(ln_state(p + "ln2.", layer.layer_norm2))
-        sd.update(attention_state(
-            p + "attn.",
-            (a.q_proj.weight, a.q_proj.bias), (a.k_proj.weight, a.k_proj.bias),
-            (a.v_proj.weight, a.v_proj.bias), (a.out_proj.weight, a.out_proj.bias), n_heads,
+        sd.update(pre_norm_block_state(
+            f"blocks.{i}.", layer.layer_norm1, layer.layer_norm2,
+            a.q_proj, a.k_proj, a.v_proj, a.out_proj, layer.mlp.fc1, layer.mlp.fc2, n_heads,
         ))
-        sd.update(mlp_state(p + "mlp.", (layer.mlp.fc1.weight, layer.mlp.fc1.bias), (layer.mlp.fc2.weight, layer.mlp.fc2.bias)))
     sd.update(ln_state("ln_final.", tower.post_layernorm))
     if projection is not None:
         sd["head.W"], sd["head.b"] = linear_to_matrix(projection.weight, projection.bias)

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from sae_lens_multimodal.models.conversions._common import _c, attention_state, ln_state, mlp_state
+from sae_lens_multimodal.models.conversions._common import _c, ln_state
+from sae_lens_multimodal.models.conversions._hf_common import pre_norm_block_state
 from sae_lens_multimodal.models.hooked_text import HookedTextConfig, TextFamily, register_text_family
 
 _CLASSES = ("CLIPModel", "CLIPTextModel", "CLIPTextModelWithProjection")
@@ -38,18 +39,11 @@ def hf_text_layers_state(text_model: Any, n_heads: int) -> dict[str, torch.Tenso
         "pos_embed.W_pos": _c(emb.position_embedding.weight),
     }
     for i, layer in enumerate(text_model.encoder.layers):
-        p = f"blocks.{i}."
-        sd.update(ln_state(p + "ln1.", layer.layer_norm1))
-        sd.update(ln_state(p + "ln2.", layer.layer_norm2))
         a = layer.self_attn
-        sd.update(
-            attention_state(
-                p + "attn.",
-                (a.q_proj.weight, a.q_proj.bias), (a.k_proj.weight, a.k_proj.bias),
-                (a.v_proj.weight, a.v_proj.bias), (a.out_proj.weight, a.out_proj.bias), n_heads,
-            )
-        )
-        sd.update(mlp_state(p + "mlp.", (layer.mlp.fc1.weight, layer.mlp.fc1.bias), (layer.mlp.fc2.weight, layer.mlp.fc2.bias)))
+        sd.update(pre_norm_block_state(
+            f"blocks.{i}.", layer.layer_norm1, layer.layer_norm2,
+            a.q_proj, a.k_proj, a.v_proj, a.out_proj, layer.mlp.fc1, layer.mlp.fc2, n_heads,
+        ))
     sd.update(ln_state("ln_final.", text_model.final_layer_norm))
     return sd
 

@@ -39,13 +39,14 @@ from sae_lens_multimodal.models.conversions import (
     VisionFamily,
     register_vision_family,
 )
-from sae_lens_multimodal.models.conversions._common import _c, attention_state, fold_layer_scale, ln_state, mlp_state
+from sae_lens_multimodal.models.conversions._common import _c, fold_layer_scale, ln_state
 from sae_lens_multimodal.models.conversions._hf_common import (
     act_fn_name,
     conv_bias,
     image_preprocess,
     is_transformers_class,
     load_checkpoint,
+    pre_norm_block_state,
     read_hf_config,
     single_eps,
 )
@@ -131,14 +132,9 @@ def convert_hf_dinov2(model: Any) -> ConvertResult:
     for i, layer in enumerate(layers):
         p = f"blocks.{i}."
         a = layer.attention
-        sd.update(ln_state(p + "ln1.", layer.norm1))
-        sd.update(ln_state(p + "ln2.", layer.norm2))
-        sd.update(attention_state(
-            p + "attn.",
-            (a.q_proj.weight, a.q_proj.bias), (a.k_proj.weight, a.k_proj.bias),
-            (a.v_proj.weight, a.v_proj.bias), (a.o_proj.weight, a.o_proj.bias), n_heads,
+        sd.update(pre_norm_block_state(
+            p, layer.norm1, layer.norm2, a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.mlp.fc1, layer.mlp.fc2, n_heads
         ))
-        sd.update(mlp_state(p + "mlp.", (layer.mlp.fc1.weight, layer.mlp.fc1.bias), (layer.mlp.fc2.weight, layer.mlp.fc2.bias)))
         fold_layer_scale(sd, p + "attn.W_O", p + "attn.b_O", layer.layer_scale1.lambda1)
         fold_layer_scale(sd, p + "mlp.W_out", p + "mlp.b_out", layer.layer_scale2.lambda1)
     sd.update(ln_state("ln_final.", model.layernorm))

@@ -42,7 +42,6 @@ from sae_lens_multimodal.models.conversions import (
 )
 from sae_lens_multimodal.models.conversions._common import (
     _c,
-    attention_state,
     fused_qkv_to_heads,
     linear_to_heads_out,
     ln_state,
@@ -54,6 +53,7 @@ from sae_lens_multimodal.models.conversions._hf_common import (
     image_preprocess,
     is_transformers_class,
     load_checkpoint,
+    pre_norm_block_state,
     single_eps,
 )
 
@@ -135,16 +135,11 @@ def convert_hf_siglip(model: Any) -> ConvertResult:
         "embed.W_pos": _c(emb.position_embedding.weight),
     }
     for i, layer in enumerate(layers):
-        p = f"blocks.{i}."
         a = layer.self_attn
-        sd.update(ln_state(p + "ln1.", layer.layer_norm1))
-        sd.update(ln_state(p + "ln2.", layer.layer_norm2))
-        sd.update(attention_state(
-            p + "attn.",
-            (a.q_proj.weight, a.q_proj.bias), (a.k_proj.weight, a.k_proj.bias),
-            (a.v_proj.weight, a.v_proj.bias), (a.out_proj.weight, a.out_proj.bias), n_heads,
+        sd.update(pre_norm_block_state(
+            f"blocks.{i}.", layer.layer_norm1, layer.layer_norm2,
+            a.q_proj, a.k_proj, a.v_proj, a.out_proj, layer.mlp.fc1, layer.mlp.fc2, n_heads,
         ))
-        sd.update(mlp_state(p + "mlp.", (layer.mlp.fc1.weight, layer.mlp.fc1.bias), (layer.mlp.fc2.weight, layer.mlp.fc2.bias)))
     sd.update(ln_state("ln_final.", tower.post_layernorm))
     if head is not None:
         sd.update(_map_head_state(head, n_heads))

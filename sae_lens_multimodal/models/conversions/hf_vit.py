@@ -38,13 +38,14 @@ from sae_lens_multimodal.models.conversions import (
     VisionFamily,
     register_vision_family,
 )
-from sae_lens_multimodal.models.conversions._common import _c, attention_state, linear_to_matrix, ln_state, mlp_state
+from sae_lens_multimodal.models.conversions._common import _c, linear_to_matrix, ln_state
 from sae_lens_multimodal.models.conversions._hf_common import (
     act_fn_name,
     conv_bias,
     image_preprocess,
     is_transformers_class,
     load_checkpoint,
+    pre_norm_block_state,
     read_hf_config,
     single_eps,
 )
@@ -127,16 +128,11 @@ def convert_hf_vit(model: Any) -> ConvertResult:
         "embed.W_pos": _c(emb.position_embeddings.reshape(-1, d)),
     }
     for i, layer in enumerate(layers):
-        p = f"blocks.{i}."
         a = layer.attention
-        sd.update(ln_state(p + "ln1.", layer.layernorm_before))
-        sd.update(ln_state(p + "ln2.", layer.layernorm_after))
-        sd.update(attention_state(
-            p + "attn.",
-            (a.q_proj.weight, a.q_proj.bias), (a.k_proj.weight, a.k_proj.bias),
-            (a.v_proj.weight, a.v_proj.bias), (a.o_proj.weight, a.o_proj.bias), n_heads,
+        sd.update(pre_norm_block_state(
+            f"blocks.{i}.", layer.layernorm_before, layer.layernorm_after,
+            a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.mlp.fc1, layer.mlp.fc2, n_heads,
         ))
-        sd.update(mlp_state(p + "mlp.", (layer.mlp.fc1.weight, layer.mlp.fc1.bias), (layer.mlp.fc2.weight, layer.mlp.fc2.bias)))
     sd.update(ln_state("ln_final.", vit.layernorm))
     if head is not None:
         sd["head.W"], sd["head.b"] = linear_to_matrix(head.weight, head.bias)

@@ -302,7 +302,48 @@ def build() -> dict[str, Any]:
         "defaults": {**saeuron_defaults, "notes": "COCO variant; base model unverified"},
         "saes": [{"id": "up_blocks.1.attentions.1.hook_out", "path": "coco/unet.up_blocks.1.attentions.1"}],
     }
+    releases.update(bundled_releases())
     return releases
+
+
+# Bundled releases (format ``bundled``, loader ``mm_bundled``): SAEs shipped inside this package in SAELens's
+# own layout under ``world/weights/saes/<release>/<sae_id>/``. Facts (EV, L0, dead fraction, training data)
+# live in each SAE's cfg.json metadata, written by the training script named in ``regenerate``.
+# To add one: (1) write the folder (cfg.json + sae_weights.safetensors, e.g. with TrainingSAE.save_inference_model),
+# (2) add an entry below, (3) rerun this script.
+BUNDLED_ROOT = "bundled:sae_lens_multimodal/world/weights/saes"
+TRAIN_SAES = "python -m sae_lens_multimodal.world.train_saes"
+
+
+def bundled_releases() -> dict[str, Any]:
+    return {
+        "shapes-clip-saes": {
+            "format": "bundled", "repo_id": f"{BUNDLED_ROOT}/shapes-clip-saes", "model": "shapes-clip",
+            "model_class_name": "HookedViT",
+            "description": "Bundled TopK SAE (64 -> 512, k=8) on the residual stream after block 2 of the shapes-world "
+                           "CLIP's vision tower, all 65 tokens, trained on shapes-world images in which every factor "
+                           "varies. Ships with the package: loads offline. Figures in cfg.metadata.evaluation.",
+            "regenerate": f"{TRAIN_SAES} --which clip",
+            "defaults": {"token_policy": "all", "input_kind": "block_output", "architecture": "topk", "d_in": 64,
+                         "d_sae": 512, "k": 8, "context_size": 65, "source_model": "shapes-clip (vision tower)"},
+            "saes": [{"id": "blocks.2.hook_resid_post", "path": "blocks.2.hook_resid_post"}],
+        },
+        "shapes-diffusion-saes": {
+            "format": "bundled", "repo_id": f"{BUNDLED_ROOT}/shapes-diffusion-saes", "model": "shapes-diffusion",
+            "model_class_name": "HookedUNet",
+            "description": "Bundled timestep-bucketed SAE (4 buckets of 5 DPM-Solver steps, TopK 64 -> 256 each, k=8) on "
+                           "the output of the shapes-diffusion UNet's up_blocks.0.attentions.1 (8x8 channel-last "
+                           "tokens), conditional branch of guidance-2 generations. Ships with the package: loads "
+                           "offline. Figures in cfg.metadata.evaluation.",
+            "regenerate": f"{TRAIN_SAES} --which diffusion",
+            "defaults": {"token_policy": "all", "input_kind": "block_output", "architecture": "timestep_bucketed",
+                         "d_in": 64, "d_sae": 256, "k": 8, "cfg_branch": "cond", "guidance_scale": 2.0,
+                         "timesteps": "every step of 20 DPM-Solver++ steps; buckets [0,275) [275,525) [525,775) "
+                                      "[775,1000)",
+                         "source_model": "shapes-diffusion (UNet2DConditionModel)"},
+            "saes": [{"id": "up_blocks.0.attentions.1.hook_out", "path": "up_blocks.0.attentions.1.hook_out"}],
+        },
+    }
 
 
 HEADER = """\

@@ -60,6 +60,7 @@ FORMATS = {
     "saev": "mm_saev",
     "sdxl_unbox": "mm_sdxl_unbox",
     "sparsify": "mm_sparsify",
+    "bundled": "mm_bundled",  # SAEs shipped inside a package (pretrained/bundled.py)
 }
 _SAE_KEYS = {
     "id", "path", "hook_name", "token_policy", "input_kind", "cfg_branch", "architecture", "d_in", "d_sae",
@@ -68,7 +69,7 @@ _SAE_KEYS = {
 }
 _RELEASE_KEYS = {
     "format", "repo_id", "model", "model_class_name", "description", "defaults", "saes", "manifest",
-    "layers", "sae_id_template", "hook_name_template", "path_template",
+    "layers", "sae_id_template", "hook_name_template", "path_template", "regenerate",
 }
 
 
@@ -149,6 +150,7 @@ class Release:
     hook_name_template: Optional[str] = None
     path_template: Optional[str] = None
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    regenerate: Optional[str] = None  # command that rebuilds a bundled release's files (named in errors)
 
     @property
     def conversion_func(self) -> str:
@@ -259,6 +261,7 @@ def parse_release(name: str, spec: Mapping[str, Any]) -> Release:
         hook_name_template=spec.get("hook_name_template"),
         path_template=spec.get("path_template"),
         defaults=defaults,
+        regenerate=spec.get("regenerate"),
     )
     if release.manifest:
         missing = [k for k in ("layers", "sae_id_template", "hook_name_template", "path_template") if not spec.get(k)]
@@ -421,10 +424,10 @@ def _install_directory_hook() -> None:
 def _register_loaders() -> None:
     from sae_lens.loading import pretrained_sae_loaders as psl
 
-    from sae_lens_multimodal.pretrained import prisma, saev, sdxl_unbox, sparsify
+    from sae_lens_multimodal.pretrained import bundled, prisma, saev, sdxl_unbox, sparsify
 
     for module, name in ((prisma, "mm_prisma"), (saev, "mm_saev"), (sdxl_unbox, "mm_sdxl_unbox"),
-                         (sparsify, "mm_sparsify")):
+                         (sparsify, "mm_sparsify"), (bundled, "mm_bundled")):
         psl.NAMED_PRETRAINED_SAE_LOADERS[name] = module.load_sae  # type: ignore[assignment]
         psl.NAMED_PRETRAINED_SAE_CONFIG_GETTERS[name] = module.get_config  # type: ignore[assignment]
 

@@ -63,6 +63,26 @@ from sae_lens_multimodal.training.cli import (  # noqa: E402  (cache / train / e
 
 from sae_lens_multimodal.steering.cli import add_steerability_command  # noqa: E402
 
+# ----------------------------------------------------------------------------------------- demo
+def add_demo_command(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    from sae_lens_multimodal.reports.demo import add_demo_arguments
+
+    parser = subparsers.add_parser(
+        "demo",
+        help="run the offline shapes-world demo and write an HTML report with feature dashboards",
+        description="Load the shipped shapes CLIP and diffusion model and the bundled SAEs by name, label, "
+                    "steer and trace features, and write DIR/report.html (opens from disk, no network).",
+    )
+    add_demo_arguments(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        from sae_lens_multimodal.reports.demo import run_from_args
+
+        return run_from_args(args)
+
+    parser.set_defaults(handler=run)
+
+
 #: subcommand registrars, in the order they appear in --help
 SUBCOMMANDS: list[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]] = [
     add_releases_command,
@@ -70,6 +90,7 @@ SUBCOMMANDS: list[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]
     add_train_command,
     add_evaluate_command,
     add_steerability_command,
+    add_demo_command,
 ]
 
 

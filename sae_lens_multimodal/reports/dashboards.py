@@ -36,6 +36,7 @@ from sae_lens_multimodal.reports.html import (
     heatmap_overlay,
     histogram_png,
     image_grid,
+    image_tag,
     img_tag,
     link,
     paragraph,
@@ -53,6 +54,7 @@ __all__ = [
     "FeatureDashboard",
     "ZeroShotProbe",
     "clamp_feature_hook",
+    "clamp_hooks",
     "vision_feature_dashboards",
     "diffusion_feature_dashboards",
     "dashboard_pages",
@@ -70,6 +72,7 @@ class TopExample:
     heatmap: Optional[np.ndarray]  # [grid_h, grid_w], None when the activation has no patch grid
     activation: float
     caption: str = ""
+    index: int = -1  # position of the example among the images / prompts the dashboard was computed on
 
 
 @dataclass
@@ -154,7 +157,8 @@ def _progress(iterable: Any, desc: str, enabled: bool, total: Optional[int] = No
 
 
 def clamp_feature_hook(sae: Any, feature: int, value: float, positions: Any = None) -> Callable:
-    """A TransformerLens hook that clamps SAE ``feature`` to ``value`` and keeps the SAE's error term.
+    """A TransformerLens hook that clamps SAE ``feature`` to ``value`` and keeps the SAE's error term
+    (the fallback when :mod:`sae_lens_multimodal.steering` is not available; see :func:`clamp_hooks`).
 
     The activation becomes ``x + decode(a with a[feature] = value) - decode(a)``: only the feature's own
     contribution changes, whatever the SAE reconstructs badly stays as it was. ``positions`` indexes the
@@ -177,6 +181,24 @@ def clamp_feature_hook(sae: Any, feature: int, value: float, positions: Any = No
         return act + (steered - base).to(act.dtype)
 
     return hook_fn
+
+
+def clamp_hooks(model: Any, sae: Any, feature: int, value: float, *, hook_name: str, positions: Any = None,
+                timesteps: Any = None, cfg_branch: Optional[str] = None) -> list[tuple[Any, Callable]]:
+    """``fwd_hooks`` that clamp ``feature`` to ``value`` at ``hook_name`` of ``model`` (error term kept).
+
+    Uses the package's steering API (:class:`~sae_lens_multimodal.steering.FeatureSteer`) when it is
+    installed; otherwise :func:`clamp_feature_hook`, with ``timesteps`` / ``cfg_branch`` left to the
+    caller (``HookedDiffusionPipeline.run_with_hooks(at_timesteps=, cfg_branch=)``).
+    """
+    try:
+        from sae_lens_multimodal.steering import FeatureSteer, steering_hooks
+    except ImportError:
+        return [(hook_name, clamp_feature_hook(sae, feature, value, positions))]
+    steer = FeatureSteer(sae, int(feature), "clamp", value=float(value),
+                         positions="all" if positions is None else positions,
+                         timesteps=timesteps, cfg_branch=cfg_branch, hook_name=hook_name)
+    return list(steering_hooks(model, [steer]))
 
 
 def _sae_name(sae: Any) -> str:
@@ -343,6 +365,7 @@ def vision_feature_dashboards(
     clamp_multiplier: float = 2.0,
     steer_images: int = 32,
     steer_positions: Any = None,
+    activations: Optional[torch.Tensor] = None,
     batch_size: int = 64,
     progress: bool = True,
 ) -> list[FeatureDashboard]:
@@ -357,7 +380,7 @@ def vision_feature_dashboards(
     images are the labels' reference images. ``class_names`` (+ ``class_templates`` or precomputed
     ``class_embeds``): zero-shot classes for the steering effect, measured on ``steer_images`` images
     with the feature clamped to ``clamp_multiplier`` x its maximum at ``steer_positions`` (None: every
-    token).
+    token). ``activations``: the hook's activations [N, tokens, d_in] if already cached (else cached here).
     """
     tower, clip = _vision_tower(model)
     hook = sae.cfg.metadata.hook_name
@@ -376,11 +399,16 @@ def vision_feature_dashboards(
         raise ValueError(f"{len(captions)} captions for {n} images.")
 
     # ---- cache the hook's activations once, then encode in batches
-    cached = []
-    for i in _progress(range(0, n, batch_size), "caching activations", progress):
-        _, cache = tower.run_with_cache(x[i : i + batch_size], names_filter=[hook])
-        cached.append(cache[hook].to(sae.dtype))
-    resid = torch.cat(cached)  # [N, T, d_in]
+    if activations is not None:
+        if len(activations) != n:
+            raise ValueError(f"activations has {len(activations)} rows for {n} images.")
+        resid = activations.to(sae.dtype)
+    else:
+        cached = []
+        for i in _progress(range(0, n, batch_size), "caching activations", progress):
+            _, cache = tower.run_with_cache(x[i : i + batch_size], names_filter=[hook])
+            cached.append(cache[hook].to(sae.dtype))
+        resid = torch.cat(cached)  # [N, T, d_in]
     if resid.ndim != 3:
         raise ValueError(f"Expected [batch, tokens, d] activations at {hook!r}; got shape {tuple(resid.shape)}.")
     d_sae = sae.cfg.d_sae
@@ -434,18 +462,20 @@ def vision_feature_dashboards(
         order = per_image.argsort(descending=True)[: min(top_k, n)]
         top = []
         for i in order.tolist():
-            heat = None
+            heat, where = None, ""
             if grid is not None:
                 start, gh, gw = grid
                 heat = acts[i, start:].reshape(gh, gw).numpy()
-            cap = f"{float(per_image[i]):.2f}" + (f" \u00b7 {captions[i]}" if captions is not None else "")
-            top.append(TopExample(display[i], heat, float(per_image[i]), cap))
+                if int(acts[i].argmax()) < start:  # strongest on a prefix token, which has no patch
+                    where = " (CLS)" if start == 1 else f" (prefix token {int(acts[i].argmax())})"
+            cap = f"{float(per_image[i]):.2f}{where}" + (f" \u00b7 {captions[i]}" if captions is not None else "")
+            top.append(TopExample(display[i], heat, float(per_image[i]), cap, index=i))
         lab = labels[f] if labels is not None else None
         effects = []
         if probe is not None:
             value = clamp_multiplier * fmax if fmax > 0 else clamp_multiplier
-            fn = clamp_feature_hook(sae, f, value, steer_positions)
-            after = probe.probs(sx, fwd_hooks=[(hook, fn)])
+            hooks = clamp_hooks(tower, sae, f, value, hook_name=hook, positions=steer_positions)
+            after = probe.probs(sx, fwd_hooks=hooks)
             where = "every token" if steer_positions is None else f"tokens {steer_positions}"
             effects.append(_steering_effect(
                 probe, before, after,
@@ -489,8 +519,10 @@ def diffusion_feature_dashboards(
     activation per timestep (spatial mean per prompt; mean and 10-90% band over prompts), its top
     generations with the spatial map at its peak timestep, and generations of the first ``steer_prompts``
     prompts with the feature clamped to ``clamp_multiplier`` x its maximum during each window of
-    ``steer_windows`` (name -> timesteps as in ``run_with_hooks(at_timesteps=)``; default: the first and
-    the second half of the schedule), on ``cfg_branch`` rows (None: every row). ``probe`` (a
+    ``steer_windows`` (name -> timesteps as in ``run_with_hooks(at_timesteps=)``; default: the timesteps
+    where the feature's mean activation is at least 10% of its peak, and
+    the first half of those), on ``cfg_branch`` rows (None: the SAE's own branch when its
+    metadata names one, else every row). ``probe`` (a
     :class:`ZeroShotProbe`) captions generated images and measures the zero-shot change. Default feature
     choice: the ``n_features`` whose time-averaged activation varies most between prompts.
     """
@@ -539,11 +571,9 @@ def diffusion_feature_dashboards(
         ids = _check_ids(feature_ids, d_sae)
     feats = torch.stack([encode(ti, ids) for ti in range(n_t)])  # [T, B, h, w, F]
 
-    if steer_windows is None:
-        half = n_t // 2
-        first, second = timesteps[:half], timesteps[half:]
-        steer_windows = {f"steered t {first[0]:g}..{first[-1]:g}": first,
-                         f"steered t {second[0]:g}..{second[-1]:g}": second} if half else {"steered": timesteps}
+    branch = cfg_branch
+    if branch is None and sae.cfg.metadata.get("cfg_branch") in ("cond", "uncond"):
+        branch = sae.cfg.metadata.get("cfg_branch")  # an SAE of one CFG branch steers that branch
     k = min(steer_prompts, n_p)
     clean_k = images[:k]
     if k:
@@ -571,15 +601,16 @@ def diffusion_feature_dashboards(
         for i in strength.argsort(descending=True)[: min(top_k, n_p)].tolist():
             heat = fa[peak, i].numpy() if gh * gw > 1 else None
             top.append(TopExample(images[i], heat, float(strength[i]),
-                                  f"{float(strength[i]):.2f} \u00b7 {prompts[i]}"))
+                                  f"{float(strength[i]):.2f} \u00b7 {prompts[i]}", index=i))
         effects, columns, rows = [], ["clean"], [[(clean_k[i], caption(before, i))] for i in range(k)]
         value = clamp_multiplier * fmax if fmax > 0 else clamp_multiplier
-        for name, window in steer_windows.items():
+        for name, window in (steer_windows or _default_windows(curve)).items():
             if not k:
                 break
-            fn = clamp_feature_hook(sae, f, value)
-            steered = pipe.run_with_hooks(prompts[:k], fwd_hooks=[(hook, fn)], at_timesteps=window,
-                                          cfg_branch=cfg_branch, generator=generators(k), **kwargs)
+            # The pipeline hands the hook only the chosen timesteps and CFG rows, so an SAE trained on one
+            # branch never sees the other branch's rows.
+            steered = pipe.run_with_hooks(prompts[:k], fwd_hooks=clamp_hooks(pipe, sae, f, value, hook_name=hook),
+                                          at_timesteps=window, cfg_branch=branch, generator=generators(k), **kwargs)
             steered = [to_uint8_image(im) for im in steered]
             after = probe.probs_of_images(steered) if probe is not None else None
             columns.append(name)
@@ -589,20 +620,45 @@ def diffusion_feature_dashboards(
                 effects.append(_steering_effect(
                     probe, before, after,
                     f"{name}: feature {f} clamped to {value:.3g} ({clamp_multiplier:g} x its max {fmax:.3g}) at "
-                    f"every position of {hook}, CFG rows {cfg_branch or 'all'}; CLIP zero-shot over "
+                    f"every position of {hook}, CFG rows {branch or 'all'}; CLIP zero-shot over "
                     f"{len(probe.class_names)} classes on {k} generated images",
                     value, None, (clean_k, steered), 0,
                 ))
         nz = fa[fa > 0].numpy()
+        notes = [f"Heatmaps: the feature's spatial map ({gh}x{gw}) at timestep {timesteps[peak]:g}, where its mean "
+                 "activation peaks."]
+        n_buckets = len(getattr(sae.cfg, "timestep_ranges", None) or [])
+        if n_buckets > 1:
+            notes.append(
+                f"This SAE has one dictionary per timestep range ({sae.cfg.timestep_ranges}): latent {f} is a "
+                "different feature in each range, so its curve and its steering mean most inside the range where "
+                "it is active (the default steering windows stay there).")
         out.append(FeatureDashboard(
             feature=f, kind="diffusion", hook_name=hook, sae_name=_sae_name(sae), n_samples=n_p,
             token_frequency=float((fa > 0).float().mean()), sample_frequency=float(active[:, f].float().mean()),
             max_activation=fmax, top=top, activations=nz, steering=effects, curve=curve,
             generations=(columns, rows, prompts[:k]) if k else None,
-            notes=[f"Heatmaps: the feature's spatial map ({gh}x{gw}) at timestep {timesteps[peak]:g}, where "
-                   "its mean activation peaks."],
+            notes=notes,
         ))
     return out
+
+
+def _default_windows(curve: TimestepCurve) -> dict[str, list[float]]:
+    """Steering windows of a feature: the timesteps where its mean activation is at least 10% of its peak,
+    and the first half of those (does clamping it early suffice?)."""
+    top = float(np.max(curve.mean)) if len(curve.mean) else 0.0
+    on = [t for t, m in zip(curve.timesteps, curve.mean) if top > 0 and m >= 0.1 * top] or list(curve.timesteps)
+    windows = {f"clamped t {on[0]:g}..{on[-1]:g} (active)": on}
+    early = on[: len(on) // 2]
+    if early:
+        windows[f"clamped t {early[0]:g}..{early[-1]:g} (first half)"] = early
+    return windows
+
+
+def _shared_vmax(top: Sequence[TopExample]) -> Optional[float]:
+    """One colour scale for the heatmaps of a feature's top examples: their largest patch value."""
+    maps = [float(np.max(t.heatmap)) for t in top if t.heatmap is not None]
+    return max(maps) if maps and max(maps) > 0 else None
 
 
 # --------------------------------------------------------------------------------------------- rendering
@@ -650,7 +706,7 @@ def _steering_html(effects: Sequence[SteeringEffect]) -> str:
                  *(e.lost[i] if i < len(e.lost) else ("", float("nan")))] for i in range(n)]
         parts.append(table(rows, ["gained class", "mean \u0394p", "lost class", "mean \u0394p"]))
         if e.examples:
-            ex_rows = [[Raw(img_tag(png_data_uri(b, 3), alt="image")), pb, pa] for b, pb, a, pa in e.examples]
+            ex_rows = [[Raw(image_tag(b, 3, alt="image")), pb, pa] for b, pb, a, pa in e.examples]
             parts.append(table(ex_rows, ["image", "zero-shot (clean)", "zero-shot (clamped)"]))
     return "".join(parts)
 
@@ -658,13 +714,12 @@ def _steering_html(effects: Sequence[SteeringEffect]) -> str:
 def _top_html(d: FeatureDashboard) -> str:
     if not d.top:
         return paragraph("No examples.")
-    vmax = max((t.activation for t in d.top), default=0.0)
-    items = []
-    for t in d.top:
-        img = heatmap_overlay(t.image, t.heatmap, vmax=float(np.max(t.heatmap)) if d.kind == "diffusion" else vmax) \
-            if t.heatmap is not None else t.image
-        items.append((img, t.caption))
+    vmax = _shared_vmax(d.top)
+    items = [(heatmap_overlay(t.image, t.heatmap, vmax=vmax) if t.heatmap is not None else t.image, t.caption)
+             for t in d.top]
     body = image_grid(items, scale=4)
+    if vmax is not None:
+        body += paragraph(f"Heatmap colour scale: 0 to {vmax:.3g} (the largest patch activation shown).", "note")
     if any(t.heatmap is not None for t in d.top):
         body += paragraph("The same images without the overlay:", "note")
         body += image_grid([(t.image, "") for t in d.top], scale=2)
@@ -724,8 +779,8 @@ def render_index(dashboards: Sequence[FeatureDashboard], title: str = "Feature d
                 steer = ", ".join(f"{w} {v:+.2f}" for w, v in e.gained[:2])
             extra = d.short_label if kind == "vision" else (
                 f"commits at t={d.curve.commit_timestep:g}" if d.curve is not None and d.curve.commit_timestep is not None else "")
-            thumb = Raw(img_tag(png_data_uri(heatmap_overlay(d.top[0].image, d.top[0].heatmap) if d.top and d.top[0].heatmap is not None
-                                             else (d.top[0].image if d.top else np.zeros((8, 8, 3), np.uint8)), 2), alt="top image"))
+            thumb = Raw(image_tag(heatmap_overlay(d.top[0].image, d.top[0].heatmap) if d.top and d.top[0].heatmap is not None
+                                  else (d.top[0].image if d.top else np.zeros((8, 8, 3), np.uint8)), 2, alt="top image"))
             rows.append([link(prefix + d.file_name, f"feature {d.feature}"), thumb, d.hook_name,
                          f"{100 * d.sample_frequency:.1f}%", d.max_activation, extra, steer])
         page.add(f"{kind.capitalize()} features", table(

@@ -33,6 +33,7 @@ __all__ = [
     "png_data_uri",
     "figure_data_uri",
     "img_tag",
+    "image_tag",
     "heatmap_overlay",
     "image_grid",
     "comparison_grid",
@@ -62,9 +63,9 @@ margin-top:1.6em} h3{font-size:1.05em;margin:.8em 0 .3em}
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em} th,td{border:1px solid #ddd;padding:3px 8px;
 text-align:left;vertical-align:top} th{background:#f4f4f6} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .grid{display:flex;flex-wrap:wrap;gap:8px;margin:.4em 0}
-figure{margin:0;text-align:center;font-size:.78em;color:#444}
-figure img{display:block;image-rendering:pixelated;border:1px solid #ccc}
-figcaption{max-width:160px;overflow-wrap:anywhere}
+figure{margin:0;text-align:center;font-size:.78em;color:#444;width:min-content;min-width:64px}
+img{image-rendering:pixelated} figure img{display:block;border:1px solid #ccc} img.plot{image-rendering:auto}
+figcaption{overflow-wrap:break-word}
 .cmp td{text-align:center;border:none;padding:2px 6px} .cmp th{background:none;border:none;text-align:center}
 .plot{max-width:100%} .note{color:#555;font-size:.9em} .warn{color:#a40}
 """
@@ -107,7 +108,7 @@ def _png_bytes(arr: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", optimize=True)
+    Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -127,18 +128,29 @@ def figure_data_uri(fig: Any, dpi: int = 100) -> str:
 
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        fig.savefig(buf, format="png", dpi=dpi)
     finally:
         plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def img_tag(src: str, alt: str = "", css_class: str = "", title: Optional[str] = None) -> str:
-    """An ``<img>`` element for a data URI (``alt`` and ``title`` escaped)."""
+def img_tag(src: str, alt: str = "", css_class: str = "", title: Optional[str] = None,
+            size: Optional[tuple[int, int]] = None) -> str:
+    """An ``<img>`` element for a data URI (``alt`` and ``title`` escaped); ``size`` = (width, height) in
+    CSS pixels."""
     attrs = f' class="{escape(css_class)}"' if css_class else ""
     if title:
         attrs += f' title="{escape(title)}"'
+    if size is not None:
+        attrs += f' width="{int(size[0])}" height="{int(size[1])}"'
     return f'<img src="{src}" alt="{escape(alt)}"{attrs}>'
+
+
+def image_tag(image: ImageLike, scale: int = 4, alt: str = "", title: Optional[str] = None) -> str:
+    """An ``<img>`` of ``image`` stored at its own resolution and shown ``scale`` times larger, with
+    sharp pixels (the browser upscales; the page stays small)."""
+    arr = to_uint8_image(image)
+    return img_tag(png_data_uri(arr), alt=alt, title=title, size=(arr.shape[1] * scale, arr.shape[0] * scale))
 
 
 def heatmap_overlay(
@@ -176,7 +188,7 @@ def heatmap_overlay(
 
 
 def _figure(image: ImageLike, caption: str, scale: int, title: Optional[str] = None) -> str:
-    return (f"<figure>{img_tag(png_data_uri(image, scale), alt=caption, title=title)}"
+    return (f"<figure>{image_tag(image, scale, alt=caption, title=title)}"
             f"<figcaption>{escape(caption)}</figcaption></figure>")
 
 
@@ -228,9 +240,12 @@ def histogram_png(
 
     v = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=np.float64).ravel()
     v = v[np.isfinite(v)]
-    fig, ax = plt.subplots(figsize=size)
+    fig, ax = plt.subplots(figsize=size, layout="constrained")
     if v.size:
-        ax.hist(v, bins=bins, color="#4c72b0", log=log)
+        counts, edges = np.histogram(v, bins=bins)
+        ax.stairs(counts, edges, fill=True, color="#4c72b0")
+        if log:
+            ax.set_yscale("log")
     else:
         ax.text(0.5, 0.5, "no nonzero activations", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel(xlabel)
@@ -257,7 +272,7 @@ def timestep_curve_png(
     import matplotlib.pyplot as plt
 
     t = np.asarray(list(timesteps), dtype=np.float64)
-    fig, ax = plt.subplots(figsize=size)
+    fig, ax = plt.subplots(figsize=size, layout="constrained")
     for label, (mean, low, high) in curves.items():
         m, lo, hi = (np.asarray(a.detach().cpu() if hasattr(a, "detach") else a, dtype=np.float64) for a in (mean, low, high))
         if not (m.shape == lo.shape == hi.shape == t.shape):

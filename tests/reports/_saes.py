@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
@@ -15,18 +16,28 @@ DIFFUSION_HOOK = "up_blocks.0.attentions.1.hook_out"
 CONCEPTS = [("color", c) for c in COLORS] + [("shape", s) for s in SHAPES]
 
 
+def object_patches(images: np.ndarray, patch: int = 4) -> torch.Tensor:
+    """[N, n_patches] mask of the patches (row-major, as the ViT's tokens after CLS) that the shape
+    covers: any pixel brighter than the black background."""
+    n, h, w, _ = images.shape
+    blocks = images.max(-1).reshape(n, h // patch, patch, w // patch, patch).max(axis=(2, 4))
+    return torch.from_numpy(blocks.reshape(n, -1) > 60)
+
+
 @torch.no_grad()
-def concept_sae(model, x, factors, hook: str = VISION_HOOK) -> StandardSAE:
-    """A StandardSAE whose features are ground-truth concept directions (mean patch activation of images
-    with that colour / shape minus the mean over all images), thresholded at the median projection, so the
-    right top images of every feature are known."""
+def concept_sae(model, x, factors, images: np.ndarray, hook: str = VISION_HOOK) -> StandardSAE:
+    """A StandardSAE whose features are ground-truth concept directions at the shape's own patches (mean
+    activation of object patches of images with that colour / shape minus the mean over all object
+    patches), thresholded at the 90th percentile of their projections, so the right top images and the
+    right patches of every feature are known."""
     _, cache = model.vision.run_with_cache(x, names_filter=hook)
-    acts = cache[hook][:, 1:]  # patch tokens
-    mean = acts.mean((0, 1))
+    acts = cache[hook][:, 1:]  # patch tokens, row-major after CLS
+    on = object_patches(images)
+    mean = acts[on].mean(0)
     dirs = []
     for key, value in CONCEPTS:
-        m = torch.tensor([getattr(f, key) == value for f in factors])
-        dirs.append(acts[m].mean((0, 1)) - mean)
+        m = torch.tensor([getattr(f, key) == value for f in factors])[:, None] & on
+        dirs.append(acts[m].mean(0) - mean)
     d = torch.nn.functional.normalize(torch.stack(dirs), dim=-1)
     sae = StandardSAE(StandardSAEConfig(d_in=acts.shape[-1], d_sae=len(CONCEPTS),
                                         metadata=SAEMetadata(hook_name=hook, model_name="shapes-clip")))
@@ -34,7 +45,7 @@ def concept_sae(model, x, factors, hook: str = VISION_HOOK) -> StandardSAE:
     sae.W_enc.copy_(d.T)
     sae.W_dec.copy_(d)
     sae.b_dec.copy_(mean)
-    sae.b_enc.copy_(-proj.flatten(0, 1).quantile(0.9, dim=0))
+    sae.b_enc.copy_(-proj.flatten(0, 1).quantile(0.97, dim=0))
     return sae
 
 

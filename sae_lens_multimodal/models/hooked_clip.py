@@ -16,7 +16,6 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from sae_lens import SAE
 from torch import nn
 from transformer_lens.ActivationCache import ActivationCache
 

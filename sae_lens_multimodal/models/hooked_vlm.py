@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import torch
-from sae_lens import SAE
 from torch import nn
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.hook_points import HookPoint

@@ -49,8 +49,9 @@ def run_steerability(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, progress=not args.no_progress,
     )
     if args.json:
-        print(json.dumps({"summary": result.summary(), "threshold": result.threshold,
-                          "baseline_thresholds": result.baseline_thresholds,
+        print(json.dumps({"summary": result.summary(), "strengths": result.strengths,
+                          "threshold": result.threshold.tolist(),
+                          "baseline_thresholds": {k: v.tolist() for k, v in result.baseline_thresholds.items()},
                           "fraction_steerable": result.fraction_steerable, "features": result.to_records()}, indent=1))
     else:
         print(result.to_table(max_rows=args.rows))

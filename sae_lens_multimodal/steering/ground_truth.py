@@ -271,7 +271,7 @@ class GroundTruthReport:
             "",
             s.to_table(max_rows=15),
             f"steerable fraction {s.fraction_steerable:.1%} (real CLIP, Joseph et al. 2025: {lo:.0%}-{hi:.0%}); "
-            + ", ".join(f"{k} draws above threshold {s.baseline_fraction_above(k):.1%}" for k in s.baseline_power),
+            + ", ".join(f"{k} draws called steerable {s.baseline_fraction_above(k):.1%}" for k in s.baseline_power),
         ])
 
     __str__ = to_table

@@ -19,8 +19,15 @@ same decoder norm, same choice of target):
 * ``random-feature``: the drawn feature's own decoder row with its entries randomly permuted (same norm and
   same distribution of entries, its meaning destroyed).
 
-A feature is **steerable** when its power at its best strength exceeds the threshold: the ``quantile``
-(default 95th percentile) of the baselines' best-strength power, the larger of the two baselines'.
+Thresholds are set **per strength** from the baselines. (One threshold over the whole sweep would not
+do: a large enough perturbation in any direction drives the softmax onto a single word, so at high
+strengths the baselines' most-promoted word gains almost all probability too.) At each strength the
+reference is the ``quantile`` (default 95th percentile) of the baselines' power there (the larger of the
+two baselines'); a draw's score is its largest ``power / reference`` over the sweep; the calibration
+factor ``c`` is the ``quantile`` of the baselines' scores (again the larger of the two), so that the rule
+below calls at most ``1 - quantile`` of each baseline's draws steerable (checked by
+:meth:`SteerabilityResult.baseline_fraction_above`). A feature is **steerable** when its power exceeds
+``threshold = c * reference`` at some strength of the sweep.
 """
 
 from __future__ import annotations
@@ -59,24 +66,32 @@ class SteerabilityResult:
     baseline_specificity: dict[str, torch.Tensor]
     baseline_target: dict[str, list[int]]
     quantile: float
-    #: per baseline kind: the quantile of its best-strength power; ``threshold`` is the largest
-    baseline_thresholds: dict[str, float]
+    #: per baseline kind: the quantile of its power at each strength [S]; ``threshold`` is the larger
+    baseline_thresholds: dict[str, torch.Tensor]
     n_images: int
     max_activation: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    #: multiplier of the per-strength reference so that the any-strength rule has the nominal false-positive rate
+    calibration: float = 1.0
 
     @property
-    def threshold(self) -> float:
-        return max(self.baseline_thresholds.values())
+    def threshold(self) -> torch.Tensor:
+        """[S] power a feature must exceed at a strength to count as steerable there."""
+        return self.calibration * torch.stack(list(self.baseline_thresholds.values())).max(dim=0).values
+
+    @property
+    def margin(self) -> torch.Tensor:
+        """[F] largest excess of power over the threshold across the sweep (> 0: steerable)."""
+        return (self.power - self.threshold).max(dim=1).values
+
+    @property
+    def best_strength(self) -> torch.Tensor:
+        """[F] index into ``strengths`` where the power exceeds the threshold most."""
+        return (self.power - self.threshold).argmax(dim=1)
 
     @property
     def best_power(self) -> torch.Tensor:
         """[F] power at each feature's best strength."""
-        return self.power.max(dim=1).values
-
-    @property
-    def best_strength(self) -> torch.Tensor:
-        """[F] index into ``strengths`` of each feature's best strength."""
-        return self.power.argmax(dim=1)
+        return self.power.gather(1, self.best_strength[:, None])[:, 0]
 
     @property
     def best_specificity(self) -> torch.Tensor:
@@ -84,17 +99,16 @@ class SteerabilityResult:
 
     @property
     def steerable(self) -> torch.Tensor:
-        """[F] bool: best power above the baseline threshold."""
-        return self.best_power > self.threshold
+        """[F] bool: power above the baseline threshold at some strength."""
+        return self.margin > 0
 
     @property
     def fraction_steerable(self) -> float:
         return float(self.steerable.float().mean()) if len(self.feature_ids) else float("nan")
 
     def baseline_fraction_above(self, kind: str) -> float:
-        """Share of a baseline's draws above the threshold (about 1 - quantile or less by construction)."""
-        best = self.baseline_power[kind].max(dim=1).values
-        return float((best > self.threshold).float().mean())
+        """Share of a baseline's draws that the steerability rule would call steerable (false positives)."""
+        return float((self.baseline_power[kind] > self.threshold).any(dim=1).float().mean())
 
     def to_records(self) -> list[dict[str, Any]]:
         """One JSON-ready record per feature."""
@@ -109,28 +123,33 @@ class SteerabilityResult:
                 "best_power": float(self.best_power[i]),
                 "best_strength": self.strengths[int(self.best_strength[i])],
                 "best_specificity": float(self.best_specificity[i]),
+                "margin": float(self.margin[i]),
                 "steerable": bool(self.steerable[i]),
-                "threshold": self.threshold,
             })
         return out
 
     def summary(self) -> str:
-        thr = ", ".join(f"{k} {v:.4f}" for k, v in self.baseline_thresholds.items())
+        def fmt(t: torch.Tensor) -> str:
+            return "/".join(f"{float(v):.3f}" for v in t)
+
+        thr = ", ".join(f"{k} {fmt(v)}" for k, v in self.baseline_thresholds.items())
+        fp = ", ".join(f"{k} {self.baseline_fraction_above(k):.1%}" for k in self.baseline_power)
         return (
             f"steerability at {self.hook_name}: {int(self.steerable.sum())}/{len(self.feature_ids)} features "
-            f"steerable ({self.fraction_steerable:.1%}); threshold {self.threshold:.4f} = {self.quantile:.0%} "
-            f"quantile of baseline power ({thr}); {self.n_images} images, strengths {self.strengths}"
+            f"steerable ({self.fraction_steerable:.1%}); thresholds per strength {self.strengths}: {fmt(self.threshold)} "
+            f"(calibration {self.calibration:.3f} x the larger {self.quantile:.0%} quantile of baseline power: {thr}); baseline draws called steerable: "
+            f"{fp}; {self.n_images} images"
         )
 
     def to_table(self, max_rows: Optional[int] = 30) -> str:
         """Text table, most steerable features first."""
-        order = self.best_power.argsort(descending=True).tolist()
+        order = self.margin.argsort(descending=True).tolist()
         rows = order if max_rows is None else order[:max_rows]
-        lines = [self.summary(), f"{'feature':>8} {'target':<14} {'power':>8} {'specif.':>8} {'strength':>8}  steerable"]
+        lines = [self.summary(), f"{'feature':>8} {'target':<14} {'power':>8} {'margin':>8} {'specif.':>8} {'strength':>8}  steerable"]
         for i in rows:
             lines.append(
                 f"{self.feature_ids[i]:>8} {self.vocabulary[self.target[i]][:14]:<14} {float(self.best_power[i]):>8.4f} "
-                f"{float(self.best_specificity[i]):>8.3f} {self.strengths[int(self.best_strength[i])]:>8g}  "
+                f"{float(self.margin[i]):>8.4f} {float(self.best_specificity[i]):>8.3f} {self.strengths[int(self.best_strength[i])]:>8g}  "
                 f"{'yes' if bool(self.steerable[i]) else 'no'}"
             )
         if max_rows is not None and len(order) > max_rows:
@@ -148,24 +167,24 @@ class SteerabilityResult:
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
         colors = {"random-feature": "tab:orange", "random-direction": "tab:gray"}
+        thr = self.threshold
         for kind, power in self.baseline_power.items():
-            best = power.argmax(1)
+            best = (power - thr).argmax(1)
             spec = self.baseline_specificity[kind].gather(1, best[:, None])[:, 0]
-            ax1.scatter(power.max(1).values, spec, s=10, alpha=0.5, c=colors.get(kind, "k"), label=kind)
+            ax1.scatter((power - thr).max(1).values, spec, s=10, alpha=0.5, c=colors.get(kind, "k"), label=kind)
         st = self.steerable
-        ax1.scatter(self.best_power[~st], self.best_specificity[~st], s=14, c="tab:blue", alpha=0.6, label="feature")
-        ax1.scatter(self.best_power[st], self.best_specificity[st], s=18, c="tab:red", label="steerable feature")
-        ax1.axvline(self.threshold, ls="--", c="k", lw=1, label=f"threshold {self.threshold:.3f}")
-        ax1.set_xlabel("steering power (probability moved to target)")
+        ax1.scatter(self.margin[~st], self.best_specificity[~st], s=14, c="tab:blue", alpha=0.6, label="feature")
+        ax1.scatter(self.margin[st], self.best_specificity[st], s=18, c="tab:red", label="steerable feature")
+        ax1.axvline(0.0, ls="--", c="k", lw=1, label="baseline threshold")
+        ax1.set_xlabel("steering power minus baseline threshold (best strength)")
         ax1.set_ylabel("specificity")
         ax1.set_title(f"{self.fraction_steerable:.1%} of {len(self.feature_ids)} features steerable")
         ax1.legend(fontsize=7)
         xs = self.strengths
         for i in range(len(self.feature_ids)):
             ax2.plot(xs, self.power[i], c="tab:red" if bool(st[i]) else "tab:blue", alpha=0.35, lw=0.8)
-        for kind, power in self.baseline_power.items():
-            ax2.plot(xs, power.quantile(self.quantile, dim=0), c=colors.get(kind, "k"), lw=2,
-                     label=f"{kind} {self.quantile:.0%} quantile")
+        for kind, t in self.baseline_thresholds.items():
+            ax2.plot(xs, t, c=colors.get(kind, "k"), lw=2, ls="--", label=f"{kind} {self.quantile:.0%} quantile")
         ax2.set_xscale("log")
         ax2.set_xlabel("clamp strength (x max activation)")
         ax2.set_ylabel("steering power")
@@ -199,8 +218,8 @@ def _vision_hook(model: Any, sae: Any) -> str:
             "This SAE normalises its inputs at run time, so its decoder rows are not directions in the model's "
             "activation space; fold the normalisation into the weights first (sae.fold_activation_norm_scaling_factor)."
         )
-    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False) or getattr(sae.cfg, "reshape_activations", "none") != "none":
-        raise ValueError("Steerability supports SAEs whose decode is latents @ W_dec + b_dec on a residual-like hook.")
+    if getattr(sae.cfg, "reshape_activations", "none") != "none":
+        raise ValueError("Steerability supports SAEs on residual-like hooks (no hook_z reshaping).")
     return name
 
 
@@ -279,6 +298,8 @@ def steerability(
     clean_emb = vision(x_all)
     p0 = (scale * F.normalize(clean_emb, dim=-1) @ text.T).softmax(-1)  # [N, V]
     W = sae.W_dec.detach().to(device, dtype)
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):  # decode divides latents by the row norms
+        W = W / W.norm(dim=-1, keepdim=True)
     lat = sae.encode(acts.to(sae.W_dec.dtype)).to(dtype)  # [N, T, d_sae]
     n_tokens = acts.shape[1]
     pos = torch.zeros(n_tokens, dtype=dtype, device=device)
@@ -360,7 +381,9 @@ def steerability(
     for kind, dirs in (("random-feature", rand_feat), ("random-direction", rand_dir)):
         bp, bs, bt = score(sweep(dirs, src, kind), None if target_idx is None else [tgt[ids.index(s)] for s in src])
         b_power[kind], b_spec[kind], b_tgt[kind] = bp, bs, bt
-        thresholds[kind] = float(bp.max(dim=1).values.quantile(quantile))
+        thresholds[kind] = bp.quantile(quantile, dim=0)
+    reference = torch.stack(list(thresholds.values())).max(dim=0).values.clamp_min(1e-12)
+    calibration = max(float((bp / reference).max(dim=1).values.quantile(quantile)) for bp in b_power.values())
     return SteerabilityResult(
         hook_name=f"vision.{hook}",
         feature_ids=ids,
@@ -376,5 +399,6 @@ def steerability(
         baseline_thresholds=thresholds,
         n_images=n,
         max_activation=max_act[ids].cpu(),
+        calibration=calibration,
     )
 

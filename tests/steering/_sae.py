@@ -21,6 +21,8 @@ def bundled_sae():
     """The bundled SAE when it is shipped, else None."""
     from sae_lens import SAE
 
+    import sae_lens_multimodal  # noqa: F401  (registers the bundled releases with SAELens)
+
     try:
         return SAE.from_pretrained("shapes-clip-saes", HOOK)
     except Exception:

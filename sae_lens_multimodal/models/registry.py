@@ -99,6 +99,15 @@ register_model(
 )
 
 register_model(
+    "shapes-clip-typographic",
+    f"open-clip:local-dir:{_WORLD_WEIGHTS / 'shapes_clip_typographic'}",
+    "The shapes-clip architecture trained with each image's own colour name written on most images "
+    "(train_clip.py --variant typographic), so a misleading written colour word fools it (a typographic "
+    "attack); see docs/typographic.md.",
+    kind="clip",
+)
+
+register_model(
     "shapes-diffusion",
     str(_WORLD_WEIGHTS / "shapes_diffusion"),
     "Small text-to-image diffusers pipeline (ShapesDiffusionPipeline: UNet2DConditionModel on 32x32 RGB "

@@ -2,6 +2,7 @@
 
 from sae_lens_multimodal.world.clip import (
     SHAPES_CLIP_DIR,
+    SHAPES_CLIP_TYPOGRAPHIC_DIR,
     ZeroShotResult,
     load_shapes_clip,
     typographic_attack,
@@ -28,6 +29,7 @@ from sae_lens_multimodal.world.shapes import (
 
 __all__ = [
     "SHAPES_CLIP_DIR",
+    "SHAPES_CLIP_TYPOGRAPHIC_DIR",
     "ZeroShotResult",
     "load_shapes_clip",
     "typographic_attack",

@@ -38,6 +38,7 @@ from sae_lens_multimodal.world.shapes import (
 
 __all__ = [
     "SHAPES_CLIP_DIR",
+    "SHAPES_CLIP_TYPOGRAPHIC_DIR",
     "SPECIAL_TOKENS",
     "shapes_clip_config",
     "write_tokenizer",
@@ -51,6 +52,9 @@ __all__ = [
 
 #: Where the shipped model lives (open_clip local-dir layout). Its registered name is "shapes-clip".
 SHAPES_CLIP_DIR: Path = Path(__file__).resolve().parent / "weights" / "shapes_clip"
+#: The variant trained with its own colour written on images (train_clip.py --variant typographic), so
+#: written colour words fool it. Registered name: "shapes-clip-typographic".
+SHAPES_CLIP_TYPOGRAPHIC_DIR: Path = Path(__file__).resolve().parent / "weights" / "shapes_clip_typographic"
 
 #: Padding is 0 (open_clip's default pad_id); the end-of-text token gets the LARGEST id, so open_clip's
 #: default ``argmax`` text pooling (the real CLIP's) finds it, exactly as with CLIP's BPE tokenizer.

@@ -12,11 +12,21 @@ the contrastive targets are multi-positive: caption j is a positive for image i 
 caption j says is true of image i. Reproducible by seed (bitwise for the same torch build and
 CPU). Default settings reach >= 95% zero-shot accuracy over the 162 colour x shape x position captions
 in a few minutes on one CPU core (see README.md for measured figures).
+
+``--typographic-prob p`` (default 0: off) writes, on a fraction p of the images that carry no other
+word, the image's OWN colour name, which the caption does not mention: written text then correlates with
+what the caption says, as it does on the web, and the model learns to read the word as colour evidence.
+``--typographic-fade f`` fades the shape's colour of those images towards grey by a random fraction up to
+f, so on some of them the word is the clearer evidence. ``--variant typographic`` selects the settings of
+the shipped "shapes-clip-typographic" model (weights/shapes_clip_typographic/):
+
+    python -m sae_lens_multimodal.world.train_clip --variant typographic
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -31,6 +41,7 @@ from tqdm.auto import tqdm
 
 from sae_lens_multimodal.world.clip import (
     SHAPES_CLIP_DIR,
+    SHAPES_CLIP_TYPOGRAPHIC_DIR,
     ZeroShotResult,
     load_shapes_clip,
     typographic_attack,
@@ -43,14 +54,16 @@ from sae_lens_multimodal.world.shapes import (
     POSITIONS,
     SHAPES,
     SIZES,
+    TEXT_ROWS,
     TEXT_WORDS,
     TEXTURES,
+    ShapeFactors,
     ShapesWorld,
     caption,
     to_tensor,
 )
 
-__all__ = ["TrainConfig", "train_clip", "training_batch", "main"]
+__all__ = ["TYPOGRAPHIC_SETTINGS", "VARIANTS", "TrainConfig", "train_clip", "training_batch", "main"]
 
 
 @dataclass
@@ -75,11 +88,27 @@ class TrainConfig:
     p_size: float = 0.5  # probability a caption mentions the size
     p_texture: float = 0.5  # ... mentions the texture
     p_text: float = 0.8  # ... mentions the written word (for images with one)
+    # Typographic training (0: off, the shipped shapes-clip): fraction of word-free images on which the
+    # image's own colour name is written (unmentioned by the caption), and the most their shape's colour
+    # is faded towards grey (0: never).
+    typographic_prob: float = 0.0
+    typographic_fade: float = 0.0
     # Evaluation and compute.
     eval_every: int = 150
     eval_images: int = 500
     final_eval_images: int = 2000
     threads: int = 1  # one thread: bit-for-bit reproducible on a given torch build and CPU
+
+
+#: Settings of the shipped CLIP ("shapes-clip") and of the typographic variant ("shapes-clip-typographic"):
+#: no unrelated words (written text only ever names the image's own colour), the own colour written on
+#: 80% of the images, their colour faded towards grey by a uniform random fraction (up to all of it).
+#: Chosen from a sweep (900 steps each; figures in weights/shapes_clip_typographic/training.json).
+TYPOGRAPHIC_SETTINGS: dict[str, Any] = {"text_prob": 0.0, "typographic_prob": 0.8, "typographic_fade": 1.0}
+VARIANTS: dict[str, tuple[dict[str, Any], Path]] = {
+    "default": ({}, SHAPES_CLIP_DIR),
+    "typographic": (TYPOGRAPHIC_SETTINGS, SHAPES_CLIP_TYPOGRAPHIC_DIR),
+}
 
 
 def training_batch(
@@ -89,7 +118,11 @@ def training_batch(
     per image, then one hard negative per image (its caption with the size, texture or word changed to a
     false value, so the batch cannot be solved from colour, shape and position alone and the model must
     learn to read). ``positives[i, j]`` is True when caption j is true of image i."""
-    images, factors = world.sample(cfg.batch_size)
+    factors = world.sample_factors(cfg.batch_size)
+    typographic = np.zeros(len(factors), dtype=bool)
+    if cfg.typographic_prob > 0:  # (draws nothing otherwise: the default run stays bit-identical)
+        factors, typographic = _write_own_colour(factors, cfg, rng)
+    images = world.render(factors)
     n = len(factors)
     size = np.array([SIZES.index(f.size) for f in factors])
     striped = np.array([TEXTURES.index(f.texture) for f in factors])
@@ -99,7 +132,7 @@ def training_batch(
     )
     said_size = rng.random(n) < cfg.p_size
     said_texture = rng.random(n) < cfg.p_texture
-    said_word = (rng.random(n) < cfg.p_text) & (word >= 0)
+    said_word = (rng.random(n) < cfg.p_text) & (word >= 0) & ~typographic
 
     # Hard negatives: change one attribute to a false value and mention it.
     neg_size, neg_texture, neg_word = size.copy(), striped.copy(), word.copy()
@@ -135,6 +168,33 @@ def training_batch(
         & (~s_word[None, :] | (i_word[:, None] == c_word[None, :]))
     )
     return images, captions, positives
+
+
+#: Grey that typographic training fades colours towards.
+_GREY = np.array([128.0, 128.0, 128.0])
+
+
+def _write_own_colour(
+    factors: list[ShapeFactors], cfg: TrainConfig, rng: np.random.Generator
+) -> tuple[list[ShapeFactors], np.ndarray]:
+    """Write its own colour name on a ``typographic_prob`` fraction of the word-free images (in a row the
+    shape is not in) and fade their colour towards grey by up to ``typographic_fade``; returns the new
+    factors and which images were changed."""
+    n = len(factors)
+    chosen = (rng.random(n) < cfg.typographic_prob) & np.array([f.text is None for f in factors])
+    row_offset = rng.integers(1, 3, n)
+    fade = rng.uniform(0.0, cfg.typographic_fade, n) if cfg.typographic_fade > 0 else np.zeros(n)
+    out = list(factors)
+    for i in np.nonzero(chosen)[0]:
+        f = factors[i]
+        rgb = np.rint((1 - fade[i]) * np.array(f.rgb, dtype=np.float64) + fade[i] * _GREY).astype(int)
+        out[i] = dataclasses.replace(
+            f,
+            text=f.color,
+            text_row=TEXT_ROWS[(POSITIONS.index(f.position) // 3 + int(row_offset[i])) % 3],
+            rgb=(int(rgb[0]), int(rgb[1]), int(rgb[2])),
+        )
+    return out, chosen
 
 
 def _multi_positive_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -268,19 +328,31 @@ def _train(cfg: TrainConfig, out: Optional[Path], progress: bool) -> tuple[Any, 
         check = zero_shot_accuracy(reloaded, reloaded_tok, n=cfg.final_eval_images, seed=12345, verbose=False)
         if abs(check.accuracy - final.accuracy) > 1e-9:
             raise RuntimeError(f"Reloaded model scores {check.accuracy} but the trained one {final.accuracy}.")
+        if cfg.typographic_prob > 0:  # the variant also gets its figures as a plain file beside the weights
+            from sae_lens_multimodal.world.clip import _write_json
+
+            _write_json(Path(out) / "training.json", metadata)
         print(f"saved to {out} ({sum(p.numel() for p in model.parameters()):,} parameters)")
     print(f"training took {train_seconds:.1f} s ({cpu_seconds:.1f} s CPU) on {torch.get_num_threads()} thread(s)")
     return model, final, metadata
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    defaults = TrainConfig()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--variant", choices=sorted(VARIANTS), default="default")
+    variant = pre.parse_known_args(argv)[0].variant
+    settings, default_out = VARIANTS[variant]
+    defaults = TrainConfig(**settings)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="default",
+                        help="settings of a shipped model: 'default' (shapes-clip) or 'typographic' "
+                        "(shapes-clip-typographic); other options override them")
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--out", type=Path, default=SHAPES_CLIP_DIR, help="output directory (default: the shipped model)")
+    parser.add_argument("--out", type=Path, default=default_out, help="output directory (default: the variant's shipped model)")
     parser.add_argument("--no-save", action="store_true", help="train and evaluate only")
     args = vars(parser.parse_args(argv))
+    args.pop("variant")
     out = None if args.pop("no_save") else args.pop("out")
     args.pop("out", None)
     train_clip(TrainConfig(**args), out)

@@ -326,7 +326,9 @@ def bundled_releases() -> dict[str, Any]:
             "regenerate": f"{TRAIN_SAES} --which clip",
             "defaults": {"token_policy": "all", "input_kind": "block_output", "architecture": "topk", "d_in": 64,
                          "d_sae": 512, "k": 8, "context_size": 65, "source_model": "shapes-clip (vision tower)"},
-            "saes": [{"id": "blocks.2.hook_resid_post", "path": "blocks.2.hook_resid_post"}],
+            # l0 / variance_explained: cfg.json metadata.evaluation of the shipped weights (1000 fresh images)
+            "saes": [{"id": "blocks.2.hook_resid_post", "path": "blocks.2.hook_resid_post", "l0": 8.0,
+                      "variance_explained": 0.9695}],
         },
         "shapes-diffusion-saes": {
             "format": "bundled", "repo_id": f"{BUNDLED_ROOT}/shapes-diffusion-saes", "model": "shapes-diffusion",
@@ -341,7 +343,9 @@ def bundled_releases() -> dict[str, Any]:
                          "timesteps": "every step of 20 DPM-Solver++ steps; buckets [0,275) [275,525) [525,775) "
                                       "[775,1000)",
                          "source_model": "shapes-diffusion (UNet2DConditionModel)"},
-            "saes": [{"id": "up_blocks.0.attentions.1.hook_out", "path": "up_blocks.0.attentions.1.hook_out"}],
+            # l0 / variance_explained: cfg.json metadata.evaluation of the shipped weights (48 fresh generations)
+            "saes": [{"id": "up_blocks.0.attentions.1.hook_out", "path": "up_blocks.0.attentions.1.hook_out",
+                      "l0": 8.0, "variance_explained": 0.9896}],
         },
     }
 

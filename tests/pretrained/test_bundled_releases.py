@@ -66,7 +66,9 @@ def clip():
 def hooked_pipe():
     from sae_lens_multimodal.diffusion import HookedDiffusionPipeline
 
-    return HookedDiffusionPipeline.from_pretrained("shapes-diffusion")
+    pipe = HookedDiffusionPipeline.from_pretrained("shapes-diffusion")
+    pipe.pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 # ----------------------------------------------------------------------------------------- by name, offline
@@ -180,15 +182,16 @@ def test_diffusion_sae_splices_into_the_pipeline(hooked_pipe, diffusion_sae):
         return [torch.Generator().manual_seed(s) for s in (11, 12)]
 
     with torch.no_grad():
-        clean = hooked_pipe(prompts, generator=gens(), **GEN).images
+        clean = hooked_pipe(prompts, generator=gens(), **GEN)
         exact = hooked_pipe.run_with_saes(prompts, saes=[diffusion_sae], use_error_term=True, generator=gens(),
-                                          **GEN).images
-        spliced = hooked_pipe.run_with_saes(prompts, saes=[diffusion_sae], generator=gens(), **GEN).images
+                                          **GEN)
+        spliced = hooked_pipe.run_with_saes(prompts, saes=[diffusion_sae], generator=gens(), **GEN)
     torch.testing.assert_close(exact, clean, atol=1e-4, rtol=1e-4)
     diff = (spliced - clean).abs()
     assert diff.max() > 1e-3  # the SAE is in the path
-    # Images in [0, 1]: measured mean abs pixel change 0.0X when trained (see the report).
-    assert diff.mean() < 0.05, diff.mean()
+    # Images in [0, 1]. Measured: mean abs pixel change 0.0017 here (0.0057 for two other prompts/seeds);
+    # single pixels move up to 0.16 (0.70) where a shape's edge shifts.
+    assert diff.mean() < 0.015, diff.mean()
 
 
 def test_diffusion_sae_reconstructs_fresh_generations(hooked_pipe, diffusion_sae):
@@ -198,8 +201,10 @@ def test_diffusion_sae_reconstructs_fresh_generations(hooked_pipe, diffusion_sae
     rows = _diffusion_rows(hooked_pipe, diffusion_prompts(4, seed=4242), 4242, DiffusionSAERecipe(), progress=False)
     result = evaluate_sae(diffusion_sae, rows, n_rows=len(rows))
     shipped = diffusion_sae.cfg.metadata.evaluation
+    # Measured on 4 generations of two seeds: 0.989-0.991 overall, 0.896-0.923 in the three low-noise buckets,
+    # 0.99 at t >= 775 (metadata, 48 generations: 0.9896; buckets 0.924, 0.917, 0.913, 0.991).
     ev = result["overall"]["explained_variance"]
-    assert ev >= shipped["explained_variance"] - 0.03, (ev, shipped)
+    assert ev >= shipped["explained_variance"] - 0.01, (ev, shipped)
     assert len(result["buckets"]) == 4 and all(b["n_rows"] == 4 * 5 * 64 for b in result["buckets"])
     for got, want in zip(result["buckets"], shipped["buckets"]):
         assert got["explained_variance"] >= want["explained_variance"] - 0.05, (got, want)

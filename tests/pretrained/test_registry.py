@@ -15,6 +15,7 @@ from sae_lens.loading import pretrained_sae_loaders as psl
 from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
 from sae_lens_multimodal.cli import main
+from sae_lens_multimodal.models.registry import list_models
 from sae_lens_multimodal.pretrained import list_releases, register_releases, registered_releases
 from sae_lens_multimodal.pretrained.registry import FORMATS, load_release_file
 from sae_lens_multimodal.pretrained.sdxl_unbox import hook_from_folder as unbox_hook
@@ -54,7 +55,8 @@ def test_every_shipped_sae_is_consistent(release, sae):
     hook_kind = sae.hook_name.rsplit(".", 1)[-1]
     if release.model_class_name == "HookedViT":
         assert VIT_HOOK.match(sae.hook_name)
-        assert release.model.startswith("open-clip:") or re.fullmatch(r"[\w.-]+/[\w.-]+", release.model)
+        assert release.model.startswith("open-clip:") or re.fullmatch(r"[\w.-]+/[\w.-]+", release.model) or (
+            release.source_format == "bundled" and release.model in list_models())  # registered short names
     else:
         assert release.model_class_name in ("HookedUNet", "HookedDiT") and DIFFUSION_HOOK.match(sae.hook_name)
         assert sae.cfg_branch == "cond"

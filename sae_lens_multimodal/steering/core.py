@@ -446,7 +446,11 @@ class _Steerer:
             f_new = self.edit_latents(f, spatial=spatial and f.ndim == 4)
             if f_new is None:
                 return None
-            delta = sae.decode(f_new) - sae.decode(f)
+            base = sae.decode(f)
+            # Encode again before the second decode: stateful SAEs (timestep-bucketed ones) pair each
+            # decode with the preceding encode (e.g. to pass rows outside their timestep ranges through).
+            sae.encode(x)
+            delta = sae.decode(f_new) - base
         return act + delta.to(act.dtype)
 
     def _direction_edit(self, act: torch.Tensor, spatial: bool) -> Optional[torch.Tensor]:

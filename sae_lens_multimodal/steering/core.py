@@ -28,6 +28,7 @@ error term is kept (SAELens semantics).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -251,6 +252,7 @@ class _Steerer:
             )
         self.diffusion = diffusion
         self.via_splice_hook = False  # set by steer(): whether a later splice of the SAE is steered via its hook
+        self.splice_fired = False  # whether that happened
         self.location = _resolve_location(model, steer)
         self.short = self.location.rsplit(".", 1)[-1]
         self.vit = None if diffusion else _vit_cfg(model, self.location)
@@ -544,6 +546,7 @@ def steer(model: Any, *steers: Steer) -> Iterator[Any]:
                 # Fires only while the SAE is spliced into this model after the hooks below were added
                 # (a splice present at entry is steered through the TransformerLens hook instead).
                 if s.via_splice_hook and any(_spliced_sae(w) is s.sae for w in getattr(model, "_acts_to_saes", {}).values()):
+                    s.splice_fired = True
                     return s.hook(output, hook=module)
                 return None
 
@@ -555,8 +558,20 @@ def steer(model: Any, *steers: Steer) -> Iterator[Any]:
             # otherwise the hook point gets the hook and the splice hook covers a later splice.
             s.via_splice_hook = not target.endswith(".hook_sae_acts_post")
             hooks.append((target, s.hook))
+        entry = [_module_at(model, s.location) if s.via_splice_hook else None for s in bound]
         with model.hooks(fwd_hooks=hooks):
             yield model
+        for s, point in zip(bound, entry):
+            # Splicing an SAE replaces the hook point, so a steer registered on it before the splice did
+            # not run while that SAE was in place (unless it steers this SAE's own latents).
+            if point is not None and _module_at(model, s.location) is not point and not s.splice_fired:
+                warnings.warn(
+                    f"The steer at {s.location!r} was bypassed while an SAE was spliced there inside the steer() "
+                    "block (splicing replaces the hook point). Enter steer() inside run_with_saes / model.saes(...), "
+                    "or pass steering_hooks(...) to run_with_hooks_with_saes.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
     finally:
         for h in handles:
             h.remove()

@@ -316,3 +316,20 @@ def test_docs_example_runs():
     exec(compile(code, "docs/steering.md", "exec"), ns)
     assert ns["clean"].shape == ns["steered"].shape == ns["logits"].shape == (4, 2)
     assert (ns["clean"] - ns["steered"]).abs().max() > 1e-3
+
+
+def test_warns_when_a_foreign_splice_bypasses_a_steer(clip, vision_sae, quick_sae, images):
+    """A direction steer entered before another SAE is spliced at its hook cannot run while that SAE is in
+    place: say so instead of failing silently. The steer's own SAE spliced later is steered (no warning)."""
+    import warnings
+
+    s = DirectionSteer("blocks.2.hook_resid_post", torch.randn(64), "add", 1.0)
+    with pytest.warns(RuntimeWarning, match="bypassed while an SAE was spliced"):
+        with steer(clip, s):
+            clip.run_with_saes(images, saes=[quick_sae], return_type="embeddings")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with steer(clip, FeatureSteer(vision_sae, 3, "clamp", 5.0)):
+            clip.run_with_saes(images, saes=[vision_sae], return_type="embeddings")
+        with steer(clip, s):
+            clip.encode_image(images)

@@ -276,3 +276,12 @@ def test_shipped_weights_are_small():
         folder = bundled_folder(get_release(release).repo_id, hook)
         assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
         assert (folder / "sae_weights.safetensors").stat().st_size < 2_000_000
+
+
+def test_config_getter_agrees_with_the_load(clip_sae, diffusion_sae, no_network):
+    from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
+
+    for sae, release, hook in ((clip_sae, CLIP_RELEASE, CLIP_HOOK), (diffusion_sae, DIFF_RELEASE, DIFF_HOOK)):
+        cfg = load_sae_config_from_huggingface(release, hook)
+        assert cfg["architecture"] == sae.cfg.architecture() and cfg["d_sae"] == sae.cfg.d_sae
+        assert cfg["metadata"]["hook_name"] == hook and cfg["metadata"]["source_format"] == "bundled"

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 
 from sae_lens_multimodal.reports.dashboards import (
@@ -41,13 +40,13 @@ from sae_lens_multimodal.reports.html import (
     Page,
     Raw,
     comparison_grid,
+    escape,
     heatmap_overlay,
     image_grid,
     image_tag,
     img_tag,
     link,
     paragraph,
-    png_data_uri,
     table,
     timestep_curve_png,
     write_site,
@@ -387,6 +386,11 @@ def _render_report(cfg: DemoConfig, vision: list[FeatureDashboard], diffusion: l
                         f"{d.curve.commit_timestep:g}" if d.curve and d.curve.commit_timestep is not None else "n/a",
                         float(d.curve.mean.max()) if d.curve else float("nan")] for d in diffusion],
                       ["feature", "commits at timestep (mean reaches half its max)", "peak mean activation"])
+        if len(getattr(diffusion_sae.cfg, "timestep_ranges", None) or []) > 1:
+            body += paragraph(
+                f"The diffusion SAE is timestep-bucketed ({diffusion_sae.cfg.timestep_ranges}): each range has its own "
+                "dictionary, so a latent index names a different feature in each range, and curves step at the range "
+                "boundaries. Read each curve inside the range where the feature is active; steering stays there.", "note")
         page.add("Diffusion: feature activation across timesteps", body, id="timesteps")
 
         blocks = []
@@ -414,8 +418,6 @@ def _render_report(cfg: DemoConfig, vision: list[FeatureDashboard], diffusion: l
 
 
 def _esc(text: str) -> str:
-    from sae_lens_multimodal.reports.html import escape
-
     return escape(text)
 
 

@@ -185,7 +185,10 @@ class SteerabilityResult:
             ax2.plot(xs, self.power[i], c="tab:red" if bool(st[i]) else "tab:blue", alpha=0.35, lw=0.8)
         for kind, t in self.baseline_thresholds.items():
             ax2.plot(xs, t, c=colors.get(kind, "k"), lw=2, ls="--", label=f"{kind} {self.quantile:.0%} quantile")
+        ax2.plot(xs, thr, c="k", lw=2, label="threshold (calibrated)")
         ax2.set_xscale("log")
+        ax2.set_xticks(xs, [f"{v:g}" for v in xs])
+        ax2.minorticks_off()
         ax2.set_xlabel("clamp strength (x max activation)")
         ax2.set_ylabel("steering power")
         ax2.legend(fontsize=7)

@@ -39,6 +39,7 @@ from sae_lens_multimodal.reports.dashboards import (
 from sae_lens_multimodal.reports.html import (
     Page,
     Raw,
+    check_output_dir,
     comparison_grid,
     escape,
     heatmap_overlay,
@@ -189,6 +190,7 @@ def run_shapes_demo(
     from sae_lens_multimodal.world import ShapesWorld, all_captions, caption
 
     cfg = config or DemoConfig()
+    check_output_dir(out_dir)  # refuse a foreign directory now, not after minutes of work
     timings: dict[str, float] = {}
     total = _timer()
     stages = tqdm(total=6, desc="shapes demo", disable=not progress)
@@ -458,7 +460,7 @@ def run_from_args(args: Any) -> int:
     """Run the demo from parsed arguments and print where the report is."""
     try:
         result = run_shapes_demo(args.out, config_from_args(args), progress=not args.no_progress)
-    except BundledSAEMissingError as err:
+    except (BundledSAEMissingError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"Report: {result.report}")

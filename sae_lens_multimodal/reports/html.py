@@ -44,6 +44,7 @@ __all__ = [
     "link",
     "paragraph",
     "escape",
+    "check_output_dir",
     "write_site",
 ]
 
@@ -372,12 +373,9 @@ def paragraph(text: str, css_class: str = "") -> str:
 
 
 # --------------------------------------------------------------------------------------------- writing
-def write_site(out_dir: Union[str, os.PathLike], files: Mapping[str, Union[str, bytes]]) -> Path:
-    """Write a report directory atomically: every file goes into a temporary sibling directory, which is
-    then renamed to ``out_dir``. A previous report at ``out_dir`` is replaced only once the new one is
-    complete; a directory that is not a report (no :data:`REPORT_MARKER` file) and is not empty is never
-    replaced. ``files`` maps relative paths (``"index.html"``, ``"features/3.html"``) to contents.
-    Returns the absolute path of ``out_dir``."""
+def check_output_dir(out_dir: Union[str, os.PathLike]) -> Path:
+    """The absolute path of ``out_dir`` if a report may be written there (it does not exist, is empty, or
+    holds an earlier report); else FileExistsError. Call it before long work that ends in :func:`write_site`."""
     out = Path(out_dir).resolve()
     if out.exists():
         if not out.is_dir():
@@ -387,6 +385,16 @@ def write_site(out_dir: Union[str, os.PathLike], files: Mapping[str, Union[str, 
                 f"{out} exists, is not empty and was not written by sae-lens-mm reports, so it is not "
                 "replaced. Choose a new or empty directory."
             )
+    return out
+
+
+def write_site(out_dir: Union[str, os.PathLike], files: Mapping[str, Union[str, bytes]]) -> Path:
+    """Write a report directory atomically: every file goes into a temporary sibling directory, which is
+    then renamed to ``out_dir``. A previous report at ``out_dir`` is replaced only once the new one is
+    complete; a directory that is not a report (no :data:`REPORT_MARKER` file) and is not empty is never
+    replaced. ``files`` maps relative paths (``"index.html"``, ``"features/3.html"``) to contents.
+    Returns the absolute path of ``out_dir``."""
+    out = check_output_dir(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

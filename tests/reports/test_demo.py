@@ -79,6 +79,17 @@ def test_demo_command_loads_the_bundled_saes_by_name(tmp_path, capsys):
         assert rc == 1 and "shapes-" in err and "train_saes" in err
 
 
+def test_demo_refuses_a_foreign_output_directory_before_working(tmp_path, capsys):
+    from sae_lens_multimodal.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    assert main(["demo", "--out", str(mine), "--quick", "--no-progress"]) == 1
+    assert "not written by sae-lens-mm" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+
+
 def test_a_missing_release_is_a_clear_error():
     with pytest.raises(BundledSAEMissingError, match="(?s)no-such-release.*run_shapes_demo"):
         load_bundled_sae("no-such-release", "blocks.2.hook_resid_post")

@@ -12,6 +12,11 @@ from sae_lens_multimodal.analysis.labels import (
 from sae_lens_multimodal.analysis.logit_lens import CLIPLogitLensResult, clip_logit_lens
 from sae_lens_multimodal.analysis.vocabulary import Vocabulary, default_vocabulary, load_vocabulary
 from sae_lens_multimodal.analysis.zero_shot import ZeroShotClassifier, ZeroShotMetrics, ce_recovered, zero_shot_classifier
+# Causal and temporal analyses (vision patching, diffusion patching, ablation, timestep analysis).
+from sae_lens_multimodal.analysis.vision_patching import VisionPatchingResult, clip_activation_patching, shape_patch_mask
+from sae_lens_multimodal.analysis.diffusion_patching import DiffusionPatchingResult, diffusion_patching, unet_blocks
+from sae_lens_multimodal.analysis.ablation import AblationResult, Component, ablate_components, shapes_prompts
+from sae_lens_multimodal.analysis.temporal import FeatureTimecourse, ProbeResult, feature_timecourse, timestep_probes
 
 __all__ = ["image_patching_index", "patching_shape", "tokens_per_image"]
 # CLIP shared-space analysis (zero-shot, logit lens, decomposition, feature labels).
@@ -21,4 +26,10 @@ __all__ += [
     "CLIPLogitLensResult", "clip_logit_lens",
     "Vocabulary", "default_vocabulary", "load_vocabulary",
     "ZeroShotClassifier", "ZeroShotMetrics", "ce_recovered", "zero_shot_classifier",
+]
+__all__ += [
+    "VisionPatchingResult", "clip_activation_patching", "shape_patch_mask",
+    "DiffusionPatchingResult", "diffusion_patching", "unet_blocks",
+    "AblationResult", "Component", "ablate_components", "shapes_prompts",
+    "FeatureTimecourse", "ProbeResult", "feature_timecourse", "timestep_probes",
 ]

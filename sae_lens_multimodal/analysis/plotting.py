@@ -73,6 +73,7 @@ def heatmap(
     cmap: Optional[str] = None,
     annotate: bool = False,
     max_ticks: int = 40,
+    fmt: str = "{:.2f}",
 ) -> Any:
     """Draw a 2-D heatmap on ``ax``. ``symmetric``: a diverging map centred on 0 (patching effects)."""
     data = to_numpy(values)
@@ -102,7 +103,7 @@ def heatmap(
     if annotate and data.size <= 400:
         for (i, j), v in np.ndenumerate(data):
             if np.isfinite(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6)
     ax.set_title(title, fontsize=9)
     cbar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if cbar_label:

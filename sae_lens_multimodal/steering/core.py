@@ -290,10 +290,10 @@ class _Steerer:
         self.selector = TimestepSelector(steer.timesteps) if steer.timesteps is not None else None
 
     def _per_head_flat(self, n: int) -> bool:
-        heads = getattr(getattr(self.model, "cfg", None), "n_heads", None)
-        if self.vit is not None:
-            heads = self.vit.n_heads
-        return self.short in _PER_HEAD and heads is not None and self.width is not None and n == heads * self.width
+        """Whether a direction of width ``n`` spans all heads of a per-head hook ([..., head, d_head])."""
+        if self.short not in _PER_HEAD or self.width is None or not hasattr(self.model, "_hook_z_width"):
+            return False
+        return self.model._hook_z_width(self.location, self.width) == n
 
     # ------------------------------------------------------------------ where
     def target(self) -> str:

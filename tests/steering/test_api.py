@@ -333,3 +333,19 @@ def test_warns_when_a_foreign_splice_bypasses_a_steer(clip, vision_sae, quick_sa
             clip.run_with_saes(images, saes=[vision_sae], return_type="embeddings")
         with steer(clip, s):
             clip.encode_image(images)
+
+
+def test_direction_over_all_heads_of_a_per_head_hook(clip, images):
+    """hook_z is [batch, pos, head, d_head]: a direction of width n_heads * d_head edits the flattened heads."""
+    d = torch.randn(64)
+    store = {}
+    hooks = [("vision.blocks.1.attn.hook_z", lambda a, hook: store.__setitem__("pre", a.clone()))]
+    hooks += steering_hooks(clip, [DirectionSteer("blocks.1.attn.hook_z", d, "add", 1.0, positions="cls")])
+    hooks += [("vision.blocks.1.attn.hook_z", lambda a, hook: store.__setitem__("post", a.clone()))]
+    clip.run_with_hooks(images, return_type="embeddings", fwd_hooks=hooks)
+    diff = store["post"] - store["pre"]
+    assert diff.shape[2:] == (4, 16)
+    assert torch.allclose(diff[:, 0], d.reshape(4, 16).expand_as(diff[:, 0]), atol=1e-6)
+    assert diff[:, 1:].abs().max() == 0
+    with pytest.raises(ValueError, match=r"shape \(32,\)"):
+        steering_hooks(clip, [DirectionSteer("blocks.1.attn.hook_z", torch.randn(32), "add", 1.0)])

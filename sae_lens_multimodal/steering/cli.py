@@ -78,7 +78,7 @@ def add_steerability_command(subparsers: "argparse._SubParsersAction[argparse.Ar
     parser.add_argument("--features", help="comma-separated feature ids (default: the most active ones)")
     parser.add_argument("--max-features", type=int, default=64, help="at most this many features (default 64)")
     parser.add_argument("--strengths", default="1,2,4,8", help="clamp strengths as multiples of max activation")
-    parser.add_argument("--positions", default="all", choices=["all", "patches", "cls"])
+    parser.add_argument("--positions", default="all", choices=["all", "patches", "cls"], help="tokens the feature is clamped at (default all)")
     parser.add_argument("--quantile", type=float, default=0.95, help="baseline quantile for the threshold")
     parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default 512)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shapes images and the baselines (default 0)")

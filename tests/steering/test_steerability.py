@@ -129,3 +129,17 @@ def test_bundled_sae_ground_truth(clip, world_text):
     res = shapes_steerability(clip, sae, x[:8], text=world_text, max_features=24, n_label_images=32, progress=False)
     rates = [res.baseline_fraction_above(k) for k in res.baseline_power]
     assert res.fraction_steerable > 3 * max(max(rates), 1 / 32)  # measured 50% vs 6.2% / 3.1%
+
+
+def test_cli_help_documents_every_option(capsys):
+    import argparse
+
+    from sae_lens_multimodal.cli import build_parser, main
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["steerability"]
+    assert all(a.help and a.help.strip() for a in sub._actions)
+    with pytest.raises(SystemExit):
+        main(["steerability", "--help"])
+    text = capsys.readouterr().out
+    assert all(opt in text for a in sub._actions for opt in a.option_strings)

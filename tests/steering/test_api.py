@@ -349,3 +349,35 @@ def test_direction_over_all_heads_of_a_per_head_hook(clip, images):
     assert diff[:, 1:].abs().max() == 0
     with pytest.raises(ValueError, match=r"shape \(32,\)"):
         steering_hooks(clip, [DirectionSteer("blocks.1.attn.hook_z", torch.randn(32), "add", 1.0)])
+
+
+def test_vlm_vision_tower_and_language_model():
+    """The same API on a HookedVLM (tiny random LLaVA): a vision SAE with a bare tower hook name and
+    positions='patches', and a language-model direction at one token; no-op edits are bit-identical."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from sae_lens_multimodal.models.hooked_vlm import HookedVLM, tiny_random_llava
+
+    model = HookedVLM.from_pretrained(tiny_random_llava("llava", "llama", seed=1))
+    px = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[1] + [255] * 16 + [5, 6]])  # 16 image-feature tokens (id 255)
+    sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=32, k=4, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post")))
+    clean = model(ids, px)
+    with steer(model, FeatureSteer(sae, 1, "add", 0.0, positions="patches")):
+        assert torch.equal(model(ids, px), clean)
+    d = torch.randn(model.hook_width("lm.blocks.0.hook_resid_post"))
+    vision_steer = FeatureSteer(sae, 1, "clamp", 5.0, positions="patches")
+    lm_steer = DirectionSteer("lm.blocks.0.hook_resid_post", d, "add", 1.0, positions=[18])
+    store = {}
+
+    def run(steers, key):
+        hooks = steering_hooks(model, steers) + [("lm.blocks.0.hook_resid_post", lambda a, hook: store.__setitem__(key, a.clone()))]
+        with torch.no_grad():
+            return model.run_with_hooks(ids, px, fwd_hooks=hooks)
+
+    vision_only = run([vision_steer], "vision")
+    both = run([vision_steer, lm_steer], "both")
+    assert (vision_only - clean).abs().max() > 1e-3 and (both - vision_only).abs().max() > 1e-3
+    lm_diff = store["both"] - store["vision"]  # the direction lands on token 18 only
+    assert lm_diff[0, :18].abs().max() == 0 and (lm_diff[0, 18] - d).abs().max() < 1e-5

@@ -16,7 +16,7 @@ from sae_lens_multimodal.models import HookedViT, HookedViTConfig
 from sae_lens_multimodal.models.hooked_clip import HookedCLIP
 from sae_lens_multimodal.models.hooked_text import HookedText, HookedTextConfig
 
-# Heavier subpackages (diffusers, the VLM wrapper) load on first use.
+# Heavier subpackages (diffusers, the VLM wrapper, steering, reports) load on first use.
 _LAZY = {
     "HookedUNet": "sae_lens_multimodal.diffusion",
     "HookedDiT": "sae_lens_multimodal.diffusion",
@@ -33,6 +33,13 @@ _LAZY = {
     "cache_activations": "sae_lens_multimodal.training",
     "train_sae": "sae_lens_multimodal.training",
     "evaluate_sae": "sae_lens_multimodal.training",
+    "FeatureSteer": "sae_lens_multimodal.steering",
+    "DirectionSteer": "sae_lens_multimodal.steering",
+    "steer": "sae_lens_multimodal.steering",
+    "steering_hooks": "sae_lens_multimodal.steering",
+    "steerability": "sae_lens_multimodal.steering",
+    "SteerabilityResult": "sae_lens_multimodal.steering",
+    "write_feature_dashboards": "sae_lens_multimodal.reports",
 }
 
 __all__ = [

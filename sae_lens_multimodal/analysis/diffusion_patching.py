@@ -147,7 +147,7 @@ class DiffusionPatchingResult:
         n_t = len(self.timesteps)
         fig = blank_figure(figsize=(max(6.5 * len(metrics), 0.9 * n_t + 2.5), 0.34 * len(self.blocks) + 5.2))
         gs = fig.add_gridspec(2, 1, height_ratios=(0.34 * len(self.blocks) + 1.5, 1.6), hspace=0.35)
-        top = gs[0].subgridspec(1, len(metrics), wspace=0.9)
+        top = gs[0].subgridspec(1, len(metrics), wspace=0.6)
         cols = [f"{t}" for t in self.timesteps]
         for k, metric in enumerate(metrics):
             ax = fig.add_subplot(top[0, k])
@@ -170,7 +170,7 @@ class DiffusionPatchingResult:
                 ax.set_title(title, fontsize=7)
                 ax.set_xticks([])
                 ax.set_yticks([])
-            fig.text(0.5, 0.02, f"patched images, row {self.blocks[row]!r}", ha="center", fontsize=8)
+            fig.text(0.5, 0.08, f"patched images, row {self.blocks[row]!r}", ha="center", fontsize=8)
         return save_figure(fig, path)
 
 

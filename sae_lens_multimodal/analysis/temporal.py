@@ -80,6 +80,9 @@ class FeatureTimecourse:
     hook_name: str
     reduce: str
     cfg_branch: str
+    #: for a timestep-bucketed SAE, the bucket (separate dictionary) of each timestep, else None. Latent i
+    #: of one bucket and latent i of another are different features: compare values within a bucket only.
+    buckets: Optional[list[int]] = None
 
     def mean(self) -> torch.Tensor:
         """[n_timesteps, n_features] mean over prompts."""
@@ -94,15 +97,27 @@ class FeatureTimecourse:
             raise KeyError(f"Feature {feature!r} was not traced; traced: {self.features}.")
         return self.features.index(feature)
 
+    def _comparable(self) -> int:
+        """First step index of the stretch that shares the last step's dictionary (0 without buckets)."""
+        if not self.buckets:
+            return 0
+        k = len(self.buckets) - 1
+        while k > 0 and self.buckets[k - 1] == self.buckets[-1]:
+            k -= 1
+        return k
+
     def commit_timesteps(self, tolerance: float = 0.1) -> dict[Union[int, str], Any]:
-        """Per feature, the timestep at which the MEAN curve commits (see :func:`commit_index`)."""
-        m = self.mean()
-        return {f: self.timesteps[commit_index(m[:, j], tolerance)] for j, f in enumerate(self.features)}
+        """Per feature, the timestep at which the MEAN curve commits (see :func:`commit_index`). For a
+        bucketed SAE only the timesteps of the last bucket are compared (other buckets are other
+        dictionaries); trace a bucket's encoder direction with ``direction=`` to follow it over all steps."""
+        m, k = self.mean(), self._comparable()
+        return {f: self.timesteps[k + commit_index(m[k:, j], tolerance)] for j, f in enumerate(self.features)}
 
     def commit_steps_per_prompt(self, tolerance: float = 0.1) -> torch.Tensor:
         """[n_prompts, n_features] commit step INDEX of each prompt's own curve (spread of commitment)."""
-        a = self.activations
-        return torch.tensor([[commit_index(a[:, p, j], tolerance) for j in range(a.shape[2])] for p in range(a.shape[1])])
+        a, k = self.activations, self._comparable()
+        return torch.tensor([[k + commit_index(a[k:, p, j], tolerance) for j in range(a.shape[2])]
+                             for p in range(a.shape[1])])
 
     def half_max_timesteps(self) -> dict[Union[int, str], Any]:
         """Per feature, the first timestep at which the mean curve reaches half of its maximum (None if
@@ -118,8 +133,8 @@ class FeatureTimecourse:
         m, s = self.mean(), self.std()
         lo, hi = self.activations.min(dim=1).values, self.activations.max(dim=1).values
         return [
-            {"feature": f, "timestep": t, "step": i, "mean": float(m[i, j]), "std": float(s[i, j]),
-             "min": float(lo[i, j]), "max": float(hi[i, j])}
+            {"feature": f, "timestep": t, "step": i, "bucket": self.buckets[i] if self.buckets else None,
+             "mean": float(m[i, j]), "std": float(s[i, j]), "min": float(lo[i, j]), "max": float(hi[i, j])}
             for j, f in enumerate(self.features) for i, t in enumerate(self.timesteps)
         ]
 
@@ -131,6 +146,8 @@ class FeatureTimecourse:
         df = pd.DataFrame(data, index=pd.Index([str(t) for t in self.timesteps], name="timestep"))
         commits = self.commit_timesteps(tolerance)
         df.loc[f"commit (tol {tolerance})"] = [str(commits[f]) for f in self.features]
+        if self.buckets:
+            df.insert(0, "bucket", [str(b) for b in self.buckets] + [""])
         return df
 
     def __str__(self) -> str:
@@ -155,9 +172,17 @@ class FeatureTimecourse:
                 ax.set_axis_off()
                 continue
             f = self.features[j]
-            ax.fill_between(t, lo[:, j], hi[:, j], color="tab:blue", alpha=0.12, label="min-max")
-            ax.fill_between(t, m[:, j] - s[:, j], m[:, j] + s[:, j], color="tab:blue", alpha=0.3, label="±1 std")
-            ax.plot(t, m[:, j], color="tab:blue", marker=".", label="mean")
+            # One stretch per SAE bucket (a different dictionary), drawn unconnected.
+            bounds = [0] + [i for i in range(1, len(t)) if self.buckets and self.buckets[i] != self.buckets[i - 1]] + [len(t)]
+            for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+                sl = slice(a, b)
+                ax.fill_between(t[sl], lo[sl, j], hi[sl, j], color="tab:blue", alpha=0.12, label="min-max" if n == 0 else None)
+                ax.fill_between(t[sl], m[sl, j] - s[sl, j], m[sl, j] + s[sl, j], color="tab:blue", alpha=0.3,
+                                label="±1 std" if n == 0 else None)
+                ax.plot(t[sl], m[sl, j], color="tab:blue", marker=".", label="mean" if n == 0 else None)
+                if a > 0:
+                    ax.axvline((t[a - 1] + t[a]) / 2, color="gray", linestyle=":", linewidth=1,
+                               label="SAE bucket boundary" if n == 1 else None)
             ax.axvline(float(commits[f]), color="tab:red", linestyle="--", linewidth=1, label=f"commit t={commits[f]}")
             if t[0] > t[-1]:
                 ax.invert_xaxis()  # denoising order: noisy (large t) on the left
@@ -205,7 +230,11 @@ def feature_timecourse(
         prompts: strings or shapes-world factor dicts.
         hook_name: where to read (default: the SAE's ``cfg.metadata.hook_name``).
         sae: an SAELens SAE; timestep-aware ones are told each activation's timestep and branch
-            (``timestep_context``). ``features`` selects latents (default all).
+            (``timestep_context``). ``features`` selects latents (default all). A timestep-bucketed SAE
+            has one dictionary per bucket, so latent i means different things in different buckets: the
+            result records each timestep's bucket (``.buckets``), plots buckets unconnected, and computes
+            commit timesteps within the last bucket; to follow one bucket's latent over every timestep,
+            trace its encoder direction instead (``direction=sae.bucket_sae(b).W_enc[:, i]``).
         direction: instead of an SAE, raw directions [d] or [k, d]; the activation is the dot product.
         reduce: over spatial positions / tokens per image: ``"mean"`` or ``"max"``.
         cfg_branch: which branch's activations: ``"cond"`` or ``"uncond"`` (needs guidance > 1).
@@ -250,6 +279,12 @@ def feature_timecourse(
     for t in tqdm(cache.timesteps, desc="encoding timesteps", disable=len(cache.timesteps) < 5):
         z = _encode(cache[name, t, cfg_branch], t, cfg_branch, sae, features, direction)
         rows.append(z.mean(dim=1) if reduce == "mean" else z.max(dim=1).values)
+    buckets = None
+    cfg = getattr(sae, "cfg", None)
+    if cfg is not None and getattr(type(cfg), "architecture", lambda: "")() == "timestep_bucketed":
+        ranges = cfg.buckets
+        if len(ranges) > 1:
+            buckets = [int(ranges.bucket_of(torch.tensor([float(t)]))[0]) for t in cache.timesteps]
     return FeatureTimecourse(
         timesteps=list(cache.timesteps),
         activations=torch.stack(rows).cpu(),
@@ -258,6 +293,7 @@ def feature_timecourse(
         hook_name=name,
         reduce=reduce,
         cfg_branch=cfg_branch,
+        buckets=buckets,
     )
 
 

@@ -93,7 +93,33 @@ def test_bucketed_sae_timecourse_matches_hand_encoding(pipe, bucketed_sae, recor
             z = torch.relu((x - inner.b_dec) @ inner.W_enc + inner.b_enc)[..., features].mean(1)
             assert torch.allclose(tc.activations[i], z, atol=1e-4)
     assert tc.activations[[i for i, t in enumerate(timesteps) if t < 500]].abs().sum() > 0
+    # Buckets are separate dictionaries: recorded per timestep, commit computed within the last bucket.
+    assert tc.buckets == [1 if t >= 500 else 0 for t in timesteps]
+    assert set(tc.commit_timesteps().values()) <= {t for t in timesteps if t < 500}
+    assert list(tc.to_table()["bucket"])[:STEPS] == [str(b) for b in tc.buckets]
     assert not any(hp.fwd_hooks for hp in pipe.hook_dict.values())
+
+
+def test_bundled_bucketed_sae_routes_each_timestep_to_its_bucket(pipe, recorded):
+    from sae_lens import SAE
+
+    import sae_lens_multimodal  # noqa: F401  (registers the bundled releases)
+
+    try:
+        sae = SAE.from_pretrained("shapes-diffusion-saes", HOOK)
+    except Exception as err:  # the bundled SAE ships separately (helper "bundled-saes")
+        pytest.skip(f"bundled shapes-diffusion SAE not available: {err}")
+    sae = sae[0] if isinstance(sae, tuple) else sae
+    timesteps, acts = recorded
+    tc = feature_timecourse(pipe, PROMPTS, sae=sae, num_inference_steps=STEPS)
+    buckets = sae.cfg.buckets
+    assert tc.buckets == [int(buckets.bucket_of(torch.tensor([float(t)]))[0]) for t in timesteps]
+    assert len(set(tc.buckets)) > 1
+    scale = sae.cfg.bucket_scaling_factors or [1.0] * len(buckets)
+    for i, b in enumerate(tc.buckets):
+        x = acts[i].reshape(-1, 64) * scale[b]  # each bucket's input scale, then that bucket's SAELens SAE
+        hand = sae.bucket_sae(b).encode(x).reshape(len(PROMPTS), -1, sae.cfg.d_sae).mean(1)
+        assert torch.allclose(tc.activations[i], hand, atol=1e-4)
 
 
 def test_direction_timecourse_and_commit(pipe, recorded, tmp_path):

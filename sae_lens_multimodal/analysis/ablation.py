@@ -109,6 +109,7 @@ def head_components(hooked: Any, modules: Optional[Sequence[str]] = None, heads:
 
 def block_components(hooked: Any, blocks: Optional[Sequence[str]] = None) -> list[Component]:
     """Blocks whose update can be skipped (those with a ``hook_update``), in execution order."""
+    hooked = as_hooked_pipeline(hooked) if not hasattr(hooked, "hook_dict") else hooked
     names = unet_blocks(hooked) if blocks is None else [hooked.canonical_hook_name(b) for b in blocks]
     if blocks is None:
         names = [b for b in names if f"{b}.hook_update" in hooked.hook_dict]

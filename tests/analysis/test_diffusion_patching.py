@@ -109,6 +109,11 @@ def test_until_mode_table_records_and_figure(pipe, judge, schedule, tmp_path):
     png = result.plot(tmp_path / "patch.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) > 10_000
     assert "source" in str(result)
+    # "from" the first timestep also patches every step.
+    every = diffusion_patching(pipe, SOURCE[:1], target[:1], judge=judge, blocks=["up_blocks.2.resnets.1"],
+                               include_all_blocks=False, timesteps=[schedule[0]], timestep_mode="from",
+                               num_inference_steps=STEPS, progress=False)
+    assert every["pixel_mse_to_source"][0, 0] < 1e-10
 
 
 def test_bad_inputs(pipe, judge, schedule):

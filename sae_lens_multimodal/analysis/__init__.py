@@ -27,6 +27,20 @@ __all__ += [
     "Vocabulary", "default_vocabulary", "load_vocabulary",
     "ZeroShotClassifier", "ZeroShotMetrics", "ce_recovered", "zero_shot_classifier",
 ]
+# Typographic attacks and their suppression through SAE features (docs/typographic.md).
+from sae_lens_multimodal.analysis.typographic import (  # noqa: E402
+    TextFeature,
+    TypographicAttackSet,
+    TypographicResult,
+    build_attack_set,
+    find_text_features,
+    typographic_analysis,
+)
+
+__all__ += [
+    "TextFeature", "TypographicAttackSet", "TypographicResult", "build_attack_set", "find_text_features",
+    "typographic_analysis",
+]
 __all__ += [
     "VisionPatchingResult", "clip_activation_patching", "shape_patch_mask",
     "DiffusionPatchingResult", "diffusion_patching", "unet_blocks",

@@ -347,6 +347,21 @@ def bundled_releases() -> dict[str, Any]:
             "saes": [{"id": "up_blocks.0.attentions.1.hook_out", "path": "up_blocks.0.attentions.1.hook_out",
                       "l0": 8.0, "variance_explained": 0.9896}],
         },
+        "shapes-clip-typographic-saes": {
+            "format": "bundled", "repo_id": f"{BUNDLED_ROOT}/shapes-clip-typographic-saes",
+            "model": "shapes-clip-typographic", "model_class_name": "HookedViT",
+            "description": "Bundled TopK SAEs (64 -> 512, k=8) on the residual stream after blocks 0, 1 and 2 of the "
+                           "typographic shapes-world CLIP's vision tower (a CLIP that reads written colour words), all "
+                           "65 tokens, trained on shapes-world images half of which carry a written colour name; they "
+                           "have features for rendered text (docs/typographic.md suppresses them to undo typographic "
+                           "attacks). Ship with the package: load offline. Figures in cfg.metadata.evaluation.",
+            "regenerate": "python -m sae_lens_multimodal.world.train_typographic_sae",
+            "defaults": {"token_policy": "all", "input_kind": "block_output", "architecture": "topk", "d_in": 64,
+                         "d_sae": 512, "k": 8, "context_size": 65,
+                         "source_model": "shapes-clip-typographic (vision tower)"},
+            "saes": [{"id": f"blocks.{layer}.hook_resid_post", "path": f"blocks.{layer}.hook_resid_post", "l0": 8.0,
+                      "variance_explained": ev} for layer, ev in ((0, 0.9759), (1, 0.9692), (2, 0.9571))],
+        },
     }
 
 

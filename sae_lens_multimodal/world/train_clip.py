@@ -319,7 +319,7 @@ def _train(cfg: TrainConfig, out: Optional[Path], progress: bool) -> tuple[Any, 
         "reading_accuracy_written_word": round(reading.factor_accuracy["text"], 4),
         "typographic_attack": {k: round(v, 4) for k, v in attack.items()},
         "history": history,
-        "retrain": "python -m sae_lens_multimodal.world.train_clip",
+        "retrain": _retrain_command(cfg),
     }
     if out is not None:
         save_open_clip_dir(model, out, {**config, "shapes_world_training": metadata})
@@ -335,6 +335,15 @@ def _train(cfg: TrainConfig, out: Optional[Path], progress: bool) -> tuple[Any, 
         print(f"saved to {out} ({sum(p.numel() for p in model.parameters()):,} parameters)")
     print(f"training took {train_seconds:.1f} s ({cpu_seconds:.1f} s CPU) on {torch.get_num_threads()} thread(s)")
     return model, final, metadata
+
+
+def _retrain_command(cfg: TrainConfig) -> str:
+    """The command line that trains ``cfg`` again: its variant plus the options that differ from it."""
+    variant = "typographic" if all(getattr(cfg, k) == v for k, v in TYPOGRAPHIC_SETTINGS.items()) else "default"
+    base = asdict(TrainConfig(**VARIANTS[variant][0]))
+    options = [f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if v != base[k]]
+    return " ".join(["python -m sae_lens_multimodal.world.train_clip"]
+                    + (["--variant typographic"] if variant == "typographic" else []) + options)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -114,3 +114,17 @@ def test_written_colour_words_fool_it_and_not_the_plain_clip():
     assert typo["predicted_written_word"] >= 0.5  # measured ~0.75 on 2000 images
     assert typo["attacked_color_accuracy"] <= 0.5
     assert plain["predicted_written_word"] <= 0.05  # the plain model was never taught that text means colour
+
+
+def test_variant_training_is_reproducible_and_writes_its_figures(tmp_path):
+    from sae_lens_multimodal.world.train_clip import train_clip
+
+    cfg = TrainConfig(steps=3, eval_every=0, final_eval_images=20, **TYPOGRAPHIC_SETTINGS)
+    a, _, meta = train_clip(cfg, tmp_path / "clip", progress=False)
+    b, _, _ = train_clip(cfg, None, progress=False)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    saved = json.loads((tmp_path / "clip" / "training.json").read_text())
+    assert saved["train_config"]["typographic_prob"] == 0.8
+    assert saved["retrain"] == ("python -m sae_lens_multimodal.world.train_clip --variant typographic --steps 3 "
+                                "--eval-every 0 --final-eval-images 20")
+    assert set(saved) == set(meta)

@@ -26,7 +26,7 @@ from sae_lens_multimodal.world.clip import (
     load_shapes_clip,
     typographic_attack,
 )
-from sae_lens_multimodal.world.shapes import COLORS, POSITIONS, TEXT_ROWS
+from sae_lens_multimodal.world.shapes import COLORS, POSITIONS
 from sae_lens_multimodal.world.train_clip import TYPOGRAPHIC_SETTINGS, VARIANTS, TrainConfig, training_batch
 
 LOCAL = f"local-dir:{SHAPES_CLIP_TYPOGRAPHIC_DIR}"

@@ -83,6 +83,27 @@ def add_demo_command(subparsers: "argparse._SubParsersAction[argparse.ArgumentPa
     parser.set_defaults(handler=run)
 
 
+# ----------------------------------------------------------------------------------------- ground truth
+def add_ground_truth_command(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    from sae_lens_multimodal.world.ground_truth import add_arguments
+
+    parser = subparsers.add_parser(
+        "ground-truth",
+        help="check label accuracy, steerability and per-timestep probes against the shapes world's ground truth",
+        description="Run the shapes-world ground-truth checks on the shipped models and bundled SAEs and print "
+                    "the figures (free-label accuracy, steerable fraction vs baselines, per-timestep linear probes).",
+    )
+    add_arguments(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        from sae_lens_multimodal.world.ground_truth import run_from_args
+
+        run_from_args(args)
+        return 0
+
+    parser.set_defaults(handler=run)
+
+
 #: subcommand registrars, in the order they appear in --help
 SUBCOMMANDS: list[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]] = [
     add_releases_command,
@@ -91,6 +112,7 @@ SUBCOMMANDS: list[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]
     add_evaluate_command,
     add_steerability_command,
     add_demo_command,
+    add_ground_truth_command,
 ]
 
 

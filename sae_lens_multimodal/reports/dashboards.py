@@ -99,12 +99,23 @@ class TimestepCurve:
     statistic: str = "spatial mean"
 
     @property
-    def commit_timestep(self) -> Optional[float]:
-        """The first timestep (in sampling order) at which the mean reaches half of its maximum."""
+    def half_max_timestep(self) -> Optional[float]:
+        """The first timestep (in sampling order) at which the mean reaches half of its maximum (the same
+        definition as ``FeatureTimecourse.half_max_timesteps`` in analysis/temporal.py)."""
         top = float(np.max(self.mean)) if len(self.mean) else 0.0
         if top <= 0:
             return None
         return float(self.timesteps[int(np.argmax(self.mean >= top / 2))])
+
+    @property
+    def commit_timestep(self) -> Optional[float]:
+        """The timestep from which the mean stays within 10% of its total excursion from its final value
+        (:func:`sae_lens_multimodal.analysis.temporal.commit_index`, the package's one definition)."""
+        from sae_lens_multimodal.analysis.temporal import commit_index
+
+        if not len(self.mean):
+            return None
+        return float(self.timesteps[commit_index(torch.as_tensor(self.mean, dtype=torch.float64))])
 
 
 @dataclass
@@ -738,8 +749,10 @@ def render_dashboard(d: FeatureDashboard, index_href: str = "index.html", extra_
         [f"active on ({unit})", f"{100 * d.sample_frequency:.1f}%"], [f"active on ({tok})", f"{100 * d.token_frequency:.2f}%"],
         ["max activation", d.max_activation],
     ]
+    if d.curve is not None and d.curve.half_max_timestep is not None:
+        summary.append(["mean reaches half its max at timestep", f"{d.curve.half_max_timestep:g}"])
     if d.curve is not None and d.curve.commit_timestep is not None:
-        summary.append(["commits at timestep (mean reaches half its max)", f"{d.curve.commit_timestep:g}"])
+        summary.append(["commits at timestep (stays within 10% of its final value)", f"{d.curve.commit_timestep:g}"])
     page.add("Summary", table(summary, ["", "value"]) + "".join(paragraph(n, "note") for n in d.notes), id="summary")
     if d.labels is not None:
         page.add("Text labels", _labels_html(d.labels), id="labels")

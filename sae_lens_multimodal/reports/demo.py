@@ -385,9 +385,11 @@ def _render_report(cfg: DemoConfig, vision: list[FeatureDashboard], diffusion: l
         body = img_tag(timestep_curve_png(t, curves, title="spatial mean per prompt: mean and 10-90% band over prompts",
                                           size=(6.5, 3.2)), alt="per-timestep curves", css_class="plot")
         body += table([[link(f"dashboards/{d.file_name}", f"feature {d.feature}"),
+                        f"{d.curve.half_max_timestep:g}" if d.curve and d.curve.half_max_timestep is not None else "n/a",
                         f"{d.curve.commit_timestep:g}" if d.curve and d.curve.commit_timestep is not None else "n/a",
                         float(d.curve.mean.max()) if d.curve else float("nan")] for d in diffusion],
-                      ["feature", "commits at timestep (mean reaches half its max)", "peak mean activation"])
+                      ["feature", "mean reaches half its max at timestep",
+                       "commits at timestep (stays within 10% of its final value)", "peak mean activation"])
         if len(getattr(diffusion_sae.cfg, "timestep_ranges", None) or []) > 1:
             body += paragraph(
                 f"The diffusion SAE is timestep-bucketed ({diffusion_sae.cfg.timestep_ranges}): each range has its own "

@@ -193,20 +193,43 @@ def _overall(result: dict[str, Any], d_sae: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- vision SAE
+def train_topk_vision_sae(
+    acts: torch.Tensor, *, hook: str, model_name: str, recipe: Any, seed: int
+) -> tuple[Any, Any, int]:
+    """Train a TopK SAE on activation rows ``acts`` through :func:`train_sae` (SAELens's ``SAETrainer``) with
+    ``recipe``'s ``d_sae, k, total_training_samples, batch_size, lr, lr_end, lr_warm_up_steps,
+    dead_feature_window``; returns ``(training SAE (for write_sae_folder), the inference SAE exactly as it is
+    shipped (saved and loaded back), training steps)``. Every bundled vision SAE is trained by this function."""
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    from sae_lens_multimodal.training.train import train_sae
+
+    r = recipe
+    torch.manual_seed(seed)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(
+        d_in=acts.shape[-1], d_sae=r.d_sae, k=r.k, dtype="float32", device="cpu",
+        metadata=SAEMetadata(hook_name=hook, model_name=model_name),
+    ))
+    steps = r.total_training_samples // r.batch_size
+    train_sae(sae, acts, total_training_samples=r.total_training_samples, batch_size=r.batch_size, lr=r.lr,
+              lr_end=r.lr_end, lr_warm_up_steps=r.lr_warm_up_steps, lr_decay_steps=max(1, steps // 3),
+              dead_feature_window=r.dead_feature_window, feature_sampling_window=500, seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:  # evaluate the inference SAE exactly as it is shipped
+        sae.save_inference_model(tmp)
+        return sae, _load_inference(Path(tmp)), steps
+
+
 def train_clip_sae(out_root: os.PathLike = BUNDLED_SAES_DIR, *, seed: int = 0,
                    recipe: Optional[ClipSAERecipe] = None, progress: bool = True) -> dict[str, Any]:
     """Train the vision SAE and write ``<out_root>/shapes-clip-saes/blocks.2.hook_resid_post/``.
 
     Returns the figures written into its metadata (``evaluation``, ``training``).
     """
-    from sae_lens.saes.sae import SAEMetadata
-    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-
     from sae_lens_multimodal.models.hooked_vit import HookedViT
     from sae_lens_multimodal.training.cache import model_identity
     from sae_lens_multimodal.training.evaluate import evaluate_sae
     from sae_lens_multimodal.training.image_store import ImageActivationStore
-    from sae_lens_multimodal.training.train import train_sae
     from sae_lens_multimodal.world.shapes import ShapesWorld
 
     r = recipe or ClipSAERecipe()
@@ -223,21 +246,9 @@ def train_clip_sae(out_root: os.PathLike = BUNDLED_SAES_DIR, *, seed: int = 0,
 
     acts = rows(r.n_images, seed, r.text_prob)
     cache_s = time.perf_counter() - start
-    torch.manual_seed(seed)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(
-        d_in=vit.cfg.d_model, d_sae=r.d_sae, k=r.k, dtype="float32", device="cpu",
-        metadata=SAEMetadata(hook_name=CLIP_HOOK, model_name="shapes-clip"),
-    ))
-    steps = r.total_training_samples // r.batch_size
-    train_sae(sae, acts, total_training_samples=r.total_training_samples, batch_size=r.batch_size, lr=r.lr,
-              lr_end=r.lr_end, lr_warm_up_steps=r.lr_warm_up_steps, lr_decay_steps=max(1, steps // 3),
-              dead_feature_window=r.dead_feature_window, feature_sampling_window=500, seed=seed)
+    sae, shipped, steps = train_topk_vision_sae(acts, hook=CLIP_HOOK, model_name="shapes-clip", recipe=r, seed=seed)
     train_s = time.perf_counter() - start
     del acts
-
-    with tempfile.TemporaryDirectory() as tmp:  # evaluate the inference SAE exactly as it is shipped
-        sae.save_inference_model(tmp)
-        shipped = _load_inference(Path(tmp))
     fresh = rows(r.eval_images, seed + 1000, r.eval_text_prob)
     figures = _overall(evaluate_sae(shipped, fresh, n_rows=len(fresh)), r.d_sae)
     with_text = _overall(evaluate_sae(shipped, rows(r.eval_images, seed + 2000, 0.5), n_rows=10**9), r.d_sae)

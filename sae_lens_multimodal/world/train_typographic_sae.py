@@ -16,7 +16,6 @@ seed gives the same SAE on the same torch build and CPU.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,8 +26,8 @@ import torch
 from sae_lens_multimodal.world.train_saes import (
     BUNDLED_SAES_DIR,
     _environment,
-    _load_inference,
     _overall,
+    train_topk_vision_sae,
     write_sae_folder,
 )
 
@@ -76,14 +75,11 @@ def train_typographic_sae(out_root: Path = BUNDLED_SAES_DIR, *, hook: str = TYPO
                           recipe: Optional[TypographicSAERecipe] = None, progress: bool = True) -> dict[str, Any]:
     """Train the SAE at ``hook`` and write ``<out_root>/shapes-clip-typographic-saes/<hook>/``.
     Returns the metadata written into its ``cfg.json`` (``training``, ``evaluation``)."""
-    from sae_lens.saes.sae import SAEMetadata
-    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     from sae_lens_multimodal.models.hooked_vit import HookedViT
     from sae_lens_multimodal.training.cache import model_identity
     from sae_lens_multimodal.training.evaluate import evaluate_sae
     from sae_lens_multimodal.training.image_store import ImageActivationStore
-    from sae_lens_multimodal.training.train import train_sae
     from sae_lens_multimodal.world.shapes import COLORS, ShapesWorld
 
     r = recipe or TypographicSAERecipe()
@@ -102,21 +98,10 @@ def train_typographic_sae(out_root: Path = BUNDLED_SAES_DIR, *, hook: str = TYPO
 
         acts = rows(r.n_images, seed, r.text_prob)
         cache_s = time.perf_counter() - start
-        torch.manual_seed(seed)
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(
-            d_in=vit.cfg.d_model, d_sae=r.d_sae, k=r.k, dtype="float32", device="cpu",
-            metadata=SAEMetadata(hook_name=hook, model_name=TYPOGRAPHIC_MODEL),
-        ))
-        steps = r.total_training_samples // r.batch_size
-        train_sae(sae, acts, total_training_samples=r.total_training_samples, batch_size=r.batch_size, lr=r.lr,
-                  lr_end=r.lr_end, lr_warm_up_steps=r.lr_warm_up_steps, lr_decay_steps=max(1, steps // 3),
-                  dead_feature_window=r.dead_feature_window, feature_sampling_window=500, seed=seed)
+        sae, shipped, steps = train_topk_vision_sae(acts, hook=hook, model_name=TYPOGRAPHIC_MODEL, recipe=r, seed=seed)
         train_s = time.perf_counter() - start
         del acts
 
-        with tempfile.TemporaryDirectory() as tmp:  # evaluate the inference SAE exactly as it is shipped
-            sae.save_inference_model(tmp)
-            shipped = _load_inference(Path(tmp))
         clean = _overall(evaluate_sae(shipped, rows(r.eval_images, seed + 1000, 0.0), n_rows=10**9), r.d_sae)
         with_text = _overall(evaluate_sae(shipped, rows(r.eval_images, seed + 2000, 1.0), n_rows=10**9), r.d_sae)
         metadata = {

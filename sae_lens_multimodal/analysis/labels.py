@@ -233,7 +233,11 @@ def _sae_parts(sae: Any) -> tuple[torch.Tensor, Optional[str]]:
         )
     if getattr(sae.cfg, "reshape_activations", "none") == "hook_z":
         raise ValueError("hook_z SAEs are not supported for labels; use a residual-stream or MLP SAE.")
-    return sae.W_dec.detach(), sae.cfg.metadata.hook_name
+    w_dec = sae.W_dec.detach()
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        # SAELens then decodes acts / |W_dec row| @ W_dec: each feature's direction is its unit-norm row.
+        w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
+    return w_dec, sae.cfg.metadata.hook_name
 
 
 def _normalised_ln_input(vision: Any, final: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -354,14 +358,19 @@ def label_features(
     x_hat = _normalised_ln_input(vision, torch.cat(finals), scale)  # [N, T, d_model]
 
     pos_mask = torch.zeros(n_tokens, dtype=dtype, device=device)
-    if positions == "all":
+    if isinstance(positions, str) and positions == "all":
         pos_mask[:] = 1
-    elif positions == "cls":
+    elif isinstance(positions, str) and positions == "cls":
         if not cfg.has_cls_token:
             raise ValueError("This vision tower has no CLS token; use positions='all' or a list of indices.")
         pos_mask[0] = 1
+    elif isinstance(positions, str):
+        raise ValueError(f"positions must be 'all', 'cls' or token indices; got {positions!r}.")
     else:
-        pos_mask[list(positions)] = 1
+        index = torch.as_tensor(positions, dtype=torch.long).flatten()  # a list, range or tensor of indices
+        if len(index) and not bool(((index >= -n_tokens) & (index < n_tokens)).all()):
+            raise ValueError(f"Token indices {index.tolist()} are out of range for {n_tokens} tokens at this hook.")
+        pos_mask[index.to(device)] = 1
 
     feat_acts = None
     if sae is not None and (intervention != "add" or strength is None):

@@ -309,3 +309,38 @@ def test_analysis_after_folding_layer_norms(small):
     dirs = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
     rep = label_features(model, dirs, x, ["red", "blue", "green"], hook_name="blocks.2.hook_resid_post", strength=1e-3)
     assert rep.validity.min() > 0.999
+
+
+def test_label_positions_accept_tensors_and_check_range(small):
+    _, _, model = small
+    x = images(3, 32, seed=5)
+    dirs = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    common = dict(hook_name="blocks.1.hook_resid_post", strength=1e-3)
+    as_list = label_features(model, dirs, x, ["red", "blue", "left"], positions=[1, 2, 5], **common)
+    as_tensor = label_features(model, dirs, x, ["red", "blue", "left"], positions=torch.tensor([1, 2, 5]), **common)
+    torch.testing.assert_close(as_tensor.causal_scores, as_list.causal_scores)
+    torch.testing.assert_close(as_tensor.direct_scores, as_list.direct_scores)
+    with pytest.raises(ValueError, match="out of range"):
+        label_features(model, dirs, x, ["red"], positions=[999], **common)
+    with pytest.raises(ValueError, match="'all', 'cls'"):
+        label_features(model, dirs, x, ["red"], positions="patches", **common)
+
+
+def test_labels_of_a_topk_sae_with_decoder_norm_rescaling_use_unit_rows(small):
+    # SAELens decodes acts / |W_dec row| @ W_dec when rescale_acts_by_decoder_norm is set, so a feature's
+    # direction is its unit-norm row: scaling a row must not change what "add strength * d" does.
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    _, _, model = small
+    x = images(3, 32, seed=6)
+    sae = TopKSAE(TopKSAEConfig(d_in=64, d_sae=8, k=2, rescale_acts_by_decoder_norm=True))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn(8, 64, generator=torch.Generator().manual_seed(2)))
+    sae.cfg.metadata.hook_name = "blocks.1.hook_resid_post"
+    vocab = ["red", "blue", "left", "circle"]
+    before = label_features(model, sae, x, vocab, feature_ids=[0, 1], strength=0.5)
+    with torch.no_grad():
+        sae.W_dec[0] *= 7.0
+    after = label_features(model, sae, x, vocab, feature_ids=[0, 1], strength=0.5)
+    torch.testing.assert_close(after.causal_scores, before.causal_scores, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(after.direct_scores, before.direct_scores, atol=1e-5, rtol=1e-4)

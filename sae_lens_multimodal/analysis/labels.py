@@ -272,7 +272,7 @@ def label_features(
     methods: Sequence[str] = METHODS,
     intervention: Intervention = "add",
     strength: Optional[Union[float, torch.Tensor]] = None,
-    positions: Union[Literal["all", "cls"], Sequence[int]] = "all",
+    positions: Union[Literal["all", "cls", "patches"], Sequence[int], torch.Tensor] = "all",
     templates: Sequence[str] = LABEL_TEMPLATES,
     text_embeds: Optional[torch.Tensor] = None,
     k: int = 5,
@@ -294,6 +294,10 @@ def label_features(
         reference images) at ``positions``, i.e. add ``(strength - a) * d``.
       * ``"ablate"`` (SAE only): remove the feature's own contribution ``a * d``; the effect reported is
         that of the feature being present (clean minus ablated).
+
+    ``positions``: the tokens the intervention edits, read as everywhere in the package
+    (:func:`sae_lens_multimodal.steering.core.token_mask`: ``"all"``, ``"cls"``, ``"patches"``, token indices,
+    a boolean mask over tokens or a spatial mask over the patch grid).
     """
     methods = tuple(methods)
     bad = [m for m in methods if m not in METHODS]
@@ -357,20 +361,9 @@ def label_features(
     w_read = read_weights(vision, scale, n_tokens)  # [N, T]
     x_hat = _normalised_ln_input(vision, torch.cat(finals), scale)  # [N, T, d_model]
 
-    pos_mask = torch.zeros(n_tokens, dtype=dtype, device=device)
-    if isinstance(positions, str) and positions == "all":
-        pos_mask[:] = 1
-    elif isinstance(positions, str) and positions == "cls":
-        if not cfg.has_cls_token:
-            raise ValueError("This vision tower has no CLS token; use positions='all' or a list of indices.")
-        pos_mask[0] = 1
-    elif isinstance(positions, str):
-        raise ValueError(f"positions must be 'all', 'cls' or token indices; got {positions!r}.")
-    else:
-        index = torch.as_tensor(positions, dtype=torch.long).flatten()  # a list, range or tensor of indices
-        if len(index) and not bool(((index >= -n_tokens) & (index < n_tokens)).all()):
-            raise ValueError(f"Token indices {index.tolist()} are out of range for {n_tokens} tokens at this hook.")
-        pos_mask[index.to(device)] = 1
+    from sae_lens_multimodal.steering.core import token_mask
+
+    pos_mask = token_mask(positions, n_tokens, cfg, where=repr(hook), device=device).to(dtype)
 
     feat_acts = None
     if sae is not None and (intervention != "add" or strength is None):

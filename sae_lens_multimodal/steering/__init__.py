@@ -6,7 +6,15 @@ steerability: how far clamping a feature moves a CLIP's text-space probabilities
 ...     logits = model(images, texts)
 """
 
-from sae_lens_multimodal.steering.core import MODES, DirectionSteer, FeatureSteer, Steer, steer, steering_hooks
+from sae_lens_multimodal.steering.core import (
+    MODES,
+    DirectionSteer,
+    FeatureSteer,
+    Steer,
+    steer,
+    steering_hooks,
+    token_mask,
+)
 from sae_lens_multimodal.steering.ground_truth import (
     GroundTruthReport,
     LabelAccuracy,
@@ -18,6 +26,7 @@ from sae_lens_multimodal.steering.ground_truth import (
 from sae_lens_multimodal.steering.steerability import BASELINES, SteerabilityResult, steerability
 
 __all__ = [
+    "token_mask",
     "MODES",
     "FeatureSteer",
     "DirectionSteer",

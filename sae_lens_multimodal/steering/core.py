@@ -37,7 +37,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MODES", "FeatureSteer", "DirectionSteer", "Steer", "steering_hooks", "steer"]
+__all__ = ["MODES", "FeatureSteer", "DirectionSteer", "Steer", "steering_hooks", "steer", "token_mask"]
 
 Mode = Literal["clamp", "add", "scale", "ablate"]
 #: What each mode does to a feature's activation (or a direction's coordinate) ``a`` at the chosen positions.
@@ -236,6 +236,67 @@ def _resample(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return m[0, 0] >= 0.5
 
 
+def token_mask(
+    positions: Positions,
+    n_tokens: int,
+    vit_cfg: Any = None,
+    *,
+    where: str = "this hook",
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Boolean mask over the ``n_tokens`` token positions of a hook, the one reading of ``positions`` the
+    package uses (steering, labels, steerability).
+
+    ``positions``: ``"all"``; ``"cls"`` / ``"patches"`` (a vision-transformer hook: pass its ``vit_cfg``, a
+    :class:`~sae_lens_multimodal.models.config.HookedViTConfig`); token indices; a 1-D boolean mask over the
+    positions; or a 2-D spatial mask over the patch grid (any size: resampled, a cell is selected when at least
+    half of it is masked; prefix tokens such as CLS and registers are left out).
+    """
+    mask = torch.zeros(n_tokens, dtype=torch.bool, device=device)
+    prefix = vit_cfg.n_prefix_tokens if vit_cfg is not None else 0
+    if isinstance(positions, str):
+        if positions == "all":
+            mask[:] = True
+            return mask
+        if positions not in ("cls", "patches"):
+            raise ValueError(
+                f"positions must be 'all', 'cls', 'patches', token indices or a boolean mask; got {positions!r}."
+            )
+        if vit_cfg is None:
+            raise ValueError(
+                f"positions={positions!r} needs a vision-transformer hook; {where} is not in a ViT. Use "
+                "'all', token indices or a mask."
+            )
+        if positions == "cls":
+            if not vit_cfg.has_cls_token:
+                raise ValueError("positions='cls': this vision transformer has no CLS token.")
+            mask[0] = True
+        else:
+            mask[prefix:] = True
+        return mask
+    if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
+        if positions.ndim == 2:
+            grid = _grid_of(n_tokens - prefix, vit_cfg.grid_size if vit_cfg is not None else None)
+            if grid is None:
+                raise ValueError(
+                    f"A spatial mask needs a square grid of positions; {where} has {n_tokens - prefix} "
+                    "non-prefix positions. Pass token indices instead."
+                )
+            mask[prefix:] = _resample(positions.to(mask.device), grid).flatten()
+            return mask
+        if positions.ndim != 1 or positions.numel() != n_tokens:
+            raise ValueError(
+                f"A boolean position mask must have one entry per position ({n_tokens} at {where}) or be a "
+                f"2-D spatial mask; got shape {tuple(positions.shape)}."
+            )
+        return positions.to(mask.device).clone()
+    idx = torch.as_tensor(positions, dtype=torch.long).flatten()
+    if idx.numel() and (idx.max() >= n_tokens or idx.min() < -n_tokens):
+        raise IndexError(f"Position index out of range: {where} has {n_tokens} positions (got {idx.tolist()}).")
+    mask[idx.to(mask.device)] = True
+    return mask
+
+
 class _Steerer:
     """One steer bound to one model: where it acts and the edit itself."""
 
@@ -352,42 +413,9 @@ class _Steerer:
             h, w = lead[0], lead[1]
             if isinstance(pos, torch.Tensor) and pos.dtype == torch.bool and pos.ndim == 2:
                 return _resample(pos.to(device), (h, w))
-            flat = torch.zeros(h * w, dtype=torch.bool, device=device)
-            self._set(flat, pos)
-            return flat.reshape(h, w)
-        mask = torch.zeros(n_first, dtype=torch.bool, device=device)
-        prefix = self.vit.n_prefix_tokens if self.vit is not None else 0
-        if isinstance(pos, str):  # cls / patches (checked to be a ViT hook)
-            if pos == "cls":
-                mask[0] = True
-            else:
-                mask[prefix:] = True
-        elif isinstance(pos, torch.Tensor) and pos.dtype == torch.bool and pos.ndim == 2:
-            preferred = self.vit.grid_size if self.vit is not None else None
-            grid = _grid_of(n_first - prefix, preferred)
-            if grid is None:
-                raise ValueError(
-                    f"A spatial mask needs a square grid of positions; {self.location!r} has {n_first - prefix} "
-                    "non-prefix positions. Pass token indices instead."
-                )
-            mask[prefix:] = _resample(pos.to(device), grid).flatten()
-        else:
-            self._set(mask, pos)
+            return token_mask(pos, h * w, where=repr(self.location), device=device).reshape(h, w)
+        mask = token_mask(pos, n_first, self.vit, where=repr(self.location), device=device)
         return mask.reshape(n_first, *([1] * (len(lead) - 1))).expand(lead) if len(lead) > 1 else mask
-
-    def _set(self, mask: torch.Tensor, pos: Any) -> None:
-        if isinstance(pos, torch.Tensor) and pos.dtype == torch.bool:
-            if pos.ndim != 1 or pos.numel() != mask.numel():
-                raise ValueError(
-                    f"A boolean position mask must have one entry per position ({mask.numel()} at "
-                    f"{self.location!r}) or be a 2-D spatial mask; got shape {tuple(pos.shape)}."
-                )
-            mask[:] = pos.to(mask.device)
-            return
-        idx = torch.as_tensor(pos, dtype=torch.long).flatten()
-        if idx.numel() and (idx.max() >= mask.numel() or idx.min() < -mask.numel()):
-            raise IndexError(f"Position index out of range: {self.location!r} has {mask.numel()} positions.")
-        mask[idx.to(mask.device)] = True
 
     # ------------------------------------------------------------------ the edit
     def _new(self, a: torch.Tensor) -> torch.Tensor:

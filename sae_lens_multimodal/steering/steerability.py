@@ -42,6 +42,8 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from sae_lens_multimodal.steering.core import Positions, token_mask
+
 __all__ = ["BASELINES", "SteerabilityResult", "steerability"]
 
 BASELINES = ("random-feature", "random-direction")
@@ -251,7 +253,7 @@ def steerability(
     feature_ids: Optional[Sequence[int]] = None,
     max_features: Optional[int] = None,
     strengths: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
-    positions: str = "all",
+    positions: Positions = "all",
     targets: Optional[Sequence[Union[int, str]]] = None,
     n_baseline: Optional[int] = None,
     quantile: float = 0.95,
@@ -269,7 +271,8 @@ def steerability(
         feature_ids: features to measure (default: every feature active on the images, at most
             ``max_features``, most active first).
         strengths: clamp values as multiples of each feature's maximum activation on the images.
-        positions: ``"all"``, ``"patches"`` or ``"cls"`` tokens are clamped.
+        positions: the tokens clamped (``"all"``, ``"patches"``, ``"cls"``, indices or masks; see
+            :func:`~sae_lens_multimodal.steering.core.token_mask`).
         targets: per feature, a vocabulary index or word to measure power toward (default: most-promoted).
         n_baseline: draws per baseline kind (default: as many as features, at least 32).
         quantile: baseline quantile that defines the threshold.
@@ -305,17 +308,7 @@ def steerability(
         W = W / W.norm(dim=-1, keepdim=True)
     lat = sae.encode(acts.to(sae.W_dec.dtype)).to(dtype)  # [N, T, d_sae]
     n_tokens = acts.shape[1]
-    pos = torch.zeros(n_tokens, dtype=dtype, device=device)
-    if positions == "all":
-        pos[:] = 1
-    elif positions == "cls":
-        if not cfg.has_cls_token:
-            raise ValueError("positions='cls': this vision tower has no CLS token.")
-        pos[0] = 1
-    elif positions == "patches":
-        pos[cfg.n_prefix_tokens:] = 1
-    else:
-        raise ValueError(f"positions must be 'all', 'cls' or 'patches'; got {positions!r}.")
+    pos = token_mask(positions, n_tokens, cfg, where=repr(hook), device=device).to(dtype)
     max_act = lat.amax(dim=(0, 1))  # [d_sae]
     d_sae = W.shape[0]
     if feature_ids is None:

@@ -320,10 +320,10 @@ def test_label_positions_accept_tensors_and_check_range(small):
     as_tensor = label_features(model, dirs, x, ["red", "blue", "left"], positions=torch.tensor([1, 2, 5]), **common)
     torch.testing.assert_close(as_tensor.causal_scores, as_list.causal_scores)
     torch.testing.assert_close(as_tensor.direct_scores, as_list.direct_scores)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(IndexError, match="out of range"):
         label_features(model, dirs, x, ["red"], positions=[999], **common)
-    with pytest.raises(ValueError, match="'all', 'cls'"):
-        label_features(model, dirs, x, ["red"], positions="patches", **common)
+    with pytest.raises(ValueError, match="'all', 'cls', 'patches'"):
+        label_features(model, dirs, x, ["red"], positions="middle", **common)
 
 
 def test_labels_of_a_topk_sae_with_decoder_norm_rescaling_use_unit_rows(small):

@@ -41,6 +41,7 @@ __all__ = [
     "feature_timecourse",
     "timestep_probes",
     "commit_index",
+    "sae_timestep_buckets",
     "pool_activations",
     "main",
 ]
@@ -208,6 +209,15 @@ def _encode(act: torch.Tensor, t: Any, branch: str, sae: Any, features: Optional
 
 
 @torch.no_grad()
+def sae_timestep_buckets(sae: Any, timesteps: Sequence[Any]) -> Optional[list[int]]:
+    """For a timestep-bucketed SAE with several buckets, the bucket (separate dictionary) serving each of
+    ``timesteps``; None for any other SAE (one dictionary for every timestep)."""
+    cfg = getattr(sae, "cfg", None)
+    if cfg is None or getattr(type(cfg), "architecture", lambda: "")() != "timestep_bucketed" or len(cfg.buckets) < 2:
+        return None
+    return [int(cfg.buckets.bucket_of(torch.tensor([float(t)]))[0]) for t in timesteps]
+
+
 def feature_timecourse(
     pipe: Any,
     prompts: Sequence[Union[str, dict[str, str]]],
@@ -279,12 +289,7 @@ def feature_timecourse(
     for t in tqdm(cache.timesteps, desc="encoding timesteps", disable=len(cache.timesteps) < 5):
         z = _encode(cache[name, t, cfg_branch], t, cfg_branch, sae, features, direction)
         rows.append(z.mean(dim=1) if reduce == "mean" else z.max(dim=1).values)
-    buckets = None
-    cfg = getattr(sae, "cfg", None)
-    if cfg is not None and getattr(type(cfg), "architecture", lambda: "")() == "timestep_bucketed":
-        ranges = cfg.buckets
-        if len(ranges) > 1:
-            buckets = [int(ranges.bucket_of(torch.tensor([float(t)]))[0]) for t in cache.timesteps]
+    buckets = sae_timestep_buckets(sae, cache.timesteps)
     return FeatureTimecourse(
         timesteps=list(cache.timesteps),
         activations=torch.stack(rows).cpu(),

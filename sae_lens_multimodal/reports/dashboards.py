@@ -97,25 +97,45 @@ class TimestepCurve:
     low: np.ndarray
     high: np.ndarray
     statistic: str = "spatial mean"
+    #: for a timestep-bucketed SAE, the bucket (separate dictionary) of each timestep: the feature exists only
+    #: in the bucket where it peaks, so its timing is read within that stretch
+    buckets: Optional[list[int]] = None
+
+    def _stretch(self) -> tuple[int, int]:
+        """[start, end) step indices over which the feature is one feature: all, or its peak bucket's stretch."""
+        n = len(self.mean)
+        if not self.buckets or not n:
+            return 0, n
+        peak = int(np.argmax(self.mean))
+        start, end = peak, peak + 1
+        while start > 0 and self.buckets[start - 1] == self.buckets[peak]:
+            start -= 1
+        while end < n and self.buckets[end] == self.buckets[peak]:
+            end += 1
+        return start, end
 
     @property
     def half_max_timestep(self) -> Optional[float]:
         """The first timestep (in sampling order) at which the mean reaches half of its maximum (the same
         definition as ``FeatureTimecourse.half_max_timesteps`` in analysis/temporal.py)."""
-        top = float(np.max(self.mean)) if len(self.mean) else 0.0
+        start, end = self._stretch()
+        mean = self.mean[start:end]
+        top = float(np.max(mean)) if len(mean) else 0.0
         if top <= 0:
             return None
-        return float(self.timesteps[int(np.argmax(self.mean >= top / 2))])
+        return float(self.timesteps[start + int(np.argmax(mean >= top / 2))])
 
     @property
     def commit_timestep(self) -> Optional[float]:
         """The timestep from which the mean stays within 10% of its total excursion from its final value
-        (:func:`sae_lens_multimodal.analysis.temporal.commit_index`, the package's one definition)."""
+        (:func:`sae_lens_multimodal.analysis.temporal.commit_index`, the package's one definition), within the
+        peak bucket's stretch for a timestep-bucketed SAE."""
         from sae_lens_multimodal.analysis.temporal import commit_index
 
-        if not len(self.mean):
+        start, end = self._stretch()
+        if end <= start:
             return None
-        return float(self.timesteps[commit_index(torch.as_tensor(self.mean, dtype=torch.float64))])
+        return float(self.timesteps[start + commit_index(torch.as_tensor(self.mean[start:end], dtype=torch.float64))])
 
 
 @dataclass
@@ -535,6 +555,7 @@ def diffusion_feature_dashboards(
     :class:`ZeroShotProbe`) captions generated images and measures the zero-shot change. Default feature
     choice: the ``n_features`` whose time-averaged activation varies most between prompts.
     """
+    from sae_lens_multimodal.analysis.temporal import sae_timestep_buckets
     from sae_lens_multimodal.saes.timesteps import timestep_context
 
     prompts = list(prompts)
@@ -595,6 +616,7 @@ def diffusion_feature_dashboards(
         c = int(img_probs[i].argmax())
         return f"CLIP: {probe.class_names[c]} ({float(img_probs[i, c]):.2f})"
 
+    buckets = sae_timestep_buckets(sae, timesteps)
     out = []
     for j, f in enumerate(_progress(ids, "diffusion dashboards", progress)):
         fa = feats[..., j]  # [T, B, h, w]
@@ -602,6 +624,7 @@ def diffusion_feature_dashboards(
         curve = TimestepCurve(
             timesteps=timesteps, mean=per_tp.mean(1).numpy(),
             low=torch.quantile(per_tp, 0.1, dim=1).numpy(), high=torch.quantile(per_tp, 0.9, dim=1).numpy(),
+            buckets=buckets,
         )
         peak = int(np.argmax(curve.mean))
         fmax = float(fa.max())

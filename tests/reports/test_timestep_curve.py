@@ -30,3 +30,14 @@ def test_a_silent_feature_has_no_half_max_and_commits_at_once() -> None:
     curve = _curve([0.0] * 5)
     assert curve.half_max_timestep is None
     assert curve.commit_timestep == 900.0
+
+
+def test_a_bucketed_feature_is_timed_within_the_bucket_where_it_peaks() -> None:
+    # Bucket 1 (t=700, 500) holds the feature; bucket 0's latent with the same index is another feature.
+    m = np.asarray([0.9, 0.2, 1.0, 0.0, 0.0])
+    curve = TimestepCurve(timesteps=[900.0, 700.0, 500.0, 300.0, 100.0], mean=m, low=m, high=m,
+                          buckets=[0, 1, 1, 2, 2])
+    assert curve.half_max_timestep == 500.0  # 0.2 < 1.0 / 2 at t=700; t=900 (0.9) belongs to another feature
+    assert curve.commit_timestep == 500.0  # within its bucket it reaches its final value at t=500
+    whole = TimestepCurve(timesteps=curve.timesteps, mean=m, low=m, high=m)
+    assert whole.half_max_timestep == 900.0 and whole.commit_timestep == 300.0

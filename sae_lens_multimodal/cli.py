@@ -104,6 +104,27 @@ def add_ground_truth_command(subparsers: "argparse._SubParsersAction[argparse.Ar
     parser.set_defaults(handler=run)
 
 
+# ----------------------------------------------------------------------------------------- dashboards
+def add_dashboards_command(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    from sae_lens_multimodal.reports.cli import add_dashboards_arguments
+
+    parser = subparsers.add_parser(
+        "dashboards",
+        help="write static HTML feature dashboards for any supported model and SAE",
+        description="Load a vision (CLIP / ViT) or diffusion model and an SAE by name, run the SAE on images or "
+                    "prompts, and write DIR/index.html with one page per feature (top images with patch heatmaps, "
+                    "histogram, text labels, steering effect; per-timestep curves for diffusion).",
+    )
+    add_dashboards_arguments(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        from sae_lens_multimodal.reports.cli import run_from_args
+
+        return run_from_args(args)
+
+    parser.set_defaults(handler=run)
+
+
 #: subcommand registrars, in the order they appear in --help
 SUBCOMMANDS: list[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]] = [
     add_releases_command,
@@ -112,6 +133,7 @@ SUBCOMMANDS: list[Callable[["argparse._SubParsersAction[argparse.ArgumentParser]
     add_evaluate_command,
     add_steerability_command,
     add_demo_command,
+    add_dashboards_command,
     add_ground_truth_command,
 ]
 

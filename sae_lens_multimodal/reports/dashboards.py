@@ -242,6 +242,10 @@ def _mean_std(preprocess: Any) -> Optional[tuple[Any, Any]]:
     for t in getattr(preprocess, "transforms", []) or []:
         if type(t).__name__ == "Normalize":
             return t.mean, t.std
+    # transformers models: HFImagePreprocess wraps the checkpoint's image processor
+    proc = getattr(preprocess, "processor", None)
+    if getattr(proc, "do_normalize", False) and getattr(proc, "image_mean", None) is not None:
+        return proc.image_mean, proc.image_std
     return None
 
 

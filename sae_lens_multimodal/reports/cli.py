@@ -1,0 +1,439 @@
+"""``sae-lens-mm dashboards``: static HTML feature dashboards for any supported model and SAE.
+
+The model is loaded by name (``HookedCLIP`` / ``HookedViT`` / ``HookedDiffusionPipeline.from_pretrained``,
+registered names such as ``shapes-clip`` included), the SAE by release (``SAE.from_pretrained``) or from
+a directory (``SAE.load_from_disk``), and :func:`~sae_lens_multimodal.reports.dashboards.write_feature_dashboards`
+writes the pages.
+
+>>> sae-lens-mm dashboards --model shapes-clip --release shapes-clip-saes --sae-id blocks.2.hook_resid_post \\
+...     --images photos/ --out dash
+>>> sae-lens-mm dashboards --model shapes-diffusion --release shapes-diffusion-saes \\
+...     --sae-id up_blocks.0.attentions.1.hook_out --prompts prompts.txt --steps 20 --out dash-diffusion
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "add_dashboards_arguments",
+    "model_kind",
+    "load_dashboard_model",
+    "load_sae",
+    "load_images",
+    "load_prompts",
+    "run_from_args",
+]
+
+#: file name endings read from an ``--images`` folder
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: default number of shapes-world images / prompts when a shapes model gets no --images / --prompts
+DEFAULT_SHAPES_IMAGES = 512
+DEFAULT_SHAPES_PROMPTS = 12
+#: the command runs on CPU: the dashboard functions keep their per-feature tallies in CPU tensors
+DEVICE = "cpu"
+
+
+# --------------------------------------------------------------------------------------------- arguments
+def _feature_list(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated feature ids like 3,17,42; got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one feature id, e.g. --features 3,17")
+    return ids
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
+def add_dashboards_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``sae-lens-mm dashboards``."""
+    g = parser.add_argument_group("model and SAE")
+    g.add_argument("--model", required=True,
+                   help="model name or path: anything HookedCLIP / HookedViT / HookedDiffusionPipeline.from_pretrained "
+                        "accepts (e.g. shapes-clip, shapes-diffusion, open-clip:ViT-B-32/<tag>, timm:<name>, a "
+                        "Hugging Face repo id or a local directory; a diffusers pipeline has a model_index.json)")
+    g.add_argument("--release", help="SAE release for SAE.from_pretrained (list them: sae-lens-mm releases)")
+    g.add_argument("--sae-id", help="SAE id within --release")
+    g.add_argument("--sae-path", help="directory of an SAE saved with sae.save_model (SAE.load_from_disk)")
+
+    g = parser.add_argument_group("inputs")
+    g.add_argument("--images", metavar="DIR|shapes[:N]",
+                   help="vision: a folder of image files (each goes through the model's own preprocessing) or "
+                        f"shapes[:N] for N shapes-world images (default for shapes models: shapes:{DEFAULT_SHAPES_IMAGES})")
+    g.add_argument("--max-images", type=_positive_int, help="read at most this many images of the folder (sorted by name)")
+    g.add_argument("--prompts", metavar="FILE|shapes[:N]",
+                   help="diffusion: a text file with one prompt per line, or shapes[:N] for N shapes-world captions "
+                        f"(default for shapes models: shapes:{DEFAULT_SHAPES_PROMPTS})")
+    g.add_argument("--steps", type=_positive_int, default=20, help="diffusion: denoising steps (default 20)")
+    g.add_argument("--guidance-scale", type=float, help="diffusion: classifier-free guidance scale (default: the pipeline's)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the shapes-world images / prompts and of the initial noise")
+
+    g = parser.add_argument_group("features")
+    which = g.add_mutually_exclusive_group()
+    which.add_argument("--features", type=_feature_list, metavar="3,17,...", help="these feature ids")
+    which.add_argument("--top-features", type=_positive_int, metavar="N",
+                       help="the N features chosen automatically (vision: the strongest among those active on "
+                            "0.5-50%% of the images, default 8; diffusion: those varying most between prompts, default 6)")
+    g.add_argument("--top-k", type=_positive_int, default=8, help="top-activating images per feature (default 8)")
+
+    g = parser.add_argument_group("labels and steering")
+    g.add_argument("--vocabulary", metavar="FILE",
+                   help="CLIP only: label words, one per line (default: the package's vocabulary; shapes models: "
+                        "the words of the shapes world's captions)")
+    g.add_argument("--classes", metavar="FILE",
+                   help="zero-shot classes, one per line, whose probability change is shown when a feature is clamped "
+                        "(default for shapes models: the 162 caption classes; without it no steering effect is "
+                        "measured)")
+    g.add_argument("--class-template", action="append", metavar="TEMPLATE",
+                   help="prompt template of the classes, e.g. 'a photo of a {}.' (repeat to average; default '{}')")
+    g.add_argument("--judge-clip", metavar="NAME",
+                   help="diffusion: the CLIP (HookedCLIP.from_pretrained name) that reads generated images with "
+                        "--classes (default for shapes-diffusion: shapes-clip)")
+    g.add_argument("--clamp-multiplier", type=float,
+                   help="steering clamps a feature to this times its largest activation (default: vision 2, diffusion 5)")
+    g.add_argument("--steer-images", type=_positive_int, default=32,
+                   help="vision: images on which the zero-shot change is measured (default 32)")
+    g.add_argument("--steer-prompts", type=int, default=4,
+                   help="diffusion: prompts generated again with each feature clamped (default 4; 0: none)")
+    g.add_argument("--cfg-branch", choices=("cond", "uncond"),
+                   help="diffusion: steer only this CFG branch (default: the SAE's own branch, else both)")
+
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", required=True,
+                   help="output directory (created, or replaced if it holds earlier dashboards; a foreign "
+                        "non-empty directory is refused)")
+    g.add_argument("--title", help="title of the index page")
+    g.add_argument("--batch-size", type=_positive_int, default=64, help="vision: images per forward pass (default 64)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _is_shapes(name: str, kind: Optional[str] = None) -> bool:
+    """A registered shapes-world model (the defaults for inputs, labels and classes come from the world)."""
+    from sae_lens_multimodal.models.registry import MODEL_REGISTRY
+
+    entry = MODEL_REGISTRY.get(name)
+    return entry is not None and name.startswith("shapes-") and (kind is None or entry.kind == kind)
+
+
+def model_kind(name: str) -> str:
+    """``"clip"``, ``"vision"`` or ``"diffusion"``: what ``name`` loads as.
+
+    Registered names say so themselves (``model_info(name).kind``); otherwise a name is a diffusers pipeline
+    only when its directory (local, or a hub repo in the local cache) has a ``model_index.json``, else a
+    vision model (a CLIP when HookedCLIP can load it, decided by :func:`load_dashboard_model`).
+    """
+    from sae_lens_multimodal.models.registry import MODEL_REGISTRY
+
+    entry = MODEL_REGISTRY.get(name)
+    if entry is not None and entry.kind in ("clip", "vision", "diffusion"):
+        return entry.kind
+    if entry is not None:
+        name = entry.source
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return "diffusion" if (path / "model_index.json").is_file() else "vision"
+    if name.startswith(("/", ".", "~")) or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        raise FileNotFoundError(f"No model directory at {name!r}. Pass a registered name (e.g. shapes-clip), a "
+                                "Hugging Face repo id, a library-prefixed name (open-clip:..., timm:...) or an "
+                                "existing directory.")
+    if "/" in name and ":" not in name:
+        from sae_lens_multimodal.models.conversions import _hub_json
+
+        if _hub_json(name, "model_index.json") is not None:
+            return "diffusion"
+    return "vision"
+
+
+def load_dashboard_model(name: str, device: str = "cpu") -> tuple[Any, str]:
+    """(model, kind) for ``--model``: a HookedDiffusionPipeline (``"diffusion"``), a HookedCLIP
+    (``"clip"``: labels and zero-shot steering) or a HookedViT (``"vision"``)."""
+    from sae_lens_multimodal.models.conversions import UnsupportedModelError
+
+    kind = model_kind(name)
+    try:
+        if kind == "diffusion":
+            from sae_lens_multimodal.diffusion import HookedDiffusionPipeline
+
+            pipe = HookedDiffusionPipeline.from_pretrained(name)
+            pipe.to(device)
+            pipe.pipe.set_progress_bar_config(disable=True)  # the dashboards show their own progress
+            return pipe, kind
+        from sae_lens_multimodal.models.hooked_clip import HookedCLIP
+        from sae_lens_multimodal.models.hooked_vit import HookedViT
+
+        try:
+            return HookedCLIP.from_pretrained(name, device=device), "clip"
+        except UnsupportedModelError:
+            if kind == "clip":
+                raise
+        # Not a CLIP: a vision transformer on its own (top images and histograms; no labels or zero-shot).
+        return HookedViT.from_pretrained(name, device=device), "vision"
+    except (UnsupportedModelError, OSError, RuntimeError) as err:
+        raise ValueError(f"Could not load model {name!r} as a {'diffusion pipeline' if kind == 'diffusion' else 'CLIP or ViT'}: "
+                         f"{err}") from err
+
+
+def load_sae(release: Optional[str] = None, sae_id: Optional[str] = None, path: Optional[str] = None,
+             device: str = "cpu") -> Any:
+    """The SAE given by ``--release/--sae-id`` (``SAE.from_pretrained``) or ``--sae-path`` (``SAE.load_from_disk``),
+    in eval mode."""
+    import sae_lens_multimodal  # noqa: F401  (registers this package's releases and SAE architectures)
+    from sae_lens import SAE
+
+    if path is not None and (release is not None or sae_id is not None):
+        raise ValueError("Give the SAE either as --release R --sae-id ID or as --sae-path DIR, not both.")
+    if path is not None:
+        directory = Path(path).expanduser()
+        if not directory.is_dir():
+            raise FileNotFoundError(f"No SAE directory at {directory} (--sae-path wants a directory saved by "
+                                    "sae.save_model, with cfg.json and the weights).")
+        sae = SAE.load_from_disk(str(directory), device=device)
+    elif release is not None and sae_id is not None:
+        sae = SAE.from_pretrained(release, sae_id, device=device)
+        sae = sae[0] if isinstance(sae, tuple) else sae  # SAELens < 6 returned (sae, cfg, sparsity)
+    elif release is not None or sae_id is not None:
+        raise ValueError("--release and --sae-id go together: pass both (list releases and ids with "
+                         "`sae-lens-mm releases`).")
+    else:
+        raise ValueError("No SAE given: pass --release R --sae-id ID (list them with `sae-lens-mm releases`) or "
+                         "--sae-path DIR (a directory saved by sae.save_model).")
+    return sae.eval()
+
+
+def _shapes_count(spec: str, option: str) -> Optional[int]:
+    """N of ``shapes`` / ``shapes:N``, or None when ``spec`` is something else."""
+    if spec != "shapes" and not spec.startswith("shapes:"):
+        return None
+    _, _, n = spec.partition(":")
+    if not n:
+        return None if spec != "shapes" else -1
+    try:
+        count = int(n)
+    except ValueError:
+        raise ValueError(f"{option} {spec!r}: expected shapes or shapes:N with N a whole number.") from None
+    if count < 1:
+        raise ValueError(f"{option} {spec!r}: N must be at least 1.")
+    return count
+
+
+@dataclass
+class Images:
+    """Images for vision dashboards: the model input (numpy uint8 or a preprocessed tensor) and captions."""
+
+    inputs: Any
+    captions: list[str]
+    source: str
+
+
+def load_images(spec: str, tower: Any, *, seed: int = 0, max_images: Optional[int] = None) -> Images:
+    """``--images``: ``shapes[:N]`` (shapes-world images with their captions) or a folder of image files,
+    each through ``tower.preprocess`` (the model's own resize, crop and normalisation), captioned with
+    its file name."""
+    count = _shapes_count(spec, "--images")
+    if count is not None:
+        from sae_lens_multimodal.world import ShapesWorld, caption
+
+        n = DEFAULT_SHAPES_IMAGES if count == -1 else count
+        images, factors = ShapesWorld(image_size=32, seed=seed).sample(n)
+        return Images(images, [caption(f) for f in factors], f"{n} shapes-world images (seed {seed})")
+    folder = Path(spec).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"No images folder at {folder}. --images wants a folder of image files "
+                                f"({', '.join(IMAGE_SUFFIXES)}) or shapes[:N].")
+    if not folder.is_dir():
+        raise ValueError(f"--images {folder} is a file; pass the folder that holds the images.")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"No image files in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}; subfolders are not read).")
+    if max_images is not None:
+        files = files[:max_images]
+    preprocess = getattr(tower, "preprocess", None)
+    if preprocess is None:
+        raise ValueError("This model has no preprocessing function (model.preprocess), so image files cannot be "
+                         "turned into model inputs; load it with from_pretrained.")
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    tensors = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                rgb = im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"Cannot read {p} as an image ({err}); remove it from the folder.") from err
+        # The model's own preprocessing (resize, crop, normalise): the dashboards show what the model saw,
+        # so the patch heatmaps line up with the pictures.
+        tensors.append(preprocess(rgb))
+    return Images(torch.stack(tensors), [p.name for p in files], f"{len(files)} images from {folder}")
+
+
+def load_prompts(spec: str, *, seed: int = 0) -> list[str]:
+    """``--prompts``: ``shapes[:N]`` (captions of N shapes-world images) or a text file, one prompt a line
+    (blank lines skipped)."""
+    count = _shapes_count(spec, "--prompts")
+    if count is not None:
+        from sae_lens_multimodal.world import ShapesWorld, caption
+
+        n = DEFAULT_SHAPES_PROMPTS if count == -1 else count
+        _, factors = ShapesWorld(image_size=32, seed=seed + 1).sample(n)
+        return [caption(f) for f in factors]
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"No prompts file at {path}. --prompts wants a text file with one prompt per line, "
+                                "or shapes[:N].")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} has no prompts (one per line; blank lines are skipped).")
+    return prompts
+
+
+def _lines(path: str, option: str) -> list[str]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"No {option} file at {p} (one entry per line).")
+    out = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not out:
+        raise ValueError(f"{option} file {p} is empty.")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- running
+def _vision_options(args: argparse.Namespace, model: Any, kind: str, images: Images) -> dict[str, Any]:
+    opts: dict[str, Any] = dict(captions=images.captions, top_k=args.top_k, batch_size=args.batch_size,
+                                steer_images=args.steer_images, progress=not args.no_progress)
+    if args.clamp_multiplier is not None:
+        opts["clamp_multiplier"] = args.clamp_multiplier
+    shapes = _is_shapes(args.model, "clip")
+    if kind != "clip":
+        for option in ("vocabulary", "classes"):
+            if getattr(args, option) is not None:
+                raise ValueError(f"--{option} needs a CLIP (text tower); {args.model!r} loads as a vision transformer "
+                                 "without one.")
+        return opts
+    if args.vocabulary is not None:
+        opts["vocabulary"] = _lines(args.vocabulary, "--vocabulary")
+    elif shapes:
+        from sae_lens_multimodal.reports.demo import LABEL_WORDS, caption_word_embeddings
+
+        # The shapes CLIP only ever saw captions: embed each word in caption context (as the demo does).
+        opts["vocabulary"] = list(LABEL_WORDS)
+        opts["text_embeds"] = caption_word_embeddings(model, LABEL_WORDS)
+    templates = tuple(args.class_template or ("{}",))
+    if args.classes is not None:
+        opts.update(class_names=_lines(args.classes, "--classes"), class_templates=templates)
+    elif shapes:
+        from sae_lens_multimodal.world import all_captions
+
+        opts.update(class_names=all_captions(), class_templates=templates)
+    return opts
+
+
+def _diffusion_options(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
+    from sae_lens_multimodal.reports.dashboards import ZeroShotProbe
+
+    opts: dict[str, Any] = dict(top_k=min(args.top_k, len(prompts)), num_inference_steps=args.steps, seed=args.seed,
+                                steer_prompts=max(0, min(args.steer_prompts, len(prompts))),
+                                clamp_multiplier=5.0 if args.clamp_multiplier is None else args.clamp_multiplier,
+                                cfg_branch=args.cfg_branch, progress=not args.no_progress)
+    if args.guidance_scale is not None:
+        opts["pipeline_kwargs"] = {"guidance_scale": args.guidance_scale}
+    shapes = _is_shapes(args.model, "diffusion")
+    judge = args.judge_clip or ("shapes-clip" if shapes else None)
+    if args.vocabulary is not None:
+        raise ValueError("--vocabulary labels vision features of a CLIP; diffusion dashboards have no text labels.")
+    if judge is None:
+        if args.classes is not None:
+            raise ValueError("--classes for a diffusion model needs --judge-clip NAME: the CLIP that reads the "
+                             "generated images.")
+        return opts
+    if args.classes is not None:
+        classes = _lines(args.classes, "--classes")
+    elif judge == "shapes-clip":
+        from sae_lens_multimodal.world import all_captions
+
+        classes = all_captions()
+    else:
+        raise ValueError(f"--judge-clip {judge!r} needs --classes FILE: the classes it reads generated images as.")
+    clip, clip_kind = load_dashboard_model(judge, DEVICE)
+    if clip_kind != "clip":
+        raise ValueError(f"--judge-clip {judge!r} is not a CLIP model (it loads as a {clip_kind} model).")
+    opts["probe"] = ZeroShotProbe(clip, classes, tuple(args.class_template or ("{}",)))
+    return opts
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Load the model, SAE and inputs named by ``args``, write the dashboards, and print where they are."""
+    from sae_lens_multimodal.reports.dashboards import write_feature_dashboards
+    from sae_lens_multimodal.reports.html import check_output_dir
+
+    try:
+        check_output_dir(args.out)  # refuse a foreign directory now, not after minutes of work
+    except FileExistsError as err:
+        print(f"sae-lens-mm dashboards: error: {err}", file=sys.stderr)
+        return 1
+    sae = load_sae(args.release, args.sae_id, args.sae_path, DEVICE)  # cheap: before the model
+    kind = model_kind(args.model)
+    if kind == "diffusion" and args.images is not None:
+        raise ValueError(f"{args.model!r} is a diffusion pipeline: give it --prompts, not --images.")
+    if kind != "diffusion" and args.prompts is not None:
+        raise ValueError(f"{args.model!r} is a vision model: give it --images, not --prompts.")
+    if kind == "diffusion":
+        spec = args.prompts or ("shapes" if _is_shapes(args.model) else None)
+        if spec is None:
+            raise ValueError("Pass --prompts FILE (one prompt per line) or --prompts shapes:N.")
+        inputs: Any = load_prompts(spec, seed=args.seed)
+        source = f"{len(inputs)} prompts"
+    else:
+        spec = args.images or ("shapes" if _is_shapes(args.model) else None)
+        if spec is None:
+            raise ValueError("Pass --images DIR (a folder of image files) or --images shapes:N.")
+    model, kind = load_dashboard_model(args.model, DEVICE)
+    if kind == "diffusion":
+        options = _diffusion_options(args, inputs)
+    else:
+        tower = model.vision if kind == "clip" else model
+        images = load_images(spec, tower, seed=args.seed, max_images=args.max_images)
+        inputs, source = images.inputs, images.source
+        options = _vision_options(args, model, kind, images)
+    if args.features is not None:
+        options["feature_ids"] = args.features
+    elif args.top_features is not None:
+        options["n_features"] = args.top_features
+    try:
+        index = write_feature_dashboards(model, sae, inputs, args.out, title=args.title, **options)
+    except FileExistsError as err:
+        print(f"sae-lens-mm dashboards: error: {err}", file=sys.stderr)
+        return 1
+    index = Path(index)
+    n_pages = len(list(index.parent.glob("*-feature-*.html")))
+    print(f"Feature dashboards ({n_pages} features, {kind} model {args.model!r}, {source}): {index}")
+    print(f"Open it in a browser: {index.resolve().as_uri()}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m sae_lens_multimodal.reports.cli ...`` (the same as ``sae-lens-mm dashboards ...``)."""
+    from sae_lens_multimodal.cli import main as cli_main
+
+    return cli_main(["dashboards", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

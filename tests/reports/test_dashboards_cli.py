@@ -179,6 +179,9 @@ def test_display_of_transformers_preprocessed_images_is_unnormalised_with_the_pr
     # the SAE's hook is not in the model: the package's unknown-hook error, with close matches
     (["--model", "shapes-clip", "--release", "shapes-diffusion-saes", "--sae-id", "up_blocks.0.attentions.1.hook_out",
       "--images", "shapes:4"], "Unknown vision hook of this SAE 'up_blocks.0.attentions.1.hook_out'"),
+    (["--model", "shapes-diffusion", "--release", "shapes-clip-saes", "--sae-id", "blocks.2.hook_resid_post",
+      "--prompts", "shapes:1", "--steps", "1"], "Unknown hook 'blocks.2.hook_resid_post'"),
+    ([*DIFFUSION, "--prompts", "shapes:1", "--judge-clip", "{tmp}/empty"], "needs --classes FILE"),
 ])
 def test_errors_name_the_problem(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()

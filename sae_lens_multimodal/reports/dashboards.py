@@ -453,7 +453,7 @@ def vision_feature_dashboards(
     img_max = torch.zeros(n, d_sae)
     active_tokens = torch.zeros(d_sae)
     for i in range(0, n, batch_size):
-        f = encode(slice(i, i + batch_size)).float()
+        f = encode(slice(i, i + batch_size)).float().cpu()  # page data lives on the CPU, wherever the model runs
         img_max[i : i + batch_size] = f.amax(1)
         active_tokens += (f > 0).sum((0, 1)).float()
     n_tokens = resid.shape[1]
@@ -463,7 +463,7 @@ def vision_feature_dashboards(
         ids = _select(strength, (sample_freq >= 0.005) & (sample_freq <= 0.5), min(n_features, d_sae))
     else:
         ids = _check_ids(feature_ids, d_sae)
-    feats = torch.cat([encode(slice(i, i + batch_size), ids).float() for i in range(0, n, batch_size)])  # [N, T, F]
+    feats = torch.cat([encode(slice(i, i + batch_size), ids).float().cpu() for i in range(0, n, batch_size)])  # [N, T, F]
     grid = _patch_grid(tower, n_tokens)
 
     # ---- labels (HookedCLIP only)

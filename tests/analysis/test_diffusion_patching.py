@@ -129,3 +129,23 @@ def test_bad_inputs(pipe, judge, schedule):
     with pytest.raises(ValueError, match="schedule"):
         diffusion_patching(pipe, SOURCE[:1], target[:1], judge=judge, blocks=["up_blocks.2.resnets.1"],
                            timesteps=[998], num_inference_steps=STEPS, progress=False)
+
+
+def test_cfg_branch_patching_follows_which_branch_carries_the_prompt(pipe, schedule):
+    # Both runs start from the same noise and their unconditional rows see the same empty prompt, so at the first
+    # step the two runs' unconditional activations are identical: patching only them there changes nothing, and
+    # patching only the conditional rows equals patching every row. Patching the last block's conditional rows at
+    # every step makes every noise prediction the source's, so the source image comes back.
+    target = swapped("color", {"red": "blue", "green": "purple"})
+    kwargs = dict(blocks=["up_blocks.2.resnets.1"], include_all_blocks=False, factor=None,
+                  num_inference_steps=STEPS, progress=False)
+    first = [[schedule[0]]]
+    uncond = diffusion_patching(pipe, SOURCE, target, cfg_branch="uncond", timesteps=first, **kwargs)
+    cond = diffusion_patching(pipe, SOURCE, target, cfg_branch="cond", timesteps=first, **kwargs)
+    both = diffusion_patching(pipe, SOURCE, target, cfg_branch=None, timesteps=first, **kwargs)
+    assert np.array_equal(uncond.images[0, 0], uncond.target_image)
+    assert not np.array_equal(cond.images[0, 0], cond.target_image)
+    assert np.array_equal(cond.images[0, 0], both.images[0, 0])
+    every_step = diffusion_patching(pipe, SOURCE, target, cfg_branch="cond", timesteps=[schedule], **kwargs)
+    assert every_step["pixel_mse_to_source"][0, 0] < 1e-10
+    assert not any(hp.fwd_hooks for hp in pipe.hook_dict.values())

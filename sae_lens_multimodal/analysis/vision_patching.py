@@ -149,6 +149,8 @@ class VisionPatchingResult:
     #: [3, H, W] images in [0, 1] for the figure (first pair)
     clean_image: Optional[torch.Tensor] = field(default=None, repr=False)
     corrupt_image: Optional[torch.Tensor] = field(default=None, repr=False)
+    #: [n_layers, n_tokens, n_heads]: one head's ``hook_z`` at one token patched (``heads_by_position=True``)
+    heads_by_position: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -289,6 +291,7 @@ def clip_activation_patching(
     *,
     activations: Sequence[str] = ("resid_pre",),
     heads: bool = True,
+    heads_by_position: bool = False,
     full_layer: Sequence[str] = ("resid_pre", "resid_post"),
     region_tokens: Optional[Sequence[int]] = None,
     display_images: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
@@ -302,6 +305,8 @@ def clip_activation_patching(
         clean_class / corrupt_class: class name(s) or index(es) for the logit difference (one, or one per pair).
         activations: per-(layer, token) patching runs: any of ``resid_pre``, ``resid_mid``, ``attn_out``, ``mlp_out``.
         heads: also patch each head's ``hook_z`` over all positions ([n_layers, n_heads]).
+        heads_by_position: also patch each head's ``hook_z`` at one token at a time ([n_layers, n_tokens,
+            n_heads]; n_layers x n_tokens x n_heads forward passes): which head moves the answer from where.
         full_layer: activations to patch at every token, one layer at a time (``resid_post`` included).
         region_tokens: token positions (e.g. from :func:`shape_patch_mask`) patched together, per layer,
             for each activation in ``activations``.
@@ -369,6 +374,13 @@ def clip_activation_patching(
     head_effects = None
     if heads:
         head_effects = patching.get_act_patch_attn_head_out_all_pos(vision, corrupt_images, clean_cache, metric).cpu()
+    head_pos_effects = None
+    if heads_by_position:  # n_layers x n_tokens x n_heads forward passes
+        head_index = image_patching_index(vision, ("layer", "pos", "head"), images=corrupt_images)
+        flat = patching.get_act_patch_attn_head_out_by_pos(
+            vision, corrupt_images, clean_cache, metric, index_axis_names=None, index_df=head_index
+        )
+        head_pos_effects = flat.reshape(patching_shape(head_index)).cpu()
 
     cfg = vision.cfg
     h, w = corrupt_images.shape[-2:]
@@ -390,6 +402,7 @@ def clip_activation_patching(
         corrupt_label=names[int(corrupt_idx[0])],
         clean_image=display_images[0],
         corrupt_image=display_images[1],
+        heads_by_position=head_pos_effects,
     )
 
 

@@ -140,3 +140,32 @@ def test_bad_inputs(setup):
     with pytest.raises(ValueError, match="nothing to patch"):
         clip_activation_patching(model, x[:1], x[:1], classifier, caption(red), caption(blue), heads=False)
 
+
+
+def test_heads_by_position_match_hand_patching(setup):
+    # One head at one token, through transformer_lens.patching with our index, against a hand-written hook.
+    model, classifier, x, red, blue, region, _ = setup
+    with torch.no_grad():
+        result = clip_activation_patching(model, x[:1], x[1:], classifier, caption(red), caption(blue),
+                                          activations=(), heads=False, full_layer=(), heads_by_position=True)
+    vision = model.vision
+    n_tokens = vision.cfg.n_prefix_tokens + 64
+    assert result.heads_by_position.shape == (4, n_tokens, 4)
+    names = classifier.class_names
+    i, j = names.index(caption(red)), names.index(caption(blue))
+    outside = next(t for t in range(1, n_tokens) if t not in region)
+    with torch.no_grad():
+        _, cache = vision.run_with_cache(x[:1])
+        for layer, token, head in ((2, region[0], 2), (0, outside, 1), (3, 0, 1)):
+
+            def put(z, hook, token=token, head=head, layer=layer):
+                z[:, token, head] = cache[f"blocks.{layer}.attn.hook_z"][:, token, head]
+                return z
+
+            embeds = vision.run_with_hooks(x[1:], fwd_hooks=[(f"blocks.{layer}.attn.hook_z", put)])
+            logits = classifier.logits_from_embeddings(embeds)[0]
+            got = (float(logits[i] - logits[j]) - result.corrupt_logit_diff) / (
+                result.clean_logit_diff - result.corrupt_logit_diff
+            )
+            assert abs(got - float(result.heads_by_position[layer, token, head])) < 1e-4
+    assert not vision.hook_dict["blocks.0.attn.hook_z"].fwd_hooks

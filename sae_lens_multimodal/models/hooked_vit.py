@@ -3,7 +3,8 @@ open_clip, transformers or timm weights (see ``models/conversions``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -294,14 +295,15 @@ class HookedViT(MultimodalHookedRootModule):
         cfg = self.cfg
         pixels = self.to_pixels(images)
         grid = (pixels.shape[-2] // cfg.patch_size[0], pixels.shape[-1] // cfg.patch_size[1])
-        embed = self.hook_embed(self.embed.token_embed(pixels))
-        pos = self.hook_pos_embed(self.embed.pos_embed(grid, pixels.shape[0]))
-        x = self.hook_full_embed(embed + pos)
-        if cfg.has_ln_pre:
-            x = self.ln_pre(x)
-        blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
-        for block in blocks:
-            x = block(x)
+        with self._special_token_masks(cfg.n_prefix_tokens + grid[0] * grid[1], pixels.device):
+            embed = self.hook_embed(self.embed.token_embed(pixels))
+            pos = self.hook_pos_embed(self.embed.pos_embed(grid, pixels.shape[0]))
+            x = self.hook_full_embed(embed + pos)
+            if cfg.has_ln_pre:
+                x = self.ln_pre(x)
+            blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
+            for block in blocks:
+                x = block(x)
         if stop_at_layer is not None:
             return x
         if cfg.has_ln_final and not cfg.final_ln_after_pool:
@@ -320,6 +322,40 @@ class HookedViT(MultimodalHookedRootModule):
         out = self.head(pooled) if cfg.head_type != "none" else pooled
         out = self.hook_out(out)
         return out if return_type == "output" else None
+
+    @contextlib.contextmanager
+    def _special_token_masks(self, n_tokens: int, device: torch.device) -> Iterator[None]:
+        """SAELens's ``add_sae(..., exclude_special_tokens=...)`` for images: spliced SAEs pass the prefix tokens
+        (CLS, registers, distillation token) through unchanged when it is True, or the token positions it
+        lists (for images a list names positions, not token ids), for this forward pass."""
+        from sae_lens.analysis.hooked_sae_transformer import _SAEWrapper
+
+        wrappers = [(name, m) for name, m in self.named_modules()
+                    if isinstance(m, _SAEWrapper) and m.exclude_special_tokens is not False]
+        for name, wrapper in wrappers:
+            if not (name.startswith("blocks.") or name == "hook_full_embed"):
+                raise ValueError(
+                    f"exclude_special_tokens was given for the SAE at {name!r}, which has no token axis; it applies "
+                    "to token hooks (blocks.*, hook_full_embed). Splice this SAE without it."
+                )
+            spec = wrapper.exclude_special_tokens
+            mask = torch.zeros(1, n_tokens, dtype=torch.bool, device=device)  # broadcast over the batch
+            if spec is True:
+                mask[:, : self.cfg.n_prefix_tokens] = True
+            else:
+                positions = torch.as_tensor(list(spec), dtype=torch.long)
+                if len(positions) and not bool(((positions >= -n_tokens) & (positions < n_tokens)).all()):
+                    raise ValueError(
+                        f"exclude_special_tokens={list(spec)} for the SAE at {name!r}: positions must be in "
+                        f"[0, {n_tokens}) for these images (prefix tokens + patches)."
+                    )
+                mask[:, positions.to(device)] = True
+            wrapper.set_token_mask(mask)
+        try:
+            yield
+        finally:
+            for _, wrapper in wrappers:
+                wrapper.set_token_mask(None)
 
     def _pool(self, tokens: torch.Tensor) -> torch.Tensor:
         pool = self.cfg.pool_type

@@ -25,6 +25,7 @@ import torch
 
 from sae_lens_multimodal.world.train_saes import (
     BUNDLED_SAES_DIR,
+    ClipSAERecipe,
     _environment,
     _overall,
     train_topk_vision_sae,
@@ -44,20 +45,11 @@ REGENERATE = "python -m sae_lens_multimodal.world.train_typographic_sae"
 
 
 @dataclass
-class TypographicSAERecipe:
-    """Settings of the typographic vision SAE (the defaults made the shipped one)."""
+class TypographicSAERecipe(ClipSAERecipe):
+    """Settings of the typographic vision SAE (the defaults made the shipped one): the shapes-clip SAE's
+    recipe, with a colour name written on half of the training images (any colour, own included)."""
 
-    n_images: int = 12_000  # training images (x 65 tokens = 780k rows, repeated)
-    text_prob: float = 0.5  # share of images with a colour name written on them (any colour, own included)
-    d_sae: int = 512
-    k: int = 8
-    total_training_samples: int = 3_000_000
-    batch_size: int = 1024
-    lr: float = 3e-3
-    lr_end: float = 3e-4
-    lr_warm_up_steps: int = 100
-    dead_feature_window: int = 200  # steps; TopK's auxiliary loss revives latents dead this long
-    eval_images: int = 1000  # fresh images (other seeds) for the figures
+    text_prob: float = 0.5
 
 
 def _pixels(images: Any) -> torch.Tensor:
@@ -102,7 +94,7 @@ def train_typographic_sae(out_root: Path = BUNDLED_SAES_DIR, *, hook: str = TYPO
         train_s = time.perf_counter() - start
         del acts
 
-        clean = _overall(evaluate_sae(shipped, rows(r.eval_images, seed + 1000, 0.0), n_rows=10**9), r.d_sae)
+        clean = _overall(evaluate_sae(shipped, rows(r.eval_images, seed + 1000, r.eval_text_prob), n_rows=10**9), r.d_sae)
         with_text = _overall(evaluate_sae(shipped, rows(r.eval_images, seed + 2000, 1.0), n_rows=10**9), r.d_sae)
         metadata = {
             "release": TYPOGRAPHIC_RELEASE, "sae_id": hook, "model_name": TYPOGRAPHIC_MODEL,

@@ -22,7 +22,8 @@ from sae_lens_multimodal.analysis.vlm import (
     text_to_image_attention,
 )
 from sae_lens_multimodal.models.hooked_vit import HookedViT
-from sae_lens_multimodal.models.hooked_vlm import HookedVLM, tiny_random_llava
+from sae_lens_multimodal.models.vlm import HookedVLM
+from sae_lens_multimodal.testing import tiny_random_llava
 
 torch.manual_seed(0)
 

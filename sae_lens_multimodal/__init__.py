@@ -23,7 +23,7 @@ _LAZY = {
     "HookedDiffusionPipeline": "sae_lens_multimodal.diffusion",
     "DiffusionCache": "sae_lens_multimodal.diffusion",
     "current_timestep": "sae_lens_multimodal.diffusion",
-    "HookedVLM": "sae_lens_multimodal.models.hooked_vlm",
+    "HookedVLM": "sae_lens_multimodal.models.vlm",
     "list_releases": "sae_lens_multimodal.pretrained",
     "TimestepBucketedSAE": "sae_lens_multimodal.saes",
     "TimestepConditionedSAE": "sae_lens_multimodal.saes",

@@ -25,7 +25,7 @@ MODEL_CLASSES: dict[str, str] = {
     "HookedText": "sae_lens_multimodal.models.hooked_text:HookedText",
     "HookedUNet": "sae_lens_multimodal.diffusion:HookedUNet",
     "HookedDiT": "sae_lens_multimodal.diffusion:HookedDiT",
-    "HookedVLM": "sae_lens_multimodal.models.hooked_vlm:HookedVLM",
+    "HookedVLM": "sae_lens_multimodal.models.vlm:HookedVLM",
 }
 
 #: Optional registration functions of other subpackages ("module:function"), run when present.

@@ -1,4 +1,4 @@
-"""How visual information flows through a LLaVA-style VLM (:class:`~sae_lens_multimodal.models.hooked_vlm.HookedVLM`).
+"""How visual information flows through a LLaVA-style VLM (:class:`~sae_lens_multimodal.models.vlm.HookedVLM`).
 
 * :func:`text_to_image_attention`: how much attention each text token pays to the image tokens, per layer
   and head (and which image tokens it attends to).

@@ -19,7 +19,8 @@ from sae_lens_multimodal.analysis.vlm import (
     steer_vision_feature,
     text_to_image_attention,
 )
-from sae_lens_multimodal.models.hooked_vlm import HookedVLM, tiny_random_llava
+from sae_lens_multimodal.models.vlm import HookedVLM
+from sae_lens_multimodal.testing import tiny_random_llava
 from tests.models.test_hooked_vlm import images, make_sae, padded_batch, prompt, torch_hooks
 
 TOL = 1e-4

@@ -18,7 +18,8 @@ import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 
 from sae_lens_multimodal.models.hooked_vit import HookedViT
-from sae_lens_multimodal.models.hooked_vlm import HookedVLM, VLMActivationCache, VLMLanguageModel, tiny_random_llava
+from sae_lens_multimodal.models.vlm import HookedVLM, VLMActivationCache, VLMLanguageModel
+from sae_lens_multimodal.testing import tiny_random_llava
 
 TOL = 1e-4
 IMG = 255  # tiny_random_llava's image token

@@ -357,7 +357,8 @@ def test_vlm_vision_tower_and_language_model():
     from sae_lens import TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    from sae_lens_multimodal.models.hooked_vlm import HookedVLM, tiny_random_llava
+    from sae_lens_multimodal.models.vlm import HookedVLM
+    from sae_lens_multimodal.testing import tiny_random_llava
 
     model = HookedVLM.from_pretrained(tiny_random_llava("llava", "llama", seed=1))
     px = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))

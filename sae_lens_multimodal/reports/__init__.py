@@ -5,19 +5,17 @@ Pages are self-contained (pictures inlined as base64 PNG, inline style, no JavaS
 open from disk; report directories are written atomically.
 """
 
-from sae_lens_multimodal.reports.dashboards import (
+from sae_lens_multimodal.reports.dashboard_data import (
     FeatureDashboard,
     SteeringEffect,
     TimestepCurve,
     TopExample,
     ZeroShotProbe,
     clamp_feature_hook,
-    dashboard_pages,
-    diffusion_feature_dashboards,
-    vision_feature_dashboards,
-    write_dashboards,
-    write_feature_dashboards,
 )
+from sae_lens_multimodal.reports.dashboards import dashboard_pages, write_dashboards, write_feature_dashboards
+from sae_lens_multimodal.reports.diffusion_dashboards import diffusion_feature_dashboards
+from sae_lens_multimodal.reports.vision_dashboards import vision_feature_dashboards
 from sae_lens_multimodal.reports.html import (
     Page,
     comparison_grid,

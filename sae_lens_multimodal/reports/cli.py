@@ -346,7 +346,7 @@ def _vision_options(args: argparse.Namespace, model: Any, kind: str, images: Ima
 
 
 def _diffusion_options(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
-    from sae_lens_multimodal.reports.dashboards import ZeroShotProbe
+    from sae_lens_multimodal.reports.dashboard_data import ZeroShotProbe
 
     opts: dict[str, Any] = dict(top_k=min(args.top_k, len(prompts)), num_inference_steps=args.steps, seed=args.seed,
                                 steer_prompts=max(0, min(args.steer_prompts, len(prompts))),

@@ -27,15 +27,9 @@ from typing import Any, Optional, Union
 
 import torch
 
-from sae_lens_multimodal.reports.dashboards import (
-    FeatureDashboard,
-    ZeroShotProbe,
-    _shared_vmax,
-    _steering_html,
-    dashboard_pages,
-    diffusion_feature_dashboards,
-    vision_feature_dashboards,
-)
+from sae_lens_multimodal.reports.dashboard_data import FeatureDashboard, ZeroShotProbe
+from sae_lens_multimodal.reports.dashboards import _shared_vmax, _steering_html, dashboard_pages
+from sae_lens_multimodal.reports.diffusion_dashboards import diffusion_feature_dashboards
 from sae_lens_multimodal.reports.html import (
     Page,
     Raw,
@@ -52,6 +46,7 @@ from sae_lens_multimodal.reports.html import (
     timestep_curve_png,
     write_site,
 )
+from sae_lens_multimodal.reports.vision_dashboards import vision_feature_dashboards
 
 __all__ = [
     "VISION_RELEASE",
@@ -217,7 +212,7 @@ def run_shapes_demo(
     world = ShapesWorld(image_size=32, seed=cfg.seed)
     images, factors = world.sample(cfg.n_images)
     captions = [caption(f) for f in factors]
-    from sae_lens_multimodal.reports.dashboards import _preprocess_uint8
+    from sae_lens_multimodal.reports.dashboard_data import _preprocess_uint8
 
     x = _preprocess_uint8(clip.vision, list(images))
     hook = vision_sae.cfg.metadata.hook_name

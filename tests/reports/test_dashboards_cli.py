@@ -152,7 +152,7 @@ def test_display_of_transformers_preprocessed_images_is_unnormalised_with_the_pr
     from transformers import CLIPImageProcessor
 
     from sae_lens_multimodal.models.conversions._hf_common import HFImagePreprocess
-    from sae_lens_multimodal.reports.dashboards import _model_inputs
+    from sae_lens_multimodal.reports.dashboard_data import _model_inputs
 
     class Tower:
         preprocess = HFImagePreprocess(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sae_lens_multimodal.reports.dashboards import TimestepCurve
+from sae_lens_multimodal.reports.dashboard_data import TimestepCurve
 
 
 def _curve(mean: list[float]) -> TimestepCurve:

@@ -13,9 +13,7 @@ that directory. A word-level vocabulary of the world's ~40 words keeps the token
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from sae_lens_multimodal.core.atomic import atomic_save, atomic_write_json
 from sae_lens_multimodal.world.shapes import (
     CLASS_FACTORS,
     COLORS,
@@ -119,30 +118,8 @@ def shapes_clip_config(
     }
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same directory, then rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    _atomic_write(path, write)
+    atomic_write_json(path, obj, indent=2)
 
 
 def write_tokenizer(directory: os.PathLike, context_length: int) -> None:
@@ -159,7 +136,7 @@ def write_tokenizer(directory: os.PathLike, context_length: int) -> None:
         single=f"{SOT} $A {EOT}", special_tokens=[(SOT, vocab[SOT]), (EOT, vocab[EOT])]
     )
     directory = Path(directory)
-    _atomic_write(directory / "tokenizer.json", lambda tmp: tok.save(tmp))
+    atomic_save(directory / "tokenizer.json", lambda tmp: tok.save(str(tmp)))
     _write_json(
         directory / "tokenizer_config.json",
         {
@@ -181,7 +158,7 @@ def save_open_clip_dir(model: torch.nn.Module, directory: os.PathLike, config: d
 
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(directory / "open_clip_model.safetensors", lambda tmp: save_file(state, tmp))
+    atomic_save(directory / "open_clip_model.safetensors", lambda tmp: save_file(state, str(tmp)))
     write_tokenizer(directory, config["model_cfg"]["text_cfg"]["context_length"])
     _write_json(directory / "open_clip_config.json", config)
 

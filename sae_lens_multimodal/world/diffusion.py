@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -36,6 +34,7 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DCond
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from sae_lens_multimodal.core.atomic import atomic_directory
 from sae_lens_multimodal.world.clip import SHAPES_CLIP_DIR
 
 __all__ = [
@@ -407,24 +406,7 @@ def load_shapes_pipeline(
 def save_pipeline_atomically(pipe: DiffusionPipeline, directory: os.PathLike, extra_files: Optional[dict[str, str]] = None) -> None:
     """``pipe.save_pretrained`` (safetensors) into a temporary sibling directory, then swap it into place,
     so ``directory`` is never left half-written. ``extra_files``: name -> text written alongside."""
-    directory = Path(directory).resolve()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.new."))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the saved model is meant to be shared
-    old = directory.parent / f".{directory.name}.old"
-    try:
+    with atomic_directory(Path(directory).resolve()) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        if old.exists():
-            shutil.rmtree(old)
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not directory.exists():
-            os.replace(old, directory)
-        raise

@@ -7,13 +7,14 @@ temporary file in the target directory, then renamed, so a crash never leaves ha
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+
+from sae_lens_multimodal.core.atomic import atomic_save
 
 __all__ = ["blank_figure", "new_figure", "save_figure", "heatmap", "to_numpy"]
 
@@ -48,16 +49,7 @@ def save_figure(fig: Any, path: PathLike, dpi: int = 110) -> Path:
     path = Path(path)
     if not path.suffix:
         raise ValueError(f"{path} has no suffix; give the figure a name such as 'patching.png'.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight"), suffix=path.suffix)
     return path
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,34 +18,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae_lens_multimodal.core.atomic import atomic_save, atomic_write_bytes
+
 __all__ = ["DiffusionCache"]
 
 Key = tuple[str, Any, str]  # (hook name, timestep, branch)
 INDEX_FILE = "index.json"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_save_tensor(path: Path, tensor: torch.Tensor) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"activation": tensor.contiguous()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class DiffusionCache:
@@ -80,7 +57,7 @@ class DiffusionCache:
         value = activation.detach()
         if self.directory is not None:
             path = self.directory / f"{len(self._order):06d}.safetensors"
-            _atomic_save_tensor(path, value.to("cpu"))
+            atomic_save(path, lambda tmp: save_file({"activation": value.to("cpu").contiguous()}, str(tmp)))
             self._meta[key] = (list(value.shape), str(value.dtype).replace("torch.", ""))
             stored: torch.Tensor | Path = path
         elif self.device is not None and value.device != self.device:
@@ -101,7 +78,7 @@ class DiffusionCache:
              "file": Path(self._entries[key][visit]).name}
             for key, visit in self._order
         ]
-        _atomic_write_bytes(self.directory / INDEX_FILE, json.dumps({"entries": records}, indent=1).encode())
+        atomic_write_bytes(self.directory / INDEX_FILE, json.dumps({"entries": records}, indent=1).encode())
 
     @classmethod
     def load(cls, directory: str | os.PathLike, resolve: Callable[[str], str] | None = None) -> DiffusionCache:

@@ -16,14 +16,14 @@ import base64
 import html
 import io
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
+
+from sae_lens_multimodal.core.atomic import atomic_directory
 
 __all__ = [
     "ImageLike",
@@ -395,13 +395,11 @@ def write_site(out_dir: Union[str, os.PathLike], files: Mapping[str, Union[str, 
     replaced. ``files`` maps relative paths (``"index.html"``, ``"features/3.html"``) to contents.
     Returns the absolute path of ``out_dir``."""
     out = check_output_dir(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a report is meant to be opened by others
+    with atomic_directory(out) as tmp:
+        root = tmp.resolve()
         for rel, content in files.items():
             path = (tmp / rel).resolve()
-            if tmp.resolve() not in path.parents:
+            if root not in path.parents:
                 raise ValueError(f"Report file path {rel!r} leaves the report directory.")
             path.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(content, bytes):
@@ -409,15 +407,4 @@ def write_site(out_dir: Union[str, os.PathLike], files: Mapping[str, Union[str, 
             else:
                 path.write_text(content, encoding="utf-8")
         (tmp / REPORT_MARKER).write_text("written by sae_lens_multimodal.reports\n", encoding="utf-8")
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.rmdir(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -33,7 +33,6 @@ below calls at most ``1 - quantile`` of each baseline's draws steerable (checked
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from sae_lens_multimodal.core.atomic import atomic_save
 from sae_lens_multimodal.steering.core import Positions, token_mask
 
 __all__ = ["BASELINES", "SteerabilityResult", "steerability"]
@@ -197,16 +197,10 @@ class SteerabilityResult:
         fig.suptitle(self.hook_name, fontsize=9)
         fig.tight_layout()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-        os.close(fd)
         try:
-            fig.savefig(tmp, format="png", dpi=110)
-            os.replace(tmp, path)
+            atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110), suffix=".png")
         finally:
             plt.close(fig)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
 

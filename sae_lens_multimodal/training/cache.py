@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+
+from sae_lens_multimodal.core.atomic import atomic_save, atomic_write_json
 
 __all__ = [
     "FORMAT_NAME",
@@ -37,7 +38,6 @@ __all__ = [
     "ActivationCacheWriter",
     "CacheMismatchError",
     "model_identity",
-    "open_activation_cache",
 ]
 
 FORMAT_NAME = "sae-lens-multimodal/activation-cache"
@@ -105,36 +105,18 @@ def model_identity(model: torch.nn.Module, name: Optional[str] = None) -> dict[s
     }
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_json(path, obj, fsync=True, indent=1, sort_keys=True)
 
 
 def _atomic_write_npy(path: Path, array: np.ndarray) -> int:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
         out[...] = array
         out.flush()
         del out
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
+
+    atomic_save(path, write)
     return path.stat().st_size
 
 

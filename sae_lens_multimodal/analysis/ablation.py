@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_lens_multimodal.analysis.diffusion_patching import _captions, as_hooked_pipeline, unet_blocks
+from sae_lens_multimodal.core.denoising import CFG_BATCH_ORDER, cfg_row_split, current_denoising_state
 from sae_lens_multimodal.analysis.plotting import PathLike, blank_figure, heatmap, save_figure
 
 __all__ = [
@@ -288,8 +289,6 @@ def ablate_components(
 
     def head_hook(c: Component) -> Callable:
         def ablate(z: torch.Tensor, hook: Any) -> torch.Tensor:
-            from sae_lens_multimodal.diffusion.context import current_denoising_state
-
             z = z.clone()
             if method == "zero":
                 z[:, :, c.head] = 0.0
@@ -297,9 +296,8 @@ def ablate_components(
             state = current_denoising_state()
             t, branch = state.timestep, state.branch  # type: ignore[union-attr]
             if branch == "both":
-                half = z.shape[0] // 2
-                z[:half, :, c.head] = means[c.hook_name, t, "uncond"][:, :, c.head].mean(0)  # type: ignore[index]
-                z[half:, :, c.head] = means[c.hook_name, t, "cond"][:, :, c.head].mean(0)  # type: ignore[index]
+                for half, rows in zip(CFG_BATCH_ORDER, cfg_row_split(z.shape[0])):
+                    z[rows, :, c.head] = means[c.hook_name, t, half][:, :, c.head].mean(0)  # type: ignore[index]
             else:
                 z[:, :, c.head] = means[c.hook_name, t, branch][:, :, c.head].mean(0)  # type: ignore[index]
             return z

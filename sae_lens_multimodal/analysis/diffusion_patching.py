@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_lens_multimodal.analysis.plotting import PathLike, blank_figure, heatmap, save_figure, to_numpy
+from sae_lens_multimodal.core.denoising import CFG_BATCH_ORDER, current_denoising_state
 
 __all__ = [
     "DEFAULT_UNET_BLOCKS",
@@ -289,13 +290,11 @@ def diffusion_patching(
 
     def patch_hook(name: str) -> Callable:
         def put(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            from sae_lens_multimodal.diffusion.context import current_denoising_state
-
             state = current_denoising_state()
             branch = state.branch if state is not None else None
             t = state.timestep if state is not None else None
             if branch == "both":
-                return torch.cat([cache[name, t, "uncond"], cache[name, t, "cond"]]).to(act.dtype)
+                return torch.cat([cache[name, t, half] for half in CFG_BATCH_ORDER]).to(act.dtype)
             return cache[name, t, branch].to(act.dtype)
 
         return put

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from sae_lens_multimodal.analysis.diffusion_patching import _captions, as_hooked_pipeline
 from sae_lens_multimodal.analysis.plotting import PathLike, blank_figure, save_figure, to_numpy
+from sae_lens_multimodal.core.denoising import check_cfg_branch, timestep_context
 
 __all__ = [
     "FeatureTimecourse",
@@ -200,8 +201,6 @@ def _encode(act: torch.Tensor, t: Any, branch: str, sae: Any, features: Optional
     flat = act.reshape(b, -1, d).float()
     if direction is not None:
         return flat @ direction.T.to(flat.device)
-    from sae_lens_multimodal.saes.timesteps import timestep_context
-
     with timestep_context(t, branch):
         z = sae.encode(flat.reshape(-1, d).to(sae.dtype if hasattr(sae, "dtype") else flat.dtype))
     z = z.reshape(b, -1, z.shape[-1]).float()
@@ -253,8 +252,7 @@ def feature_timecourse(
         raise ValueError("Pass exactly one of sae=... (with optional features=[...]) and direction=...")
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}; got {reduce!r}.")
-    if cfg_branch not in ("cond", "uncond"):
-        raise ValueError(f"cfg_branch must be 'cond' or 'uncond'; got {cfg_branch!r}.")
+    check_cfg_branch(cfg_branch, allow_both=False, allow_none=False)
     if hook_name is None:
         hook_name = getattr(getattr(getattr(sae, "cfg", None), "metadata", None), "hook_name", None)
         if hook_name is None:
@@ -466,8 +464,7 @@ def timestep_probes(
     from sae_lens_multimodal.analysis.ablation import shapes_prompts
     from sae_lens_multimodal.world.shapes import ShapesWorld
 
-    if cfg_branch not in ("cond", "uncond"):
-        raise ValueError(f"cfg_branch must be 'cond' or 'uncond'; got {cfg_branch!r}.")
+    check_cfg_branch(cfg_branch, allow_both=False, allow_none=False)
     values = ShapesWorld.factor_values
     bad = [f for f in factors if f not in ("color", "shape", "position")]
     if bad:

@@ -21,6 +21,13 @@ Two writers, one reader per quantity:
 (A timestep-aware SAE checks one thing before these: per-row labels handed to it for its next training
 batch with ``sae.set_row_timesteps``; that is the SAE's own state, see ``saes/_shared.py``.)
 
+What reads which: code that labels activations with the timestep they come from (timestep-aware SAEs,
+the diffusion activation store, evaluation) reads :func:`current_timestep` / :func:`current_branch` /
+:func:`current_branch_codes`. Code that decides *which denoiser call and which batch rows* to act on
+(``run_with_hooks(at_timesteps=, cfg_branch=)``, ``run_with_cache``, steering's ``timesteps=`` /
+``cfg_branch=``, patching and ablation) reads the call itself, :func:`current_denoising_state`, so that
+an explicit label cannot change which rows a hook edits.
+
 Under batched classifier-free guidance a denoiser call processes the unconditional rows first and the
 conditional rows second (the diffusers layout); :func:`cfg_row_split`, :func:`branch_rows` and
 :func:`cfg_row_labels` are the one definition of that split.
@@ -38,6 +45,7 @@ import torch
 
 __all__ = [
     "BRANCH_CODES",
+    "CFG_BATCH_ORDER",
     "CFG_BRANCHES",
     "CFGBranch",
     "DenoisingState",
@@ -62,6 +70,9 @@ __all__ = [
 #: rows first and the conditional rows second (the diffusers layout for batched guidance).
 CFG_BRANCHES: tuple[str, ...] = ("cond", "uncond", "both")
 CFGBranch = Literal["cond", "uncond", "both"]
+#: Order of the two halves of a batched classifier-free-guidance call (diffusers concatenates
+#: ``[negative/unconditional, conditional]``); :func:`cfg_row_split` returns the rows in this order.
+CFG_BATCH_ORDER: tuple[str, str] = ("uncond", "cond")
 #: Integer codes for per-row branch labels in caches and tensors; UNKNOWN_BRANCH where not known.
 BRANCH_CODES: dict[str, int] = {"uncond": 0, "cond": 1}
 UNKNOWN_BRANCH = -1
@@ -175,9 +186,9 @@ def timestep_context(timesteps: TimestepLike, branch: Optional[Any] = None) -> I
     """Tell timestep-aware code which timestep (and CFG branch) the activations it sees come from.
 
     ``timesteps`` is a scalar (all rows), a (batch,) tensor (one per sample) or a tensor with the
-    activation's leading shape (one per row); ``None`` leaves the timestep to the running denoiser call. ``branch`` is ``"cond"``, ``"uncond"``, ``"both"``, or per-row
-    labels (names, or codes 0 = uncond, 1 = cond, see :data:`BRANCH_CODES`); ``None`` leaves the branch to
-    the running denoiser call. Takes precedence over the running denoiser call (see the module docstring).
+    activation's leading shape (one per row). ``branch`` is ``"cond"``, ``"uncond"``, ``"both"``, or per-row
+    labels (names, or codes 0 = uncond, 1 = cond, see :data:`BRANCH_CODES`). Both take precedence over the
+    running denoiser call (see the module docstring); ``None`` leaves that value to the running call.
     """
     token = _EXPLICIT.set((timesteps, branch))
     try:
@@ -200,11 +211,8 @@ def check_cfg_branch(branch: Any, *, allow_both: bool = True, allow_none: bool =
 
 
 def cfg_row_split(batch_size: int) -> tuple[slice, slice]:
-    """``(unconditional rows, conditional rows)`` of a batched classifier-free-guidance call.
-
-    diffusers concatenates ``[negative/unconditional, conditional]`` along the batch, so the first half
-    of the rows is the unconditional branch and the second half the conditional one.
-    """
+    """``(unconditional rows, conditional rows)`` of a batched classifier-free-guidance call
+    (:data:`CFG_BATCH_ORDER`: the first half of the rows is unconditional, the second conditional)."""
     if batch_size < 0 or batch_size % 2:
         raise ValueError(
             f"A batched classifier-free-guidance call needs an even batch (unconditional half, then "
@@ -217,14 +225,12 @@ def cfg_row_split(batch_size: int) -> tuple[slice, slice]:
 def branch_rows(branch: str, batch_size: int) -> slice:
     """Rows of ``branch`` in a batched CFG call of ``batch_size`` rows (``"both"``: every row)."""
     check_cfg_branch(branch, allow_none=False, name="branch")
-    uncond, cond = cfg_row_split(batch_size)
-    return {"uncond": uncond, "cond": cond}.get(branch, slice(0, batch_size))
+    return dict(zip(CFG_BATCH_ORDER, cfg_row_split(batch_size))).get(branch, slice(0, batch_size))
 
 
 def cfg_row_labels(batch_size: int) -> tuple[str, ...]:
     """Branch name of every row of a batched CFG call: ``("uncond", ..., "cond", ...)``."""
-    uncond, cond = cfg_row_split(batch_size)
-    return ("uncond",) * (uncond.stop - uncond.start) + ("cond",) * (cond.stop - cond.start)
+    return tuple(b for b, rows in zip(CFG_BATCH_ORDER, cfg_row_split(batch_size)) for _ in range(rows.start, rows.stop))
 
 
 def broadcast_rows(value: Any, rows: torch.Size, device: torch.device, what: str,

@@ -2,16 +2,17 @@
 
 Public names: :class:`HookedUNet`, :class:`HookedDiT`, :class:`HookedDiffusionPipeline`,
 :class:`DiffusionCache`, and the denoising-state accessors :func:`current_timestep`,
-:func:`current_branch`, :func:`current_denoising_state`. Hook names: docs/hooks-diffusion.md.
+:func:`current_branch`, :func:`current_denoising_state` (defined in :mod:`sae_lens_multimodal.core.denoising`).
+Hook names: docs/hooks-diffusion.md.
 """
 
-from sae_lens_multimodal.diffusion.cache import DiffusionCache
-from sae_lens_multimodal.diffusion.context import (
+from sae_lens_multimodal.core.denoising import (  # re-exported: the diffusion-facing names
     DenoisingState,
     current_branch,
     current_denoising_state,
     current_timestep,
 )
+from sae_lens_multimodal.diffusion.cache import DiffusionCache
 from sae_lens_multimodal.diffusion.hooked import SUPPORTED_DITS, SUPPORTED_UNETS, HookedDiT, HookedUNet
 from sae_lens_multimodal.diffusion.pipeline import (
     SUPPORTED_PIPELINES,

@@ -14,7 +14,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,13 @@ from transformer_lens.hook_points import HookPoint
 from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule, unknown_hook_error
 from sae_lens_multimodal.diffusion._attention import HookedAttentionProcessor, install_attention, uninstall_attention
 from sae_lens_multimodal.diffusion._blocks import block_streams, install_block
-from sae_lens_multimodal.diffusion.context import _STATE, DenoisingState
+from sae_lens_multimodal.core.denoising import (
+    DenoisingState,
+    current_branch,
+    current_denoising_state,
+    current_timestep,
+    denoising_state,
+)
 
 __all__ = ["HookedUNet", "HookedDiT", "HookedDenoiser", "SUPPORTED_UNETS", "SUPPORTED_DITS"]
 
@@ -85,8 +91,7 @@ class Installation:
         self.unhooked_attention: dict[str, str] = {}
         #: Set by HookedDiffusionPipeline during a run: (args, kwargs, raw timestep) -> DenoisingState.
         self.state_provider: Callable[[tuple, dict, Any], DenoisingState] | None = None
-        self.current: DenoisingState | None = None
-        self._tokens: list[Any] = []
+        self._open_states: list[ExitStack | None] = []  # one per denoiser call in progress (nested calls stack)
         self._calls = 0
         params = list(inspect.signature(type(denoiser).forward).parameters)[1:]  # class forward, minus self
         self._timestep_pos = params.index("timestep") if "timestep" in params else None
@@ -144,7 +149,7 @@ class Installation:
 
     # -------------------------------------------------------------- denoising state
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._tokens.append(None)  # balanced by _exit even when something below raises
+        self._open_states.append(None)  # balanced by _exit even when something below raises
         if self._timestep_pos is not None and len(args) > self._timestep_pos:
             raw = args[self._timestep_pos]
         else:
@@ -154,14 +159,15 @@ class Installation:
         else:
             state = DenoisingState(timestep=_scalar_timestep(raw, self.timestep_scale), call_index=self._calls)
         self._calls += 1
-        self.current = state
-        self._tokens[-1] = (_STATE.set(state), state)
+        # torch runs _enter and _exit as separate hooks, so the state's context is held open in an ExitStack
+        stack = ExitStack()
+        stack.enter_context(denoising_state(state))
+        self._open_states[-1] = stack
 
     def _exit(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        entry = self._tokens.pop() if self._tokens else None
-        if entry is not None:
-            _STATE.reset(entry[0])
-        self.current = self._tokens[-1][1] if self._tokens and self._tokens[-1] is not None else None
+        stack = self._open_states.pop() if self._open_states else None
+        if stack is not None:
+            stack.close()
 
 
 def get_installation(denoiser: nn.Module, family: str) -> Installation:
@@ -269,26 +275,21 @@ class HookedDenoiser(MultimodalHookedRootModule):
         """Exactly the wrapped denoiser's forward: same arguments, same return value."""
         return self.denoiser(*args, **kwargs)
 
+    # Aliases of the functions in sae_lens_multimodal.core.denoising (one definition of each).
     @property
-    def current_timestep(self) -> int | float | torch.Tensor | None:
-        """Scheduler timestep of the denoiser call in progress (None outside a call). See DenoisingState."""
-        state = self._installation.current
-        return None if state is None else state.timestep
+    def current_timestep(self) -> Any:
+        """Same as :func:`sae_lens_multimodal.core.denoising.current_timestep`."""
+        return current_timestep()
 
     @property
-    def current_branch(self) -> str | None:
-        """CFG branch of the denoiser call in progress: 'cond', 'uncond', 'both' or None (unknown)."""
-        from sae_lens_multimodal.diffusion.context import current_branch
-
-        state = self._installation.current
-        if state is None:
-            return None
-        return current_branch() or state.branch
+    def current_branch(self) -> Any:
+        """Same as :func:`sae_lens_multimodal.core.denoising.current_branch`."""
+        return current_branch()
 
     @property
     def current_state(self) -> DenoisingState | None:
-        """The full DenoisingState (timestep, branch, step_index, call_index, batch_branches) of the call in progress."""
-        return self._installation.current
+        """Same as :func:`sae_lens_multimodal.core.denoising.current_denoising_state`."""
+        return current_denoising_state()
 
     @property
     def unhooked_attention(self) -> dict[str, str]:

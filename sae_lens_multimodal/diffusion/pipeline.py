@@ -2,7 +2,7 @@
 
 The wrapped diffusers pipeline runs its own ``__call__`` (so images equal the plain pipeline's for the
 same seed). Hook functions learn which denoiser call they are in from state set at every denoiser call
-(:mod:`sae_lens_multimodal.diffusion.context`): the scheduler timestep the denoiser was actually given
+(:mod:`sae_lens_multimodal.core.denoising`): the scheduler timestep the denoiser was actually given
 (snapped to ``scheduler.timesteps``), its index in the schedule, and the CFG branch of each batch row.
 """
 
@@ -17,13 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from sae_lens_multimodal.diffusion.cache import DiffusionCache, _same
-from sae_lens_multimodal.diffusion.context import (
-    CFG_BRANCHES,
+from sae_lens_multimodal.core.denoising import (
     DenoisingState,
     branch_override,
+    branch_rows,
+    cfg_row_labels,
+    cfg_row_split,
+    check_cfg_branch,
     current_denoising_state,
 )
+from sae_lens_multimodal.diffusion.cache import DiffusionCache, _same
 from sae_lens_multimodal.diffusion.hooked import (
     SUPPORTED_DITS,
     SUPPORTED_UNETS,
@@ -158,7 +161,7 @@ class DenoisingLoop:
         if do_cfg:
             if negative_prompt_embeds is None:
                 negative_prompt_embeds = torch.zeros_like(prompt_embeds)
-            embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            embeds = torch.cat([negative_prompt_embeds, prompt_embeds])  # CFG_BATCH_ORDER: unconditional first
         else:
             embeds = prompt_embeds
         for t in self.scheduler.timesteps:
@@ -167,7 +170,7 @@ class DenoisingLoop:
             pred = self.unet(model_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added_cond_kwargs,
                              return_dict=False)[0]
             if do_cfg:
-                uncond, cond = pred.chunk(2)
+                uncond, cond = (pred[rows] for rows in cfg_row_split(pred.shape[0]))
                 pred = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
         return LoopOutput(images=latents)
@@ -290,7 +293,7 @@ class HookedDiffusionPipeline(HookedDenoiser):
                     )
             if batch == run.full_batch:
                 branch = "both"
-                rows = ("uncond",) * (batch // 2) + ("cond",) * (batch // 2) if batch else None
+                rows = cfg_row_labels(batch) if batch else None
             else:
                 branch = "cond"  # e.g. SD3 skip-layer guidance: an extra conditional-only call
         else:
@@ -325,8 +328,7 @@ class HookedDiffusionPipeline(HookedDenoiser):
         return out[0] if isinstance(out, tuple) else out
 
     def _check_branch(self, cfg_branch: str | None, args: tuple, kwargs: dict) -> str:
-        if cfg_branch is not None and cfg_branch not in CFG_BRANCHES:
-            raise ValueError(f"cfg_branch must be one of {CFG_BRANCHES} or None; got {cfg_branch!r}.")
+        check_cfg_branch(cfg_branch)
         mode = self.cfg_mode(*args, **kwargs)
         if mode == "none" and cfg_branch in ("uncond", "both"):
             raise ValueError(
@@ -386,11 +388,11 @@ class HookedDiffusionPipeline(HookedDenoiser):
                 if state is None or not selector(state.timestep):
                     return
                 if state.branch == "both":
-                    half = act.shape[0] // 2
+                    uncond_rows, cond_rows = cfg_row_split(act.shape[0])
                     if "uncond" in wanted:
-                        store(name, state.timestep, "uncond", act[:half])
+                        store(name, state.timestep, "uncond", act[uncond_rows])
                     if "cond" in wanted:
-                        store(name, state.timestep, "cond", act[half:])
+                        store(name, state.timestep, "cond", act[cond_rows])
                 elif state.branch in wanted:
                     store(name, state.timestep, state.branch, act)
 
@@ -442,8 +444,7 @@ def _scheduled(fn: Callable, selector: TimestepSelector, branch: str | None) -> 
             return fn(act, hook=hook)
         if state.branch != "both":
             return None  # this call runs the other branch only
-        half = act.shape[0] // 2
-        rows = slice(half, None) if branch == "cond" else slice(0, half)
+        rows = branch_rows(branch, act.shape[0])
         part = act[rows]
         with branch_override(branch):
             result = fn(part, hook=hook)

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from sae_lens_multimodal.core.denoising import BRANCH_CODES, timestep_context
 from sae_lens_multimodal.reports.dashboard_data import (
     FeatureDashboard,
     TimestepCurve,
@@ -60,7 +61,6 @@ def diffusion_feature_dashboards(
     choice: the ``n_features`` whose time-averaged activation varies most between prompts.
     """
     from sae_lens_multimodal.analysis.temporal import sae_timestep_buckets
-    from sae_lens_multimodal.saes.timesteps import timestep_context
 
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -106,7 +106,7 @@ def diffusion_feature_dashboards(
     feats = torch.stack([encode(ti, ids) for ti in range(n_t)])  # [T, B, h, w, F]
 
     branch = cfg_branch
-    if branch is None and sae.cfg.metadata.get("cfg_branch") in ("cond", "uncond"):
+    if branch is None and sae.cfg.metadata.get("cfg_branch") in BRANCH_CODES:
         branch = sae.cfg.metadata.get("cfg_branch")  # an SAE of one CFG branch steers that branch
     k = min(steer_prompts, n_p)
     clean_k = images[:k]

@@ -5,11 +5,13 @@
   learned per-timestep-bucket scale and bias.
 
 Both load with ``SAE.load_from_disk`` / ``SAE.from_pretrained`` and splice with ``run_with_saes``; they
-read the current timestep from the diffusion pipeline (or :func:`timestep_context`).
+read the current timestep from :mod:`sae_lens_multimodal.core.denoising` (set by the diffusion pipeline, or
+explicitly with :func:`timestep_context`, re-exported here).
 """
 
 from __future__ import annotations
 
+from sae_lens_multimodal.core.denoising import timestep_context
 from sae_lens_multimodal.saes.bucketed import (
     TimestepBucketedSAE,
     TimestepBucketedSAEConfig,
@@ -22,16 +24,9 @@ from sae_lens_multimodal.saes.conditioned import (
     TimestepConditionedTrainingSAE,
     TimestepConditionedTrainingSAEConfig,
 )
-from sae_lens_multimodal.saes.timesteps import (
-    BRANCH_CODES,
-    TimestepBuckets,
-    current_branch,
-    current_timesteps,
-    timestep_context,
-)
+from sae_lens_multimodal.saes.timesteps import TimestepBuckets
 
 __all__ = [
-    "BRANCH_CODES",
     "TimestepBucketedSAE",
     "TimestepBucketedSAEConfig",
     "TimestepBucketedTrainingSAE",
@@ -41,8 +36,6 @@ __all__ = [
     "TimestepConditionedSAEConfig",
     "TimestepConditionedTrainingSAE",
     "TimestepConditionedTrainingSAEConfig",
-    "current_branch",
-    "current_timesteps",
     "register_sae_classes",
     "timestep_context",
 ]

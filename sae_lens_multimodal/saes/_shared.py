@@ -10,18 +10,18 @@ import torch
 from sae_lens.registry import get_sae_class, get_sae_training_class
 from sae_lens.saes.sae import SAEMetadata, TrainingSAEConfig
 
-from sae_lens_multimodal.saes.timesteps import (
+from sae_lens_multimodal.core.denoising import (
     BRANCH_CODES,
-    TimestepBuckets,
+    CFG_BRANCHES,
     branch_codes,
     broadcast_rows,
-    current_branch,
-    current_timesteps,
+    current_branch_codes,
+    current_timestep,
 )
+from sae_lens_multimodal.saes.timesteps import TimestepBuckets
 
 OUR_ARCHITECTURES = ("timestep_bucketed", "timestep_conditioned")
 INPUT_KINDS = ("block_output", "residual_update")
-CFG_BRANCHES = ("cond", "uncond", "both")
 OUT_OF_RANGE = ("error", "passthrough")
 # Fields every SAELens (training) config has; everything else an inner architecture defines goes
 # into ``inner_config``.
@@ -225,13 +225,10 @@ class RowRoutingMixin:
                   labels: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
                   out_of_range: Optional[str] = None) -> RowPlan:
         """Bucket of every row (-1: pass through). ``labels`` = (timesteps, branches) given explicitly;
-        otherwise they come from :func:`timestep_context` / the diffusion pipeline."""
+        otherwise they come from core/denoising.py (``timestep_context``, else the running denoiser call)."""
         buckets = self.timestep_buckets
         policy = out_of_range or self.cfg.out_of_range
-        if labels is not None:
-            t_value, b_value = labels
-        else:
-            t_value, b_value = current_timesteps(), current_branch()
+        t_value = labels[0] if labels is not None else current_timestep()
         if t_value is None:
             if self._is_pooled_over_all():  # one dictionary for every timestep: none needed
                 idx = torch.zeros(rows, dtype=torch.long, device=device)
@@ -240,8 +237,8 @@ class RowRoutingMixin:
                 raise RuntimeError(
                     f"{type(self).__name__}{f' at {hook!r}' if hook else ''} needs the current diffusion "
                     "timestep, and none is set. Run it inside HookedDiffusionPipeline (which sets "
-                    "sae_lens_multimodal.diffusion.current_timestep()), or wrap the call in "
-                    "`with sae_lens_multimodal.saes.timestep_context(t): ...`."
+                    "sae_lens_multimodal.current_timestep()), or wrap the call in "
+                    "`with sae_lens_multimodal.timestep_context(t): ...`."
                 )
         else:
             t = broadcast_rows(t_value, rows, device, "timesteps")
@@ -256,7 +253,7 @@ class RowRoutingMixin:
                 )
         sae_branch = self.cfg.metadata.get("cfg_branch")
         if sae_branch in BRANCH_CODES:
-            codes = branch_codes(b_value, rows, device)
+            codes = branch_codes(labels[1], rows, device) if labels is not None else current_branch_codes(rows, device)
             if codes is not None:
                 other = (codes >= 0) & (codes != BRANCH_CODES[sae_branch])
                 idx = torch.where(other, torch.full_like(idx, -1), idx)

@@ -241,8 +241,9 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 class TimestepBucketedSAE(_BucketedMixin, SAE[TimestepBucketedSAEConfig]):
     """Inference SAE with one SAELens dictionary per timestep range (architecture ``timestep_bucketed``).
 
-    Spliced into a diffusion pipeline it reads the current timestep (and CFG branch) from the pipeline;
-    on cached activations use ``with timestep_context(t): sae(x)``. ``sae.bucket_sae(i)`` is bucket i's
+    Spliced into a diffusion pipeline it reads the current timestep (and CFG branch) from the running
+    denoiser call (``sae_lens_multimodal.core.denoising``); on cached activations use
+    ``with timestep_context(t): sae(x)``. ``sae.bucket_sae(i)`` is bucket i's
     own SAELens SAE.
     """
 

@@ -1,135 +1,21 @@
-"""Timestep buckets, and where a timestep-aware SAE learns the current timestep and CFG branch.
+"""Timestep buckets: the half-open timestep ranges a timestep-aware SAE keeps one dictionary (or one
+modulation) for.
 
-SAELens's splicing wrapper calls ``sae.encode(x)`` with the activation only, so a timestep-aware SAE
-has to read the timestep from state that the running model sets. The lookup order for each call is:
-
-1. labels handed to the SAE for the next training batch (``sae.set_row_timesteps``; used by the
-   training data providers, which yield plain activation tensors to SAELens's ``SAETrainer``);
-2. an explicit :func:`timestep_context` (for applying an SAE to cached activations);
-3. the diffusion pipeline's accessor ``sae_lens_multimodal.diffusion.current_timestep()`` (and
-   ``current_branch()``), set while ``HookedDiffusionPipeline`` runs the denoiser.
-
-Timesteps are in the scheduler's own units (e.g. ``scheduler.timesteps`` values, 0..999 for DDPM-style
-schedulers, sigma * 1000 for flow-matching ones).
+Where such an SAE learns the timestep and CFG branch of the rows it sees is defined once, in
+:mod:`sae_lens_multimodal.core.denoising` (``timestep_context``, ``current_timestep``, ``current_branch``);
+labels handed over with ``sae.set_row_timesteps`` come first (saes/_shared.py). Timesteps are in the
+scheduler's own units (e.g. ``scheduler.timesteps`` values, 0..999 for DDPM-style schedulers, sigma * 1000
+for flow-matching ones).
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import Any, Literal, Optional, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 
-__all__ = [
-    "BRANCH_CODES",
-    "CFGBranch",
-    "TimestepLike",
-    "TimestepBuckets",
-    "current_branch",
-    "current_timesteps",
-    "timestep_context",
-]
-
-TimestepLike = Union[int, float, torch.Tensor, Sequence[float]]
-CFGBranch = Literal["cond", "uncond", "both"]
-#: Integer codes used for per-row branch labels in caches and tensors.
-BRANCH_CODES: dict[str, int] = {"uncond": 0, "cond": 1}
-UNKNOWN_BRANCH = -1
-
-_explicit_timesteps: ContextVar[Optional[Any]] = ContextVar("slm_explicit_timesteps", default=None)
-_explicit_branch: ContextVar[Optional[Any]] = ContextVar("slm_explicit_branch", default=None)
-
-
-@contextmanager
-def timestep_context(timesteps: TimestepLike, branch: Optional[Any] = None) -> Iterator[None]:
-    """Tell timestep-aware SAEs which timestep (and CFG branch) the activations they see come from.
-
-    ``timesteps`` is a scalar (all rows), a (batch,) tensor (one per sample) or a tensor with the
-    activation's leading shape (one per row). ``branch`` is ``"cond"``, ``"uncond"``, or per-row codes
-    (0 = uncond, 1 = cond, see :data:`BRANCH_CODES`). Takes precedence over the diffusion pipeline.
-    """
-    t_token = _explicit_timesteps.set(timesteps)
-    b_token = _explicit_branch.set(branch)
-    try:
-        yield
-    finally:
-        _explicit_timesteps.reset(t_token)
-        _explicit_branch.reset(b_token)
-
-
-_DIFFUSION_MODULES = ("sae_lens_multimodal.diffusion.context", "sae_lens_multimodal.diffusion")
-
-
-def _diffusion_accessor(name: str) -> Any:
-    # Only consult the diffusion package if something already imported it (a pipeline is in use):
-    # importing it here would pull in diffusers for every image-only user.
-    for module_name in _DIFFUSION_MODULES:
-        fn = getattr(sys.modules.get(module_name), name, None)
-        if callable(fn):
-            return fn()
-    return None
-
-
-def current_timesteps() -> Optional[Any]:
-    """The timestep(s) set by :func:`timestep_context`, else by the running diffusion pipeline, else None."""
-    explicit = _explicit_timesteps.get()
-    return explicit if explicit is not None else _diffusion_accessor("current_timestep")
-
-
-def current_branch() -> Optional[Any]:
-    """The CFG branch set by :func:`timestep_context`, else by the running diffusion pipeline, else None.
-
-    For a batched classifier-free-guidance call (branch ``"both"``) this is the per-sample list of
-    branches when the pipeline reports it, else ``"both"`` (unconditional half first, as in diffusers).
-    """
-    explicit = _explicit_branch.get()
-    if explicit is not None:
-        return explicit
-    branch = _diffusion_accessor("current_branch")
-    if branch == "both":
-        state = _diffusion_accessor("current_denoising_state")
-        per_sample = getattr(state, "batch_branches", None)
-        if per_sample:
-            return list(per_sample)
-    return branch
-
-
-def broadcast_rows(value: Any, rows: torch.Size, device: torch.device, what: str,
-                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Broadcast a scalar, a per-sample (batch,) or a per-row value to the activation's row shape."""
-    t = torch.as_tensor(value, device=device).to(dtype)
-    if t.ndim == 0:
-        return t.expand(rows)
-    if t.shape == rows:
-        return t
-    if t.ndim == 1 and len(rows) >= 1 and t.shape[0] == rows[0]:
-        return t.reshape((rows[0],) + (1,) * (len(rows) - 1)).expand(rows)
-    raise ValueError(
-        f"Got {what} of shape {tuple(t.shape)} for activations whose leading shape is {tuple(rows)}. "
-        f"Pass a scalar, one value per sample ({rows[0] if len(rows) else 1},) or one per row {tuple(rows)}."
-    )
-
-
-def branch_codes(value: Any, rows: torch.Size, device: torch.device) -> Optional[torch.Tensor]:
-    """Per-row branch codes (0 uncond, 1 cond, -1 unknown) from a branch name or codes; None if unknown."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value == "both":  # batched CFG: unconditional rows first, conditional rows second
-            n = rows[0] if len(rows) else 0
-            if n % 2:
-                raise ValueError(f"CFG branch 'both' needs an even batch, got {n} rows.")
-            value = [BRANCH_CODES["uncond"]] * (n // 2) + [BRANCH_CODES["cond"]] * (n // 2)
-            return broadcast_rows(value, rows, device, "CFG branch labels", dtype=torch.long)
-        if value not in BRANCH_CODES:
-            raise ValueError(f"Unknown CFG branch {value!r}; expected one of {sorted(BRANCH_CODES)} or 'both'.")
-        value = BRANCH_CODES[value]
-    elif isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
-        value = [BRANCH_CODES.get(v, UNKNOWN_BRANCH) for v in value]
-    return broadcast_rows(value, rows, device, "CFG branch labels", dtype=torch.long)
+__all__ = ["TimestepBuckets"]
 
 
 class TimestepBuckets:

@@ -8,6 +8,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from sae_lens_multimodal.core.denoising import cfg_row_labels, current_denoising_state
 from sae_lens_multimodal.core.positions import _resample, token_mask
 from sae_lens_multimodal.steering.specs import DirectionSteer, FeatureSteer, Steer
 from sae_lens_multimodal.steering.targets import (
@@ -97,9 +98,7 @@ class _Steerer:
         """Boolean [batch] of rows to edit now; None = every row; an all-False tensor = nothing to do."""
         if not self.diffusion:
             return None
-        from sae_lens_multimodal.diffusion.context import current_denoising_state
-
-        state = current_denoising_state()
+        state = current_denoising_state()  # which call and which rows: the running call's own state
         if self.selector is not None:
             if state is None or state.timestep is None:
                 raise RuntimeError(
@@ -121,7 +120,7 @@ class _Steerer:
                 "cfg_branch= needs a HookedDiffusionPipeline run (a bare denoiser call has no guidance branch)."
             )
         if branch == "both":
-            labels = state.batch_branches or (("uncond",) * (batch // 2) + ("cond",) * (batch - batch // 2))
+            labels = state.batch_branches or cfg_row_labels(batch)
             if len(labels) != batch:
                 return None
             return torch.tensor([b == want for b in labels], dtype=torch.bool, device=device)

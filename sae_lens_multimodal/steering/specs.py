@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
+from sae_lens_multimodal.core.denoising import check_cfg_branch
 from sae_lens_multimodal.core.positions import Positions
 
 __all__ = ["MODES", "FeatureSteer", "DirectionSteer", "Steer", "Mode", "Positions"]
@@ -21,7 +22,6 @@ MODES: dict[str, str] = {
     "scale": "a -> a * value",
     "ablate": "a -> 0",
 }
-_BRANCHES = ("cond", "uncond")
 
 
 def _check_common(mode: str, value: Any, positions: Any, cfg_branch: Any) -> None:
@@ -29,8 +29,7 @@ def _check_common(mode: str, value: Any, positions: Any, cfg_branch: Any) -> Non
         raise ValueError(f"mode must be one of {list(MODES)} ({'; '.join(f'{k}: {v}' for k, v in MODES.items())}); got {mode!r}.")
     if mode != "ablate" and value is None:
         raise ValueError(f"mode={mode!r} needs value= ({MODES[mode]}).")
-    if cfg_branch is not None and cfg_branch not in _BRANCHES:
-        raise ValueError(f"cfg_branch must be 'cond', 'uncond' or None (both branches); got {cfg_branch!r}.")
+    check_cfg_branch(cfg_branch, allow_both=False)  # None: both branches
     if isinstance(positions, str) and positions not in ("all", "cls", "patches"):
         raise ValueError(
             f"positions must be 'all', 'cls', 'patches', a list of token indices or a boolean mask; got {positions!r}."

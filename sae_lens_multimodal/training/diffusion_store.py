@@ -16,7 +16,13 @@ from typing import Any, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from sae_lens_multimodal.saes.timesteps import UNKNOWN_BRANCH, branch_codes, broadcast_rows
+from sae_lens_multimodal.core.denoising import (
+    UNKNOWN_BRANCH,
+    broadcast_rows,
+    check_cfg_branch,
+    current_branch_codes,
+    current_timestep,
+)
 from sae_lens_multimodal.training.cache import ActivationChunk, dtype_name, model_identity
 
 __all__ = ["DiffusionActivationStore"]
@@ -82,9 +88,7 @@ class DiffusionActivationStore:
             raise ValueError(f"Got {len(seeds)} seeds for {len(self.prompts)} prompts; give one seed per prompt.")
         self.seeds = list(seeds) if seeds is not None else [seed_offset + i for i in range(len(self.prompts))]
         self.timesteps = timesteps
-        if cfg_branch not in (None, "cond", "uncond"):
-            raise ValueError(f"cfg_branch must be 'cond', 'uncond' or None; got {cfg_branch!r}")
-        self.cfg_branch = cfg_branch
+        self.cfg_branch = check_cfg_branch(cfg_branch, allow_both=False)
         self.tokens_per_sample = tokens_per_sample
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -164,8 +168,6 @@ class DiffusionActivationStore:
     @torch.no_grad()
     def iter_chunks(self, start_item: int = 0) -> Iterator[tuple[int, int, dict[str, ActivationChunk]]]:
         """``(item_start, item_end, {hook: chunk})`` per pipeline call, in item order."""
-        from sae_lens_multimodal.diffusion.context import current_branch, current_denoising_state
-
         bar = tqdm(total=self.n_items, initial=start_item, unit="traj", desc="Caching diffusion activations",
                    disable=not self.progress)
         try:
@@ -177,8 +179,7 @@ class DiffusionActivationStore:
 
                 def capture_for(hook_name: str) -> Any:
                     def capture(act: torch.Tensor, hook: Any) -> None:
-                        parts[hook_name].append(self._rows(act, start, n, current_denoising_state(),
-                                                           current_branch(), calls[0]))
+                        parts[hook_name].append(self._rows(act, start, n, calls[0]))
                         calls[0] += 1
 
                     return capture
@@ -200,7 +201,8 @@ class DiffusionActivationStore:
         finally:
             bar.close()
 
-    def _rows(self, act: torch.Tensor, start: int, n_items: int, state: Any, branch: Any, call: int) -> ActivationChunk:
+    def _rows(self, act: torch.Tensor, start: int, n_items: int, call: int) -> ActivationChunk:
+        """Rows of one hook call, labelled with the running denoiser call's timestep and CFG branch."""
         batch = act.shape[0]
         x = act.detach().reshape(batch, -1, act.shape[-1])  # (batch, positions, channels): channel-last
         positions = x.shape[1]
@@ -210,10 +212,9 @@ class DiffusionActivationStore:
             x = torch.gather(x, 1, idx.to(x.device)[..., None].expand(-1, -1, x.shape[-1]))
             positions = self.tokens_per_sample
         rows = torch.Size([batch])
-        t = getattr(state, "timestep", None)
+        t = current_timestep()
         t_rows = broadcast_rows(math.nan if t is None else t, rows, torch.device("cpu"), "timesteps")
-        codes = branch_codes(branch if branch != "both" else list(state.batch_branches or []) or "both", rows,
-                             torch.device("cpu"))
+        codes = current_branch_codes(rows)
         if codes is None:
             codes = torch.full(rows, UNKNOWN_BRANCH, dtype=torch.long)
         # Under batched guidance the batch is [uncond items..., cond items...].

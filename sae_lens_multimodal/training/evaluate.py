@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from sae_lens.evals import ExplainedVarianceCalculator, get_featurewise_weight_based_metrics
 
-from sae_lens_multimodal.saes.timesteps import timestep_context
+from sae_lens_multimodal.core.denoising import current_denoising_state, timestep_context
 from sae_lens_multimodal.training.providers import chunk_stream, coverage_filter
 
 __all__ = ["clip_zero_shot", "diffusion_downstream", "evaluate_sae", "image_embedding_cosine", "weight_metrics"]
@@ -250,8 +250,6 @@ def diffusion_downstream(pipeline: Any, sae: Any, calls: Sequence[dict[str, Any]
     images: dict[str, list[float]] = defaultdict(list)
     state_box: list[Any] = []
     busy = [False]
-
-    from sae_lens_multimodal.diffusion.context import current_denoising_state
 
     def pre(module: Any, args: tuple, kwargs: dict) -> None:
         state_box.append(current_denoising_state())

@@ -1,31 +1,25 @@
 """Analysis helpers that adapt TransformerLens / SAELens analysis code to image models."""
 
 from sae_lens_multimodal.analysis.patching import image_patching_index, patching_shape, tokens_per_image
-from sae_lens_multimodal.analysis.decomposition import EmbeddingDecomposition, decompose_image_embedding
-from sae_lens_multimodal.analysis.labels import (
-    FeatureLabels,
-    LabelReport,
-    causal_labels,
-    direct_path_labels,
-    label_features,
-)
-from sae_lens_multimodal.analysis.logit_lens import CLIPLogitLensResult, clip_logit_lens
+from sae_lens_multimodal.analysis.decomposition import decompose_image_embedding
+from sae_lens_multimodal.analysis.labels import causal_labels, direct_path_labels, label_features
+from sae_lens_multimodal.analysis.logit_lens import clip_logit_lens
 from sae_lens_multimodal.analysis.vocabulary import Vocabulary, default_vocabulary, load_vocabulary
-from sae_lens_multimodal.analysis.zero_shot import ZeroShotClassifier, ZeroShotMetrics, ce_recovered, zero_shot_classifier
+from sae_lens_multimodal.analysis.zero_shot import ZeroShotClassifier, ce_recovered, zero_shot_classifier
 # Causal and temporal analyses (vision patching, diffusion patching, ablation, timestep analysis).
-from sae_lens_multimodal.analysis.vision_patching import VisionPatchingResult, clip_activation_patching, shape_patch_mask
-from sae_lens_multimodal.analysis.diffusion_patching import DiffusionPatchingResult, diffusion_patching, unet_blocks
-from sae_lens_multimodal.analysis.ablation import AblationResult, Component, ablate_components, shapes_prompts
-from sae_lens_multimodal.analysis.temporal import FeatureTimecourse, ProbeResult, feature_timecourse, timestep_probes
+from sae_lens_multimodal.analysis.vision_patching import clip_activation_patching
+from sae_lens_multimodal.analysis.diffusion_patching import diffusion_patching, unet_blocks
+from sae_lens_multimodal.analysis.ablation import Component, ablate_components
+from sae_lens_multimodal.analysis.temporal import feature_timecourse, timestep_probes
 
 __all__ = ["image_patching_index", "patching_shape", "tokens_per_image"]
 # CLIP shared-space analysis (zero-shot, logit lens, decomposition, feature labels).
 __all__ += [
-    "EmbeddingDecomposition", "decompose_image_embedding",
-    "FeatureLabels", "LabelReport", "causal_labels", "direct_path_labels", "label_features",
-    "CLIPLogitLensResult", "clip_logit_lens",
+    "decompose_image_embedding",
+    "causal_labels", "direct_path_labels", "label_features",
+    "clip_logit_lens",
     "Vocabulary", "default_vocabulary", "load_vocabulary",
-    "ZeroShotClassifier", "ZeroShotMetrics", "ce_recovered", "zero_shot_classifier",
+    "ZeroShotClassifier", "ce_recovered", "zero_shot_classifier",
 ]
 # Typographic attacks and their suppression through SAE features (docs/typographic.md).
 from sae_lens_multimodal.analysis.typographic import (  # noqa: E402
@@ -42,8 +36,10 @@ __all__ += [
     "typographic_analysis",
 ]
 __all__ += [
-    "VisionPatchingResult", "clip_activation_patching", "shape_patch_mask",
-    "DiffusionPatchingResult", "diffusion_patching", "unet_blocks",
-    "AblationResult", "Component", "ablate_components", "shapes_prompts",
-    "FeatureTimecourse", "ProbeResult", "feature_timecourse", "timestep_probes",
+    "clip_activation_patching",
+    "diffusion_patching", "unet_blocks",
+    "Component", "ablate_components",
+    "feature_timecourse", "timestep_probes",
 ]
+# Result records (VisionPatchingResult, FeatureLabels, ...) and the shapes-world helpers (shape_patch_mask,
+# shapes_prompts) stay importable from their modules.

@@ -13,13 +13,8 @@ from sae_lens_multimodal.core.denoising import (  # re-exported: the diffusion-f
     current_timestep,
 )
 from sae_lens_multimodal.diffusion.cache import DiffusionCache
-from sae_lens_multimodal.diffusion.hooked import SUPPORTED_DITS, SUPPORTED_UNETS, HookedDiT, HookedUNet
-from sae_lens_multimodal.diffusion.pipeline import (
-    SUPPORTED_PIPELINES,
-    DenoisingLoop,
-    HookedDiffusionPipeline,
-    TimestepSelector,
-)
+from sae_lens_multimodal.diffusion.hooked import HookedDiT, HookedUNet
+from sae_lens_multimodal.diffusion.pipeline import DenoisingLoop, HookedDiffusionPipeline
 
 __all__ = [
     "HookedUNet",
@@ -28,11 +23,7 @@ __all__ = [
     "DiffusionCache",
     "DenoisingLoop",
     "DenoisingState",
-    "TimestepSelector",
     "current_timestep",
     "current_branch",
     "current_denoising_state",
-    "SUPPORTED_UNETS",
-    "SUPPORTED_DITS",
-    "SUPPORTED_PIPELINES",
 ]

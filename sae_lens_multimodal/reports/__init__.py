@@ -5,48 +5,19 @@ Pages are self-contained (pictures inlined as base64 PNG, inline style, no JavaS
 open from disk; report directories are written atomically.
 """
 
-from sae_lens_multimodal.reports.dashboard_data import (
-    FeatureDashboard,
-    SteeringEffect,
-    TimestepCurve,
-    TopExample,
-    ZeroShotProbe,
-    clamp_feature_hook,
-)
+from sae_lens_multimodal.reports.dashboard_data import FeatureDashboard, ZeroShotProbe
 from sae_lens_multimodal.reports.dashboards import dashboard_pages, write_dashboards, write_feature_dashboards
 from sae_lens_multimodal.reports.diffusion_dashboards import diffusion_feature_dashboards
 from sae_lens_multimodal.reports.vision_dashboards import vision_feature_dashboards
-from sae_lens_multimodal.reports.html import (
-    Page,
-    comparison_grid,
-    heatmap_overlay,
-    histogram_png,
-    image_grid,
-    png_data_uri,
-    table,
-    timestep_curve_png,
-    write_site,
-)
 
+# The HTML building blocks (Page, table, image_grid, ...) stay in reports.html; the records a dashboard is made
+# of (TopExample, SteeringEffect, TimestepCurve) and clamp_feature_hook in reports.dashboard_data.
 __all__ = [
     "FeatureDashboard",
-    "SteeringEffect",
-    "TimestepCurve",
-    "TopExample",
     "ZeroShotProbe",
-    "clamp_feature_hook",
     "dashboard_pages",
     "diffusion_feature_dashboards",
     "vision_feature_dashboards",
     "write_dashboards",
     "write_feature_dashboards",
-    "Page",
-    "comparison_grid",
-    "heatmap_overlay",
-    "histogram_png",
-    "image_grid",
-    "png_data_uri",
-    "table",
-    "timestep_curve_png",
-    "write_site",
 ]

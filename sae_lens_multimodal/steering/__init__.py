@@ -6,38 +6,27 @@ steerability: how far clamping a feature moves a CLIP's text-space probabilities
 ...     logits = model(images, texts)
 """
 
-from sae_lens_multimodal.steering.core import (
-    MODES,
-    DirectionSteer,
-    FeatureSteer,
-    Steer,
-    steer,
-    steering_hooks,
-    token_mask,
-)
+from sae_lens_multimodal.core.positions import token_mask
+from sae_lens_multimodal.steering.core import steer
 from sae_lens_multimodal.steering.ground_truth import (
-    GroundTruthReport,
-    LabelAccuracy,
     factor_text_embeddings,
     label_accuracy,
     shapes_ground_truth,
     shapes_steerability,
 )
-from sae_lens_multimodal.steering.steerability import BASELINES, SteerabilityResult, steerability
+from sae_lens_multimodal.steering.hooks import steering_hooks
+from sae_lens_multimodal.steering.specs import DirectionSteer, FeatureSteer
+from sae_lens_multimodal.steering.steerability import steerability
 
+# Result records (SteerabilityResult, LabelAccuracy, GroundTruthReport) and constants (MODES, BASELINES) stay
+# in their modules.
 __all__ = [
-    "token_mask",
-    "MODES",
     "FeatureSteer",
     "DirectionSteer",
-    "Steer",
     "steer",
     "steering_hooks",
-    "BASELINES",
-    "SteerabilityResult",
+    "token_mask",
     "steerability",
-    "GroundTruthReport",
-    "LabelAccuracy",
     "factor_text_embeddings",
     "label_accuracy",
     "shapes_ground_truth",

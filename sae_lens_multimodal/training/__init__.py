@@ -18,12 +18,11 @@ from sae_lens_multimodal.training.evaluate import (
     evaluate_sae,
     image_embedding_cosine,
 )
-from sae_lens_multimodal.training.image_store import TOKEN_POLICIES, ImageActivationStore
+from sae_lens_multimodal.training.image_store import ImageActivationStore
 from sae_lens_multimodal.training.providers import ActivationProvider, activation_provider
 from sae_lens_multimodal.training.train import estimate_bucket_scaling_factors, train_sae
 
 __all__ = [
-    "TOKEN_POLICIES",
     "ActivationCacheReader",
     "ActivationCacheWriter",
     "ActivationChunk",

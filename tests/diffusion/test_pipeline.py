@@ -272,7 +272,7 @@ def test_saes_see_the_timestep_and_branch():
 
 
 def test_timestep_selector_semantics():
-    from sae_lens_multimodal.diffusion import TimestepSelector
+    from sae_lens_multimodal.diffusion.pipeline import TimestepSelector
 
     schedule = [999, 749, 499, 249]
     up = TimestepSelector(range(249, 750))

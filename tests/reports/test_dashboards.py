@@ -10,13 +10,12 @@ import torch
 from sae_lens_multimodal.analysis.labels import label_features
 from sae_lens_multimodal.reports import (
     ZeroShotProbe,
-    clamp_feature_hook,
     diffusion_feature_dashboards,
     vision_feature_dashboards,
     write_dashboards,
     write_feature_dashboards,
 )
-from sae_lens_multimodal.reports.dashboard_data import clamp_hooks
+from sae_lens_multimodal.reports.dashboard_data import clamp_feature_hook, clamp_hooks
 from sae_lens_multimodal.reports.demo import caption_word_embeddings
 from sae_lens_multimodal.world import COLORS, ShapesWorld, all_captions, caption, to_tensor
 from tests.reports._saes import CONCEPTS, DIFFUSION_HOOK, VISION_HOOK, concept_sae, random_timestep_sae

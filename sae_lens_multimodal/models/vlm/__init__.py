@@ -25,7 +25,7 @@ kept in ``model.last_image_token_mask``. Hook names, shapes and loading real che
 """
 
 from sae_lens_multimodal.models.vlm.cache import VLMActivationCache
-from sae_lens_multimodal.models.vlm.config import PARTS, SUPPORTED_LANGUAGE_MODELS, HookedVLMConfig, VLMLanguageConfig
+from sae_lens_multimodal.models.vlm.config import HookedVLMConfig, VLMLanguageConfig
 from sae_lens_multimodal.models.vlm.language_model import VLMLanguageModel
 from sae_lens_multimodal.models.vlm.model import HookedVLM, VLMProjector
 
@@ -36,6 +36,4 @@ __all__ = [
     "VLMLanguageModel",
     "VLMLanguageConfig",
     "VLMProjector",
-    "PARTS",
-    "SUPPORTED_LANGUAGE_MODELS",
 ]

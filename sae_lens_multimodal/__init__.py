@@ -39,7 +39,7 @@ _LAZY = {
     "steer": "sae_lens_multimodal.steering",
     "steering_hooks": "sae_lens_multimodal.steering",
     "steerability": "sae_lens_multimodal.steering",
-    "SteerabilityResult": "sae_lens_multimodal.steering",
+    "SteerabilityResult": "sae_lens_multimodal.steering.steerability",
     "write_feature_dashboards": "sae_lens_multimodal.reports",
 }
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from sae_lens_multimodal.analysis.decomposition import direct_path_matrix, read_weights
 from sae_lens_multimodal.analysis.vocabulary import Vocabulary, VocabularyLike, load_vocabulary
 from sae_lens_multimodal.analysis.zero_shot import class_text_embeddings
+from sae_lens_multimodal.core.positions import token_mask
 
 __all__ = [
     "LABEL_TEMPLATES",
@@ -360,8 +361,6 @@ def label_features(
     n_tokens = act.shape[1]
     w_read = read_weights(vision, scale, n_tokens)  # [N, T]
     x_hat = _normalised_ln_input(vision, torch.cat(finals), scale)  # [N, T, d_model]
-
-    from sae_lens_multimodal.steering.core import token_mask
 
     pos_mask = token_mask(positions, n_tokens, cfg, where=repr(hook), device=device).to(dtype)
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sae_lens_multimodal.analysis.ablation import shapes_prompts
 from sae_lens_multimodal.analysis.diffusion_patching import _captions, as_hooked_pipeline
 from sae_lens_multimodal.analysis.plotting import PathLike, blank_figure, save_figure, to_numpy
 from sae_lens_multimodal.core.denoising import check_cfg_branch, timestep_context
@@ -461,7 +462,7 @@ def timestep_probes(
     position from the 3x3 grid (measured: grid inputs lower colour accuracy by 0.1-0.35 with ~100
     training runs, mean inputs cannot locate the shape).
     """
-    from sae_lens_multimodal.analysis.ablation import shapes_prompts
+    # the shapes world is a plug-in the core imports only when used (tests/test_import_boundaries.py)
     from sae_lens_multimodal.world.shapes import ShapesWorld
 
     check_cfg_branch(cfg_branch, allow_both=False, allow_none=False)

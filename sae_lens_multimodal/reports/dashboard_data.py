@@ -11,7 +11,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from sae_lens_multimodal.analysis.temporal import commit_index
+from sae_lens_multimodal.analysis.zero_shot import ZeroShotClassifier
 from sae_lens_multimodal.reports.html import to_uint8_image
+from sae_lens_multimodal.steering import FeatureSteer, steering_hooks
 
 __all__ = [
     "TopExample",
@@ -93,8 +96,6 @@ class TimestepCurve:
         """The timestep from which the mean stays within 10% of its total excursion from its final value
         (:func:`sae_lens_multimodal.analysis.temporal.commit_index`, the package's one definition), within the
         peak bucket's stretch for a timestep-bucketed SAE."""
-        from sae_lens_multimodal.analysis.temporal import commit_index
-
         start, end = self._stretch()
         if end <= start:
             return None
@@ -150,7 +151,7 @@ def _progress(iterable: Any, desc: str, enabled: bool, total: Optional[int] = No
 
 def clamp_feature_hook(sae: Any, feature: int, value: float, positions: Any = None) -> Callable:
     """A TransformerLens hook that clamps SAE ``feature`` to ``value`` and keeps the SAE's error term
-    (the fallback when :mod:`sae_lens_multimodal.steering` is not available; see :func:`clamp_hooks`).
+    (one bare hook; :func:`clamp_hooks` does the same through the steering API).
 
     The activation becomes ``x + decode(a with a[feature] = value) - decode(a)``: only the feature's own
     contribution changes, whatever the SAE reconstructs badly stays as it was. ``positions`` indexes the
@@ -179,14 +180,10 @@ def clamp_hooks(model: Any, sae: Any, feature: int, value: float, *, hook_name: 
                 timesteps: Any = None, cfg_branch: Optional[str] = None) -> list[tuple[Any, Callable]]:
     """``fwd_hooks`` that clamp ``feature`` to ``value`` at ``hook_name`` of ``model`` (error term kept).
 
-    Uses the package's steering API (:class:`~sae_lens_multimodal.steering.FeatureSteer`) when it is
-    installed; otherwise :func:`clamp_feature_hook`, with ``timesteps`` / ``cfg_branch`` left to the
-    caller (``HookedDiffusionPipeline.run_with_hooks(at_timesteps=, cfg_branch=)``).
+    Uses the package's steering API (:class:`~sae_lens_multimodal.steering.FeatureSteer`);
+    :func:`clamp_feature_hook` is the same edit as one bare hook, with ``timesteps`` / ``cfg_branch`` left
+    to the caller (``HookedDiffusionPipeline.run_with_hooks(at_timesteps=, cfg_branch=)``).
     """
-    try:
-        from sae_lens_multimodal.steering import FeatureSteer, steering_hooks
-    except ImportError:
-        return [(hook_name, clamp_feature_hook(sae, feature, value, positions))]
     steer = FeatureSteer(sae, int(feature), "clamp", value=float(value),
                          positions="all" if positions is None else positions,
                          timesteps=timesteps, cfg_branch=cfg_branch, hook_name=hook_name)
@@ -263,8 +260,6 @@ class ZeroShotProbe:
 
     def __init__(self, model: Any, class_names: Sequence[str], templates: Sequence[str] = ("{}",),
                  text_embeds: Optional[torch.Tensor] = None) -> None:
-        from sae_lens_multimodal.analysis.zero_shot import ZeroShotClassifier
-
         self.model = model
         self.class_names = list(class_names)
         self.classifier = ZeroShotClassifier(model, self.class_names, templates, weights=text_embeds)

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from sae_lens_multimodal.analysis.temporal import sae_timestep_buckets
 from sae_lens_multimodal.core.denoising import BRANCH_CODES, timestep_context
 from sae_lens_multimodal.reports.dashboard_data import (
     FeatureDashboard,
@@ -60,8 +61,6 @@ def diffusion_feature_dashboards(
     :class:`ZeroShotProbe`) captions generated images and measures the zero-shot change. Default feature
     choice: the ``n_features`` whose time-averaged activation varies most between prompts.
     """
-    from sae_lens_multimodal.analysis.temporal import sae_timestep_buckets
-
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a non-empty list of strings.")

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import torch
 
+from sae_lens_multimodal.analysis.labels import label_features
 from sae_lens_multimodal.reports.dashboard_data import (
     FeatureDashboard,
     TopExample,
@@ -116,8 +117,6 @@ def vision_feature_dashboards(
     labels = None
     notes: list[str] = []
     if clip is not None:
-        from sae_lens_multimodal.analysis.labels import label_features
-
         try:
             labels = label_features(clip, sae, x[: min(label_images, n)], vocabulary, hook_name=hook,
                                     feature_ids=ids, text_embeds=text_embeds, batch_size=batch_size)

@@ -28,6 +28,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from sae_lens_multimodal.analysis.labels import causal_labels, label_features
+from sae_lens_multimodal.analysis.zero_shot import text_embeddings
+from sae_lens_multimodal.models.hooked_clip import HookedCLIP
 from sae_lens_multimodal.steering.steerability import SteerabilityResult, steerability
 
 __all__ = [
@@ -51,7 +54,7 @@ REAL_CLIP_STEERABLE_FRACTION: tuple[float, float] = (0.10, 0.15)
 def factor_text_embeddings(model: Any, factors: Sequence[str] = GROUND_TRUTH_FACTORS) -> tuple[list[str], torch.Tensor]:
     """``(values, embeddings [V, d_embed])``: every value of ``factors``, embedded as the normalised mean of
     the normalised text embeddings of all captions (colour x shape x position x size x texture) with it."""
-    from sae_lens_multimodal.analysis.zero_shot import text_embeddings
+    # the shapes world is a plug-in the core imports only when used (tests/test_import_boundaries.py)
     from sae_lens_multimodal.world.shapes import ShapesWorld, caption, class_factor_combinations
 
     combos = class_factor_combinations(("color", "shape", "position", "size", "texture"))
@@ -188,8 +191,6 @@ def label_accuracy(
     ``n_label_images`` images) over the factor values (:func:`factor_text_embeddings`), and a label is
     correct when its top word is one of the shared values.
     """
-    from sae_lens_multimodal.analysis.labels import label_features
-
     if len(images) != len(factors):
         raise ValueError(f"{len(images)} images but {len(factors)} factor sets.")
     hook = _hook(model, sae)
@@ -239,8 +240,6 @@ def shapes_steerability(
     """Steerability over the world's factor values. ``toward="label"``: power is the probability moved
     toward each feature's causal label (issue 7's question: does clamping move predictions toward the
     label?); ``"promoted"``: toward its most-promoted value. Other arguments go to :func:`steerability`."""
-    from sae_lens_multimodal.analysis.labels import causal_labels
-
     if toward not in ("label", "promoted"):
         raise ValueError(f"toward must be 'label' or 'promoted'; got {toward!r}.")
     words, emb = text if text is not None else factor_text_embeddings(model)
@@ -293,8 +292,6 @@ def shapes_ground_truth(
     from sae_lens_multimodal.world.shapes import ShapesWorld, to_tensor
 
     if model is None:
-        from sae_lens_multimodal.models.hooked_clip import HookedCLIP
-
         model = HookedCLIP.from_pretrained("shapes-clip")
     if sae is None:
         from sae_lens import SAE

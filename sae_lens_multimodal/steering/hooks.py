@@ -72,7 +72,7 @@ class _Steerer:
                     f"Direction has shape {tuple(d.shape)} but hook {self.location!r} has activations of shape "
                     f"[..., {self.width}]: a direction needs {self.width} entries."
                 )
-        from sae_lens_multimodal.diffusion.pipeline import TimestepSelector
+        from sae_lens_multimodal.diffusion.pipeline import TimestepSelector  # imports diffusers: diffusion models only
 
         self.selector = TimestepSelector(steer.timesteps) if steer.timesteps is not None else None
 

@@ -41,8 +41,10 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from sae_lens_multimodal.analysis.vocabulary import load_vocabulary
+from sae_lens_multimodal.analysis.zero_shot import class_text_embeddings
 from sae_lens_multimodal.core.atomic import atomic_save
-from sae_lens_multimodal.steering.core import Positions, token_mask
+from sae_lens_multimodal.core.positions import Positions, token_mask
 
 __all__ = ["BASELINES", "SteerabilityResult", "steerability"]
 
@@ -223,12 +225,8 @@ def _vision_hook(model: Any, sae: Any) -> str:
 
 
 def _text_side(model: Any, vocabulary: Any, text_embeds: Optional[torch.Tensor], templates: Sequence[str]) -> tuple[list[str], torch.Tensor]:
-    from sae_lens_multimodal.analysis.vocabulary import load_vocabulary
-
     vocab = list(load_vocabulary(vocabulary).words)
     if text_embeds is None:
-        from sae_lens_multimodal.analysis.zero_shot import class_text_embeddings
-
         text_embeds = class_text_embeddings(model, vocab, templates)
     if text_embeds.shape[0] != len(vocab):
         raise ValueError(f"text_embeds has {text_embeds.shape[0]} rows for a vocabulary of {len(vocab)} entries.")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from sae_lens.evals import ExplainedVarianceCalculator, get_featurewise_weight_based_metrics
 
+from sae_lens_multimodal.analysis.zero_shot import DEFAULT_TEMPLATES, ZeroShotClassifier
 from sae_lens_multimodal.core.denoising import current_denoising_state, timestep_context
 from sae_lens_multimodal.training.providers import chunk_stream, coverage_filter
 
@@ -187,8 +188,6 @@ def clip_zero_shot(clip: Any, sae: Any, images: Any, labels: Sequence[int], clas
     scale is always applied. Returns clean and spliced accuracy and cross-entropy, the KL divergence of
     the spliced class distribution from the clean one, and the mean image-embedding cosine.
     """
-    from sae_lens_multimodal.analysis.zero_shot import DEFAULT_TEMPLATES, ZeroShotClassifier
-
     clf = classifier or ZeroShotClassifier(clip, class_names, templates or DEFAULT_TEMPLATES)
     labels_t = torch.as_tensor(list(labels))
     if len(labels_t) != len(images):

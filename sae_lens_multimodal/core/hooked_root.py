@@ -7,7 +7,9 @@ non-language model:
   ``KeyError`` or silently caches nothing);
 * SAELens's SAE splicing (``add_sae``, ``run_with_saes``, ...), borrowed from ``HookedSAETransformer``
   unchanged, with a width check that names the hook and both widths;
-* ``run_with_cache`` returns a TransformerLens ``ActivationCache`` (or a subclass) by default.
+* ``run_with_cache`` returns a TransformerLens ``ActivationCache`` (or a subclass) by default;
+* the hook contract (core/contract.py): ``hook_specs()``, ``hook_spec(name)``, ``locate(name_or_sae)``,
+  ``part(name)`` and ``parts()``, from one spec builder per model kind (``_build_hook_specs``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Optional, Union
 
 import torch
 from sae_lens import SAE
@@ -24,7 +26,9 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
-__all__ = ["MultimodalHookedRootModule", "is_observed", "unknown_hook_error"]
+from sae_lens_multimodal.core.contract import HookSpec
+
+__all__ = ["MultimodalHookedRootModule", "has_parts", "is_observed", "unknown_hook_error"]
 
 
 def is_observed(hook_point: HookPoint) -> bool:
@@ -79,12 +83,23 @@ def unknown_hook_error(name: str, known: Iterable[str], what: str = "hook") -> K
     )
 
 
-class MultimodalHookedRootModule(HookedRootModule):
-    """Base class: TransformerLens hooks + SAELens SAE splicing for any hooked module.
+def has_parts(model: Any, *parts: str) -> bool:
+    """Whether ``model`` is a hooked model of this package with every one of ``parts`` (core.contract.PARTS):
+    how code asks "is there a vision tower / a text tower?" instead of testing attributes."""
+    return isinstance(model, MultimodalHookedRootModule) and all(p in model.parts() for p in parts)
 
-    Subclasses call ``self.setup()`` at the end of ``__init__`` and may override :meth:`hook_width`
-    so that ``add_sae`` can refuse an SAE whose ``d_in`` does not fit the hook.
+
+class MultimodalHookedRootModule(HookedRootModule):
+    """Base class: TransformerLens hooks + SAELens SAE splicing + the hook contract for any hooked module.
+
+    Subclasses call ``self.setup()`` at the end of ``__init__`` and implement :meth:`_build_hook_specs`
+    (one :class:`~sae_lens_multimodal.core.contract.HookSpec` per hook, from the config), which ``add_sae``
+    and every consumer read.
     """
+
+    #: The part (core.contract.PARTS) a standalone model of this kind is; hosts of several parts override
+    #: :meth:`_part_modules`.
+    PART: str = ""
 
     #: ActivationCache class returned by run_with_cache (subclasses may refine it).
     activation_cache_class: type[ActivationCache] = ActivationCache
@@ -156,39 +171,123 @@ class MultimodalHookedRootModule(HookedRootModule):
             return out, self.activation_cache_class(cache_dict, self, has_batch_dim=not remove_batch_dim)
         return out, cache_dict
 
-    # ------------------------------------------------------------------ SAE splicing (SAELens)
-    def hook_width(self, name: str) -> int | None:
+    # ------------------------------------------------------------------ the hook contract
+    def _build_hook_specs(self) -> dict[str, HookSpec]:
+        """One HookSpec per hook name, from the model's config (called once; the result is cached)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not describe its hooks: implement _build_hook_specs() "
+            "(see sae_lens_multimodal/core/contract.py)."
+        )
+
+    def _specs(self) -> dict[str, HookSpec]:
+        specs = self.__dict__.get("_hook_specs_cache")
+        if specs is None:
+            specs = self._build_hook_specs()
+            self.__dict__["_hook_specs_cache"] = specs
+        return specs
+
+    def hook_specs(self) -> dict[str, HookSpec]:
+        """Every hook of this model: full name -> :class:`~sae_lens_multimodal.core.contract.HookSpec`."""
+        return dict(self._specs())
+
+    def _canonical_name(self, name: str) -> str:
+        """The full hook name an accepted spelling stands for (a model with aliases overrides this)."""
+        return name
+
+    def _unknown_hook(self, name: str, what: str = "hook") -> KeyError:
+        return unknown_hook_error(name, self._specs().keys(), what=what)
+
+    def hook_spec(self, name: str, *, what: str = "hook") -> HookSpec:
+        """The spec of hook ``name``; an unknown name raises a KeyError listing the closest real ones."""
+        specs = self._specs()
+        spec = specs.get(name)
+        if spec is None:
+            spec = specs.get(self._canonical_name(name))
+        if spec is None:
+            raise self._unknown_hook(name, what)
+        return spec
+
+    def hook_width(self, name: str) -> Optional[int]:
         """Width of the last dimension at hook ``name`` (None when it is not a feature dimension)."""
-        return None
+        return self.hook_spec(name).width
+
+    def _part_modules(self) -> dict[str, Any]:
+        """Part name -> the hooked sub-model that is that part (a standalone model is its one part)."""
+        return {self.PART: self}
+
+    def parts(self) -> tuple[str, ...]:
+        """The parts (core.contract.PARTS) this model's hooks belong to."""
+        return tuple(self._part_modules())
+
+    def part(self, name: str) -> Any:
+        """The hooked sub-model for part ``name`` (``HookedCLIP.part("vision")`` is its HookedViT; a
+        standalone HookedViT's ``part("vision")`` is itself)."""
+        modules = self._part_modules()
+        if name not in modules:
+            raise KeyError(
+                f"{type(self).__name__} has no part {name!r}; its parts are {tuple(modules)}. "
+                "Hook specs name their part in spec.part."
+            )
+        return modules[name]
+
+    def locate(self, name_or_sae: Union[str, SAE], part: Optional[str] = None) -> HookSpec:
+        """Where a hook name or an SAE lives in this model, as its HookSpec.
+
+        ``name_or_sae`` is a full hook name, a name relative to a part (e.g. a vision-tower name
+        ``blocks.9.hook_resid_post`` on a HookedCLIP or HookedVLM; ``part`` picks the part), or an SAE,
+        located by ``sae.cfg.metadata.hook_name`` (and, where a bare name fits several parts, its metadata
+        and ``d_in``).
+        """
+        if isinstance(name_or_sae, str):
+            name, sae = name_or_sae, None
+        else:
+            sae = name_or_sae
+            name = sae.cfg.metadata.hook_name
+            if name is None:
+                raise ValueError(
+                    "This SAE has no cfg.metadata.hook_name, so it is not known where to attach it. "
+                    "Set sae.cfg.metadata.hook_name = '<hook name>' first."
+                )
+        if part is not None and part not in self.parts():
+            raise KeyError(f"{type(self).__name__} has no part {part!r}; its parts are {self.parts()}.")
+        return self._locate(name, sae, part)
+
+    def _locate(self, name: str, sae: Optional[SAE], part: Optional[str]) -> HookSpec:
+        spec = self.hook_spec(name, what="hook for this SAE" if sae is not None else "hook")
+        if part is not None and spec.part != part:
+            raise KeyError(f"Hook {spec.name!r} belongs to part {spec.part!r}, not {part!r}.")
+        return spec
+
+    # ------------------------------------------------------------------ SAE splicing (SAELens)
+    def sae_width_check(self, sae: SAE, spec: HookSpec) -> None:
+        """Refuse an SAE whose ``d_in`` does not fit the hook (``reshape_activations="hook_z"`` SAEs read the
+        heads flattened)."""
+        expected = spec.width
+        if getattr(sae.cfg, "reshape_activations", "none") == "hook_z":
+            if spec.layout != "heads":
+                raise ValueError(
+                    f"This SAE has reshape_activations='hook_z' (it reads per-head activations flattened), but "
+                    f"hook {spec.name!r} has no head axis (layout {spec.layout!r}). Attach it to a per-head hook "
+                    "such as attn.hook_z."
+                )
+            expected = spec.flat_width
+        d_in = sae.cfg.d_in
+        if expected is not None and d_in != expected:
+            given = sae.cfg.metadata.hook_name
+            origin = f" (from the SAE's hook_name {given!r})" if given != spec.name else ""
+            raise ValueError(
+                f"SAE d_in={d_in} does not match hook {spec.name!r}{origin}, whose activations have width "
+                f"{expected}. Use an SAE trained on this hook (or set cfg.metadata.hook_name to a hook of "
+                f"width {d_in})."
+            )
 
     def add_sae(self, sae: SAE, use_error_term: bool | None = None, exclude_special_tokens: Any = False) -> None:
         """Attach an SAELens SAE at ``sae.cfg.metadata.hook_name`` (SAELens semantics).
 
         Unlike SAELens, an unknown hook or a width mismatch raises instead of logging and skipping.
         """
-        hook_name = sae.cfg.metadata.hook_name
-        if hook_name is None:
-            raise ValueError(
-                "This SAE has no cfg.metadata.hook_name, so it is not known where to attach it. "
-                "Set sae.cfg.metadata.hook_name = '<hook name>' first."
-            )
-        if hook_name not in self._acts_to_saes and hook_name not in self.hook_dict:
-            raise unknown_hook_error(hook_name, self.hook_dict.keys(), what="hook for this SAE")
-        expected = self.hook_width(hook_name)
-        d_in = sae.cfg.d_in
-        if getattr(sae.cfg, "reshape_activations", "none") == "hook_z":
-            expected = self._hook_z_width(hook_name, expected)
-        if expected is not None and d_in != expected:
-            raise ValueError(
-                f"SAE d_in={d_in} does not match hook {hook_name!r}, whose activations have width "
-                f"{expected}. Use an SAE trained on this hook (or set cfg.metadata.hook_name to a hook "
-                f"of width {d_in})."
-            )
+        self.sae_width_check(sae, self.locate(sae))
         HookedSAETransformer.add_sae(self, sae, use_error_term, exclude_special_tokens)  # type: ignore[arg-type]
-
-    def _hook_z_width(self, hook_name: str, per_head: int | None) -> int | None:
-        n_heads = getattr(getattr(self, "cfg", None), "n_heads", None)
-        return None if per_head is None or n_heads is None else per_head * n_heads
 
     # The remaining splicing methods are SAELens's own, used unchanged: they only need hook_dict,
     # setup(), real HookPoint attributes, _acts_to_saes and run_with_cache(return_cache_object=...).

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
+from sae_lens_multimodal.core.contract import HookSpec
 from sae_lens_multimodal.diffusion._hookutil import call_hook, observed
 
 #: processor class name -> implementation kind. Other processors (IP-adapter, fused, legacy non-SDPA)
@@ -365,6 +366,20 @@ def attention_hook_widths(attn: nn.Module, kind: str, single_stream: bool) -> di
         if two_streams and getattr(attn, "to_add_out", None) is not None and not getattr(attn, "context_pre_only", False):
             widths["hook_result_text"] = attn.to_add_out.out_features
     return widths
+
+
+def attention_hook_specs(path: str, attn: nn.Module, widths: dict[str, int | None]) -> list[HookSpec]:
+    """The contract (core/contract.py) for the attention hooks :func:`install_attention` added at ``path``
+    (``widths`` is what it returned). In joint attention plain names are the image stream, ``*_text`` the text."""
+    joint = "hook_z_text" in widths
+    specs = []
+    for name, width in widths.items():
+        layout = "pattern" if name in ("hook_attn_scores", "hook_pattern", "hook_cross_pattern") else "heads"
+        stream = None
+        if joint and layout == "heads":
+            stream = "text" if name.endswith("_text") else "image"
+        specs.append(HookSpec(f"{path}.{name}", "denoiser", layout, width, n_heads=attn.heads, stream=stream))
+    return specs
 
 
 def install_attention(attn: nn.Module, single_stream: bool) -> dict[str, int | None] | None:

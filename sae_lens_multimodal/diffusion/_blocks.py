@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
+from sae_lens_multimodal.core.contract import HookSpec
 from sae_lens_multimodal.diffusion._hookutil import hook_channel_last, observed
 
 try:  # BaseOutput is a dict-like dataclass; the Transformer2DModel returns one when return_dict=True.
@@ -36,6 +37,7 @@ class Stream:
     has_update: bool
     width_in: int | None
     width_out: int | None
+    spatial: bool = False  # a (b, c, h, w) feature map (shown channel-last), not (b, tokens, d) tokens
 
     def get_input(self, args: tuple, kwargs: dict) -> Any:
         if self.in_pos is not None and len(args) > self.in_pos:
@@ -80,12 +82,15 @@ def _param_pos(module: nn.Module, name: str) -> int | None:
 
 def _resnet(m: nn.Module) -> list[Stream]:
     same = m.in_channels == m.out_channels and not getattr(m, "up", False) and not getattr(m, "down", False)
-    return [Stream("", "input_tensor", _param_pos(m, "input_tensor"), None, True, same, m.in_channels, m.out_channels)]
+    return [Stream("", "input_tensor", _param_pos(m, "input_tensor"), None, True, same, m.in_channels, m.out_channels,
+                   spatial=True)]
 
 
 def _transformer_2d(m: nn.Module) -> list[Stream]:
-    same = getattr(m, "is_input_continuous", True) and m.in_channels == m.out_channels
-    return [Stream("", "hidden_states", _param_pos(m, "hidden_states"), 0, True, same, m.in_channels, m.out_channels)]
+    continuous = getattr(m, "is_input_continuous", True)  # continuous input is a (b, c, h, w) latent
+    same = continuous and m.in_channels == m.out_channels
+    return [Stream("", "hidden_states", _param_pos(m, "hidden_states"), 0, True, same, m.in_channels, m.out_channels,
+                   spatial=continuous)]
 
 
 def _basic_block(m: nn.Module) -> list[Stream]:
@@ -146,6 +151,20 @@ def block_streams(module: nn.Module) -> list[Stream] | None:
         if spec is not None:
             return spec(module)
     return None
+
+
+def block_hook_specs(path: str, streams: list[Stream]) -> list[HookSpec]:
+    """The contract (core/contract.py) for the block hooks :func:`install_block` adds at ``path``."""
+    joint = len(streams) > 1  # image and text streams through one block
+    specs = []
+    for st in streams:
+        layout = "spatial" if st.spatial else "tokens"
+        stream = ("text" if st.suffix == "_text" else "image") if joint else None
+        names = [(f"hook_in{st.suffix}", st.width_in)]
+        names += [(f"hook_out{st.suffix}", st.width_out)] if st.has_out else []
+        names += [(f"hook_update{st.suffix}", st.width_out)] if st.has_update else []
+        specs += [HookSpec(f"{path}.{name}", "denoiser", layout, width, stream=stream) for name, width in names]
+    return specs
 
 
 def install_block(module: nn.Module, streams: list[Stream]) -> tuple[list[Any], dict[str, int | None]]:

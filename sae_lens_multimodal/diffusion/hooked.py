@@ -24,8 +24,14 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule, unknown_hook_error
-from sae_lens_multimodal.diffusion._attention import HookedAttentionProcessor, install_attention, uninstall_attention
-from sae_lens_multimodal.diffusion._blocks import block_streams, install_block
+from sae_lens_multimodal.core.contract import HookSpec
+from sae_lens_multimodal.diffusion._attention import (
+    HookedAttentionProcessor,
+    attention_hook_specs,
+    install_attention,
+    uninstall_attention,
+)
+from sae_lens_multimodal.diffusion._blocks import block_hook_specs, block_streams, install_block
 from sae_lens_multimodal.core.denoising import (
     DenoisingState,
     current_branch,
@@ -84,8 +90,8 @@ class Installation:
         self.family = family
         self.timestep_scale = TIMESTEP_SCALE.get(family, 1.0)
         self.handles: list[Any] = []
-        self.widths: dict[str, int | None] = {}
-        self.heads: dict[str, int] = {}  # attention module path -> n_heads (for hook_z-reshaped SAEs)
+        #: hook name -> HookSpec (core/contract.py), built once here from the blocks' and attentions' shapes.
+        self.specs: dict[str, HookSpec] = {}
         self.attention: dict[str, tuple[nn.Module, list[str], bool]] = {}
         self.block_hooks: dict[str, list[str]] = {}
         self.unhooked_attention: dict[str, str] = {}
@@ -109,7 +115,7 @@ class Installation:
                 handles, widths = install_block(module, streams)
                 self.handles += handles
                 self.block_hooks[path] = list(widths)
-                self.widths.update({f"{path}.{k}": w for k, w in widths.items()})
+                self.specs.update({sp.name: sp for sp in block_hook_specs(path, streams)})
             if hasattr(module, "processor") and hasattr(module, "set_processor"):
                 parent = path.rsplit(".", 1)[0] if "." in path else ""
                 single = kinds.get(parent) == "FluxSingleTransformerBlock"
@@ -118,8 +124,7 @@ class Installation:
                     self.unhooked_attention[path] = type(module.processor).__name__
                     continue
                 self.attention[path] = (module, list(widths), single)
-                self.heads[path] = module.heads
-                self.widths.update({f"{path}.{k}": w for k, w in widths.items()})
+                self.specs.update({sp.name: sp for sp in attention_hook_specs(path, module, widths)})
         self.handles.append(self.denoiser.register_forward_pre_hook(self._enter, with_kwargs=True))
         self.handles.append(self.denoiser.register_forward_hook(self._exit, with_kwargs=True, always_call=True))
 
@@ -387,13 +392,18 @@ class HookedDenoiser(MultimodalHookedRootModule):
         """TransformerLens ``run_with_cache`` over one denoiser call; ``names_filter`` may use aliases."""
         return super().run_with_cache(*model_args, names_filter=self._canonical_filter(names_filter), **kwargs)
 
-    def hook_width(self, name: str) -> int | None:
-        return self._installation.widths.get(self.canonical_hook_name(name))
+    # -------------------------------------------------------------- hook contract (core/contract.py)
+    PART = "denoiser"
 
-    def _hook_z_width(self, hook_name: str, per_head: int | None) -> int | None:
-        path = self.canonical_hook_name(hook_name).rsplit(".", 1)[0]
-        heads = self._installation.heads.get(path)
-        return None if per_head is None or heads is None else per_head * heads
+    def _build_hook_specs(self) -> dict[str, HookSpec]:
+        # Built when the hooks were installed, from the same block / attention modules.
+        return dict(self._installation.specs)
+
+    def _canonical_name(self, name: str) -> str:
+        return self.canonical_hook_name(name)
+
+    def _unknown_hook(self, name: str, what: str = "hook") -> KeyError:
+        return self._unknown(name, what=what)
 
     # -------------------------------------------------------------- SAE splicing with aliases
     def add_sae(self, sae: SAE, use_error_term: bool | None = None, exclude_special_tokens: Any = False) -> None:

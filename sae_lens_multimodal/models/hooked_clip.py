@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformer_lens.ActivationCache import ActivationCache
 
-from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule, unknown_hook_error
+from sae_lens_multimodal.core.contract import HookSpec, nest_specs
+from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule
 from sae_lens_multimodal.core.nested import NestedSAEHostMixin
 from sae_lens_multimodal.models.hooked_text import HookedText, TextInput
 from sae_lens_multimodal.models.hooked_vit import HookedViT, ImageInput, ViTActivationCache
@@ -80,6 +81,7 @@ class HookedCLIP(NestedSAEHostMixin, MultimodalHookedRootModule):
 
     #: Parts where a bare hook name (as recorded on a standalone sub-model) may live, preferred first.
     BARE_NAME_PARTS = TOWERS
+    PART_PREFIXES = {"vision": "vision", "text": "text"}
 
     activation_cache_class = CLIPActivationCache
 
@@ -230,25 +232,12 @@ class HookedCLIP(NestedSAEHostMixin, MultimodalHookedRootModule):
                 self._modules[tower].setup()  # type: ignore[operator]
         super().setup()
 
-    def tower_and_name(self, name: str) -> tuple[str, str]:
-        """Split a full hook name into (tower, name within the tower)."""
-        tower, _, rest = name.partition(".")
-        if tower not in TOWERS or not rest:
-            raise unknown_hook_error(name, self.hook_dict.keys())
-        return tower, rest
-
-    def hook_width(self, name: str) -> Optional[int]:
-        tower, rest = self.tower_and_name(name)
-        return getattr(self, tower).hook_width(rest)
-
-    def _hook_z_width(self, hook_name: str, per_head: Optional[int]) -> Optional[int]:
-        tower, _ = self.tower_and_name(hook_name)
-        return None if per_head is None else per_head * getattr(self, tower).cfg.n_heads
+    def _build_hook_specs(self) -> dict[str, HookSpec]:
+        # Each tower describes its own hooks; here they carry the tower's prefix.
+        return {**nest_specs(self.vision.hook_specs().values(), "vision"),
+                **nest_specs(self.text.hook_specs().values(), "text")}
 
     # ------------------------------------------------------------------ SAE splicing (core/nested.py)
-    def _is_full_name(self, name: str) -> bool:
-        return name.partition(".")[0] in TOWERS
-
     def _part_named_by_metadata(self, metadata: Any) -> Optional[str]:
         # An SAE recorded on a standalone tower names that tower's class.
         return {"HookedText": "text", "HookedViT": "vision"}.get(metadata.get("model_class_name"))

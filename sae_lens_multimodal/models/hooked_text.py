@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
+from sae_lens_multimodal.core.contract import HookSpec, norm_specs, transformer_block_specs
 from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule
 from sae_lens_multimodal.models.components import LayerNorm, TransformerBlock
 
@@ -209,6 +210,8 @@ class HookedText(MultimodalHookedRootModule):
     Build one with :meth:`from_pretrained` from a source model object, or from a :class:`HookedTextConfig`.
     """
 
+    PART = "text"
+
     def __init__(self, cfg: HookedTextConfig, tokenizer: Any = None):
         super().__init__()
         self.cfg = cfg
@@ -376,19 +379,19 @@ class HookedText(MultimodalHookedRootModule):
             return torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device, dtype=torch.long)
         return torch.zeros(tokens.shape[0], device=tokens.device, dtype=torch.long)
 
-    # ------------------------------------------------------------------ hook metadata
-    def hook_width(self, name: str) -> Optional[int]:
+    # ------------------------------------------------------------------ hook contract (core/contract.py)
+    def _build_hook_specs(self) -> dict[str, HookSpec]:
         cfg = self.cfg
-        tail = name.rsplit(".", 1)[-1]
-        if tail in ("hook_q", "hook_k", "hook_v", "hook_z"):
-            return cfg.d_head
-        if tail in ("hook_pre", "hook_post"):
-            return cfg.d_mlp
-        if tail in ("hook_attn_scores", "hook_pattern", "hook_scale"):
-            return None
-        if name == "hook_out":
-            return cfg.output_dim
-        return cfg.d_model
+        specs = [HookSpec("hook_embed", "text", "tokens", cfg.d_model),
+                 HookSpec("hook_pos_embed", "text", "tokens", cfg.d_model)]
+        for layer in range(cfg.n_layers):
+            specs += transformer_block_specs(
+                layer, "text", d_model=cfg.d_model, n_heads=cfg.n_heads, d_head=cfg.d_head, d_mlp=cfg.d_mlp
+            ).values()
+        specs += norm_specs("ln_final", cfg.d_model, part="text")
+        specs += [HookSpec("hook_pooled", "text", "pooled", cfg.d_model),
+                  HookSpec("hook_out", "text", "pooled", cfg.output_dim)]
+        return {s.name: s for s in specs}
 
     def _apply(self, fn, *args, **kwargs):  # keep cfg.device/dtype in step with .to()/.half()
         out = super()._apply(fn, *args, **kwargs)

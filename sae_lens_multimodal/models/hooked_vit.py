@@ -13,6 +13,7 @@ from torch import nn
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.hook_points import HookPoint
 
+from sae_lens_multimodal.core.contract import HookSpec, norm_specs, transformer_block_specs
 from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule
 from sae_lens_multimodal.models.components import AttentionPoolHead, LayerNorm, TransformerBlock
 from sae_lens_multimodal.models.config import HookedViTConfig
@@ -168,6 +169,7 @@ class HookedViT(MultimodalHookedRootModule):
     """
 
     activation_cache_class = ViTActivationCache
+    PART = "vision"
 
     def __init__(self, cfg: HookedViTConfig, preprocess: Optional[Callable[[Any], torch.Tensor]] = None):
         super().__init__()
@@ -369,22 +371,50 @@ class HookedViT(MultimodalHookedRootModule):
             return self.attn_pool(tokens)
         raise ValueError(f"Unknown pool_type {pool!r}")
 
-    # ------------------------------------------------------------------ hook metadata
-    def hook_width(self, name: str) -> Optional[int]:
+    # ------------------------------------------------------------------ hook contract (core/contract.py)
+    def _build_hook_specs(self) -> dict[str, HookSpec]:
         cfg = self.cfg
-        tail = name.rsplit(".", 1)[-1]
-        if tail in ("hook_q", "hook_k", "hook_v", "hook_z"):
-            return cfg.d_head
-        if tail in ("hook_pre", "hook_post"):
-            return cfg.d_mlp
-        if tail in ("hook_attn_scores", "hook_pattern", "hook_scale"):
-            return None
-        if name == "hook_out":
-            return cfg.output_dim
-        return cfg.d_model
-
-    def _hook_z_width(self, hook_name: str, per_head: Optional[int]) -> Optional[int]:
-        return None if per_head is None else per_head * self.cfg.n_heads
+        tokens: dict[str, Any] = dict(part="vision", n_prefix_tokens=cfg.n_prefix_tokens, grid=cfg.grid_size,
+                                      has_cls_token=cfg.has_cls_token)
+        specs = [HookSpec(name, layout="tokens", width=cfg.d_model, **tokens)
+                 for name in ("hook_embed", "hook_pos_embed", "hook_full_embed")]
+        if cfg.has_ln_pre:
+            specs += norm_specs("ln_pre", cfg.d_model, "tokens", **tokens)
+        for layer in range(cfg.n_layers):
+            specs += transformer_block_specs(
+                layer, "vision", d_model=cfg.d_model, n_heads=cfg.n_heads, d_head=cfg.d_head, d_mlp=cfg.d_mlp,
+                n_prefix_tokens=cfg.n_prefix_tokens, grid=cfg.grid_size, has_cls_token=cfg.has_cls_token,
+            ).values()
+        # What pooling leaves: one vector (cls, mean, attn), CLS + distillation token (cls_dist: [b, 2, d],
+        # no patch grid), or every token (none).
+        pooled: dict[str, Any] = dict(part="vision")
+        pooled_layout = {"none": "tokens", "cls_dist": "tokens"}.get(cfg.pool_type, "pooled")
+        if cfg.pool_type == "none":
+            pooled.update(tokens)
+        if cfg.has_ln_final:
+            after_pool = cfg.final_ln_after_pool and cfg.pool_type != "none"
+            specs += norm_specs("ln_final", cfg.d_model, pooled_layout if after_pool else "tokens",
+                                **(pooled if after_pool else tokens))
+        if cfg.pool_type == "attn":  # the probe is one query attending over every token
+            d_head, n_heads = cfg.d_model // cfg.n_heads, cfg.n_heads
+            specs += [
+                HookSpec("attn_pool.attn.hook_q", "vision", "heads", d_head, n_heads=n_heads),
+                HookSpec("attn_pool.attn.hook_k", layout="heads", width=d_head, n_heads=n_heads, **tokens),
+                HookSpec("attn_pool.attn.hook_v", layout="heads", width=d_head, n_heads=n_heads, **tokens),
+                HookSpec("attn_pool.attn.hook_attn_scores", "vision", "pattern", None, n_heads=n_heads),
+                HookSpec("attn_pool.attn.hook_pattern", "vision", "pattern", None, n_heads=n_heads),
+                HookSpec("attn_pool.attn.hook_z", "vision", "heads", d_head, n_heads=n_heads),
+                HookSpec("attn_pool.attn.hook_result", "vision", "heads", cfg.d_model, n_heads=n_heads),
+                HookSpec("attn_pool.mlp.hook_pre", "vision", "tokens", cfg.d_mlp),
+                HookSpec("attn_pool.mlp.hook_post", "vision", "tokens", cfg.d_mlp),
+                *norm_specs("attn_pool.ln", cfg.d_model, "tokens", part="vision"),
+            ]
+        specs += [
+            HookSpec("hook_pooled", layout=pooled_layout, width=cfg.d_model, **pooled),
+            HookSpec("hook_out", layout="tokens" if cfg.pool_type == "none" else "pooled", width=cfg.output_dim,
+                     **pooled),
+        ]
+        return {s.name: s for s in specs}
 
     def _apply(self, fn, *args, **kwargs):  # keep cfg.device/dtype in step with .to()/.cuda()/.half()
         out = super()._apply(fn, *args, **kwargs)

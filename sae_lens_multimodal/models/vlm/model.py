@@ -10,11 +10,12 @@ import torch
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
-from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule, unknown_hook_error
+from sae_lens_multimodal.core.contract import HookSpec, nest_specs, norm_specs, transformer_block_specs
+from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule
 from sae_lens_multimodal.core.nested import NestedSAEHostMixin
 from sae_lens_multimodal.models.hooked_vit import HookedViT
 from sae_lens_multimodal.models.vlm.cache import VLMActivationCache
-from sae_lens_multimodal.models.vlm.config import PARTS, HookedVLMConfig, Tensorish
+from sae_lens_multimodal.models.vlm.config import HookedVLMConfig, Tensorish
 from sae_lens_multimodal.models.vlm.generation import VLMGenerationMixin
 from sae_lens_multimodal.models.vlm.language_model import VLMLanguageModel
 from sae_lens_multimodal.models.vlm.loading import VLM_CLASSES, _generation_ids, _load_vlm_source, _resolve_feature_layer
@@ -54,6 +55,8 @@ class HookedVLM(VLMGenerationMixin, NestedSAEHostMixin, MultimodalHookedRootModu
 
     #: Parts where a bare hook name (as recorded on a standalone sub-model) may live, preferred first.
     BARE_NAME_PARTS = ("vision", "lm")
+    #: Part (core.contract.PARTS) -> the attribute holding it, which is also its hook-name prefix.
+    PART_PREFIXES = {"vision": "vision", "projector": "projector", "language_model": "lm"}
 
     activation_cache_class = VLMActivationCache
 
@@ -271,48 +274,36 @@ class HookedVLM(VLMGenerationMixin, NestedSAEHostMixin, MultimodalHookedRootModu
             self._modules["vision"].setup()  # type: ignore[operator]
         super().setup()
 
-    def part_and_name(self, name: str) -> tuple[str, str]:
-        """Split a full hook name into (part, name within the part): ``("vision", "blocks.9.hook_resid_post")``."""
-        part, _, rest = name.partition(".")
-        if part not in PARTS or not rest:
-            raise unknown_hook_error(name, self.hook_dict.keys())
-        return part, rest
-
-    def hook_width(self, name: str) -> Optional[int]:
-        if name == "hook_image_features":
-            return self.cfg.d_text
-        part, rest = self.part_and_name(name)
-        if part == "vision":
-            return self.vision.hook_width(rest)
-        tail = rest.rsplit(".", 1)[-1]
-        if part == "projector":
-            return self.cfg.d_vision * self._n_feature_layers() if tail == "hook_in" else self.cfg.d_text
-        c = self.lm.cfg
-        if tail in ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z"):
-            return c.d_head
-        if tail in ("hook_pre", "hook_pre_linear", "hook_post"):
-            return c.d_mlp
-        if tail == "hook_logits":
-            return c.d_vocab
-        if tail in ("hook_attn_scores", "hook_pattern", "hook_scale", "hook_result"):
-            return None if tail != "hook_result" else c.d_model
-        return c.d_model
+    def _build_hook_specs(self) -> dict[str, HookSpec]:
+        vision, c = self.vision.cfg, self.lm.cfg
+        specs = nest_specs(self.vision.hook_specs().values(), "vision")
+        # The projector sees the selected vision tokens: the CLS token is gone with strategy "default".
+        dropped = self.cfg.vision_token_offset
+        tokens: dict[str, Any] = dict(
+            part="projector", n_prefix_tokens=max(vision.n_prefix_tokens - dropped, 0), grid=vision.grid_size,
+            has_cls_token=vision.has_cls_token and not dropped,
+        )
+        local = [HookSpec("hook_in", layout="tokens", width=self.cfg.d_vision * self._n_feature_layers(), **tokens)]
+        local += [HookSpec(name, layout="tokens", width=self.cfg.d_text, **tokens)
+                  for name in ("hook_pre", "hook_post", "hook_out")]
+        specs.update(nest_specs(local, "projector"))
+        specs["hook_image_features"] = HookSpec("hook_image_features", "projector", "flat_tokens", self.cfg.d_text)
+        lm = [HookSpec("hook_embed", "language_model", "tokens", c.d_model)]
+        for layer in range(c.n_layers):
+            lm += transformer_block_specs(
+                layer, "language_model", d_model=c.d_model, n_heads=c.n_heads, d_head=c.d_head, d_mlp=c.d_mlp,
+                n_key_value_heads=c.n_key_value_heads, gated_mlp=True, rotary=True,
+            ).values()
+        lm += norm_specs("ln_final", c.d_model, part="language_model")
+        lm.append(HookSpec("hook_logits", "language_model", "tokens", c.d_vocab))
+        specs.update(nest_specs(lm, "lm"))
+        return specs
 
     def _n_feature_layers(self) -> int:
         layer = self.cfg.vision_feature_layer
         return len(layer) if isinstance(layer, list) else 1
 
-    def _hook_z_width(self, hook_name: str, per_head: Optional[int]) -> Optional[int]:
-        if hook_name == "hook_image_features":
-            return per_head
-        part, _ = self.part_and_name(hook_name)
-        n_heads = self.vision.cfg.n_heads if part == "vision" else self.lm.cfg.n_heads
-        return None if per_head is None else per_head * n_heads
-
     # ------------------------------------------------------------------ SAE splicing (core/nested.py)
-    def _is_full_name(self, name: str) -> bool:
-        return name.partition(".")[0] in PARTS or name == "hook_image_features"
-
     def _part_named_by_metadata(self, metadata: Any) -> Optional[str]:
         # TransformerLens language-model SAEs go to the LM; SAEs recorded on a standalone HookedViT to vision.
         cls_name = metadata.get("model_class_name")

@@ -15,6 +15,7 @@ from sae_lens_multimodal.core.denoising import (  # re-exported: the diffusion-f
 from sae_lens_multimodal.diffusion.cache import DiffusionCache
 from sae_lens_multimodal.diffusion.hooked import HookedDiT, HookedUNet
 from sae_lens_multimodal.diffusion.pipeline import DenoisingLoop, HookedDiffusionPipeline
+from sae_lens_multimodal.diffusion.pipeline_classes import register_pipeline_class
 
 __all__ = [
     "HookedUNet",
@@ -26,4 +27,5 @@ __all__ = [
     "current_timestep",
     "current_branch",
     "current_denoising_state",
+    "register_pipeline_class",
 ]

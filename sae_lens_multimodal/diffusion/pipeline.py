@@ -33,19 +33,10 @@ from sae_lens_multimodal.diffusion.hooked import (
     HookedDenoiser,
     _scalar_timestep,
 )
+from sae_lens_multimodal.diffusion.pipeline_classes import SUPPORTED_PIPELINES, pipeline_class_for
+from sae_lens_multimodal.models.registry import resolve_model_name
 
 __all__ = ["HookedDiffusionPipeline", "DenoisingLoop", "TimestepSelector", "SUPPORTED_PIPELINES"]
-
-#: pipeline class name -> how it batches classifier-free guidance
-SUPPORTED_PIPELINES = {
-    "StableDiffusionPipeline": "batched",
-    "StableDiffusionXLPipeline": "batched",
-    "PixArtAlphaPipeline": "batched",
-    "PixArtSigmaPipeline": "batched",
-    "StableDiffusion3Pipeline": "batched",
-    "FluxPipeline": "sequential",
-    "DenoisingLoop": "batched",
-}
 
 TimestepSpec = Any  # None | range | number | Iterable[number] | Callable[[t], bool]
 
@@ -206,21 +197,11 @@ class HookedDiffusionPipeline(HookedDenoiser):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> HookedDiffusionPipeline:
         """``DiffusionPipeline.from_pretrained(name_or_path, **kwargs)`` wrapped. Registered names
-        (``"shapes-diffusion"``, models/registry.py) resolve to their directory first."""
-        import json
-        from pathlib import Path
-
-        from diffusers import DiffusionPipeline
-
-        from sae_lens_multimodal.models.registry import resolve_model_name
-
+        (``"shapes-diffusion"``, models/registry.py) resolve to their directory first; a pipeline class
+        from outside diffusers is found through :func:`~sae_lens_multimodal.diffusion.pipeline_classes.register_pipeline_class`."""
         source = resolve_model_name(str(name_or_path))
-        pipeline_cls: Any = DiffusionPipeline
-        index = Path(source) / "model_index.json"
-        # diffusers looks pipeline classes up by name in its own namespace only; load ours explicitly.
-        if index.is_file() and json.loads(index.read_text()).get("_class_name") == "ShapesDiffusionPipeline":
-            from sae_lens_multimodal.world.diffusion import ShapesDiffusionPipeline as pipeline_cls
-        return cls(pipeline_cls.from_pretrained(source, **kwargs))
+        # Pipeline classes outside diffusers come from diffusion/pipeline_classes.py's registry.
+        return cls(pipeline_class_for(source).from_pretrained(source, **kwargs))
 
     def to(self, *args: Any, **kwargs: Any) -> HookedDiffusionPipeline:  # type: ignore[override]
         """Move the whole pipeline (text encoders, VAE, denoiser)."""

@@ -1,5 +1,6 @@
 """Named models: short names (``"shapes-clip"``) for models whose source is known, resolved before any
-library-specific loading, so every ``from_pretrained`` of this package accepts them.
+library-specific loading, so every ``from_pretrained`` of this package (and :func:`~sae_lens_multimodal.models.load_model`)
+accepts them.
 
 >>> list_models()                       # ['shapes-clip', ...]
 >>> model_info("shapes-clip").source    # 'open-clip:local-dir:/.../world/weights/shapes_clip'
@@ -7,19 +8,26 @@ library-specific loading, so every ``from_pretrained`` of this package accepts t
 
 A source is any name the loaders already understand (``"open-clip:local-dir:<dir>"``,
 ``"open-clip:ViT-B-32/<tag>"``, a Hugging Face repo id, a local directory...). Register your own with
-:func:`register_model`. This module imports nothing heavy and no other module of the package.
+:func:`register_model`. A package that registers many names can instead register itself as the provider
+of a name prefix with :func:`register_model_provider`: its module is imported (and registers its names)
+the first time a name with that prefix is looked up, so nothing is imported before it is needed. The
+shapes world (``sae_lens_multimodal.world``) registers its ``shapes-*`` models that way.
+This module imports nothing heavy and no other module of the package.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from dataclasses import dataclass
-from pathlib import Path
 
 __all__ = [
     "RegisteredModel",
     "MODEL_REGISTRY",
+    "MODEL_PROVIDERS",
     "register_model",
+    "register_model_provider",
+    "load_model_providers",
     "list_models",
     "model_info",
     "resolve_model_name",
@@ -55,6 +63,7 @@ def register_model(name: str, source: str, description: str, *, kind: str = "", 
             "(':' marks library prefixes such as 'open-clip:')."
         )
     entry = RegisteredModel(name=name, source=str(source), description=description, kind=kind)
+    load_model_providers(name)  # a provider's own names come first: shadowing one needs overwrite=True
     old = MODEL_REGISTRY.get(name)
     if old is not None and old.source != entry.source and not overwrite:
         raise ValueError(
@@ -65,16 +74,49 @@ def register_model(name: str, source: str, description: str, *, kind: str = "", 
     return entry
 
 
+# ---------------------------------------------------------------------------- lazy providers
+#: name prefix -> module that registers the names with that prefix when imported
+MODEL_PROVIDERS: dict[str, str] = {}
+_IMPORTED_PROVIDERS: set[str] = set()
+
+
+def register_model_provider(prefix: str, module: str) -> None:
+    """Names starting with ``prefix`` are registered by importing ``module`` (a dotted module name),
+    which this registry does on the first lookup of such a name (or of all names, :func:`list_models`)."""
+    if not prefix or not module or module != module.strip():
+        raise ValueError(f"register_model_provider needs a name prefix and a module name; got {prefix!r}, {module!r}.")
+    old = MODEL_PROVIDERS.get(prefix)
+    if old is not None and old != module:
+        raise ValueError(f"Model name prefix {prefix!r} is already provided by {old!r}, not {module!r}.")
+    MODEL_PROVIDERS[prefix] = module
+
+
+def load_model_providers(name: str | None = None) -> None:
+    """Import the provider modules of ``name`` (every provider when ``name`` is None), once each."""
+    for prefix, module in list(MODEL_PROVIDERS.items()):
+        if module in _IMPORTED_PROVIDERS or (name is not None and not name.startswith(prefix)):
+            continue
+        _IMPORTED_PROVIDERS.add(module)  # before importing: the module's own register_model calls land here
+        try:
+            importlib.import_module(module)
+        except BaseException:
+            _IMPORTED_PROVIDERS.discard(module)
+            raise
+
+
 def list_models(kind: str | None = None) -> list[str]:
     """Registered names (of one ``kind`` if given), sorted."""
+    load_model_providers()
     return sorted(n for n, m in MODEL_REGISTRY.items() if kind is None or m.kind == kind)
 
 
 def model_info(name: str) -> RegisteredModel:
     """The registry entry for ``name``; a clear error with close matches if there is none."""
+    load_model_providers(name)
     try:
         return MODEL_REGISTRY[name]
     except KeyError:
+        load_model_providers()  # close matches may come from any provider
         close = difflib.get_close_matches(name, list(MODEL_REGISTRY), n=3)
         hint = f" Did you mean {close}?" if close else ""
         raise UnknownModelError(f"No registered model named {name!r}.{hint} Registered: {list_models()}.") from None
@@ -82,36 +124,12 @@ def model_info(name: str) -> RegisteredModel:
 
 def resolve_model_name(name: str) -> str:
     """The source of a registered name; any other name is returned unchanged."""
+    load_model_providers(name)
     entry = MODEL_REGISTRY.get(name)
     return entry.source if entry is not None else name
 
 
-# ---------------------------------------------------------------------------- built-in models
-_WORLD_WEIGHTS = Path(__file__).resolve().parent.parent / "world" / "weights"
-
-register_model(
-    "shapes-clip",
-    f"open-clip:local-dir:{_WORLD_WEIGHTS / 'shapes_clip'}",
-    "Small open_clip CLIP (ViT: 4 layers, width 64, 32x32 images, patch 4; text: 3 layers, width 64) "
-    "trained on the shapes world; "
-    "see sae_lens_multimodal/world/README.md.",
-    kind="clip",
-)
-
-register_model(
-    "shapes-clip-typographic",
-    f"open-clip:local-dir:{_WORLD_WEIGHTS / 'shapes_clip_typographic'}",
-    "The shapes-clip architecture trained with each image's own colour name written on most images "
-    "(train_clip.py --variant typographic), so a misleading written colour word fools it (a typographic "
-    "attack); see docs/typographic.md.",
-    kind="clip",
-)
-
-register_model(
-    "shapes-diffusion",
-    str(_WORLD_WEIGHTS / "shapes_diffusion"),
-    "Small text-to-image diffusers pipeline (ShapesDiffusionPipeline: UNet2DConditionModel on 32x32 RGB "
-    "pixels, conditioned on the shapes-clip text tower) trained on the shapes world; "
-    "see sae_lens_multimodal/world/README.md.",
-    kind="diffusion",
-)
+# ---------------------------------------------------------------------------- built-in providers
+# The shapes world registers its models itself (sae_lens_multimodal/world/__init__.py), through the
+# functions above; it is imported only when a "shapes-" name is looked up.
+register_model_provider("shapes-", "sae_lens_multimodal.world")

@@ -1,13 +1,21 @@
-"""The shapes world: procedurally drawn images with known ground truth, and the small models trained on it."""
+"""The shapes world: procedurally drawn images with known ground truth, and the small models trained on it.
 
+Importing this package registers its models (``"shapes-clip"``, ``"shapes-clip-typographic"``,
+``"shapes-diffusion"``) with :mod:`sae_lens_multimodal.models.registry` and its pipeline class with
+:mod:`sae_lens_multimodal.diffusion.pipeline_classes`, the registries any other package uses; the registry
+imports this package on the first lookup of a ``shapes-`` name. The scripts that trained the shipped
+weights live in :mod:`sae_lens_multimodal.world.training`, which nothing else imports.
+"""
+
+from sae_lens_multimodal.diffusion.pipeline_classes import register_pipeline_class
+from sae_lens_multimodal.models.registry import register_model
 from sae_lens_multimodal.world.clip import (
-    SHAPES_CLIP_DIR,
-    SHAPES_CLIP_TYPOGRAPHIC_DIR,
     ZeroShotResult,
     load_shapes_clip,
     typographic_attack,
     zero_shot_accuracy,
 )
+from sae_lens_multimodal.world.paths import SHAPES_CLIP_DIR, SHAPES_CLIP_TYPOGRAPHIC_DIR, SHAPES_DIFFUSION_DIR
 from sae_lens_multimodal.world.shapes import (
     CLASS_FACTORS,
     COLORS,
@@ -51,3 +59,33 @@ __all__ = [
     "class_factor_combinations",
     "to_tensor",
 ]
+
+
+# ---------------------------------------------------------------------------------------- registration
+
+register_model(
+    "shapes-clip",
+    f"open-clip:local-dir:{SHAPES_CLIP_DIR}",
+    "Small open_clip CLIP (ViT: 4 layers, width 64, 32x32 images, patch 4; text: 3 layers, width 64) "
+    "trained on the shapes world; see sae_lens_multimodal/world/README.md.",
+    kind="clip",
+)
+register_model(
+    "shapes-clip-typographic",
+    f"open-clip:local-dir:{SHAPES_CLIP_TYPOGRAPHIC_DIR}",
+    "The shapes-clip architecture trained with each image's own colour name written on most images "
+    "(world.training.train_clip --variant typographic), so a misleading written colour word fools it (a "
+    "typographic attack); see docs/typographic.md.",
+    kind="clip",
+)
+register_model(
+    "shapes-diffusion",
+    str(SHAPES_DIFFUSION_DIR),
+    "Small text-to-image diffusers pipeline (ShapesDiffusionPipeline: UNet2DConditionModel on 32x32 RGB "
+    "pixels, conditioned on the shapes-clip text tower) trained on the shapes world; "
+    "see sae_lens_multimodal/world/README.md.",
+    kind="diffusion",
+)
+# Batches [uncond, cond] like StableDiffusionPipeline; imported (with diffusers) only when a saved one is loaded.
+register_pipeline_class("ShapesDiffusionPipeline", "sae_lens_multimodal.world.diffusion:ShapesDiffusionPipeline",
+                        cfg_layout="batched")

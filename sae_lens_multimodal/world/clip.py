@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from sae_lens_multimodal.core.atomic import atomic_save, atomic_write_json
+from sae_lens_multimodal.world.paths import SHAPES_CLIP_DIR, SHAPES_CLIP_TYPOGRAPHIC_DIR
 from sae_lens_multimodal.world.shapes import (
     CLASS_FACTORS,
     COLORS,
@@ -49,11 +50,6 @@ __all__ = [
     "typographic_attack",
 ]
 
-#: Where the shipped model lives (open_clip local-dir layout). Its registered name is "shapes-clip".
-SHAPES_CLIP_DIR: Path = Path(__file__).resolve().parent / "weights" / "shapes_clip"
-#: The variant trained with its own colour written on images (train_clip.py --variant typographic), so
-#: written colour words fool it. Registered name: "shapes-clip-typographic".
-SHAPES_CLIP_TYPOGRAPHIC_DIR: Path = Path(__file__).resolve().parent / "weights" / "shapes_clip_typographic"
 
 #: Padding is 0 (open_clip's default pad_id); the end-of-text token gets the LARGEST id, so open_clip's
 #: default ``argmax`` text pooling (the real CLIP's) finds it, exactly as with CLIP's BPE tokenizer.
@@ -168,7 +164,7 @@ def _check_dir(directory: Path) -> None:
     if missing:
         raise FileNotFoundError(
             f"{directory} is not a shapes-world CLIP directory (missing {missing}). Retrain with "
-            "`python -m sae_lens_multimodal.world.train_clip --out <dir>`."
+            "`python -m sae_lens_multimodal.world.training.train_clip --out <dir>`."
         )
 
 

@@ -35,7 +35,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from sae_lens_multimodal.core.atomic import atomic_directory
-from sae_lens_multimodal.world.clip import SHAPES_CLIP_DIR
+from sae_lens_multimodal.world.paths import SHAPES_CLIP_DIR, SHAPES_DIFFUSION_DIR
 
 __all__ = [
     "SHAPES_DIFFUSION_DIR",
@@ -51,9 +51,7 @@ __all__ = [
     "to_uint8",
 ]
 
-#: Where the shipped pipeline lives (diffusers layout: model_index.json + one folder per component).
-SHAPES_DIFFUSION_DIR: Path = Path(__file__).resolve().parent / "weights" / "shapes_diffusion"
-#: Its registered name (models/registry.py).
+#: Its registered name (registered by world/__init__.py in models/registry.py).
 SHAPES_DIFFUSION_NAME = "shapes-diffusion"
 
 
@@ -373,7 +371,7 @@ def _check_dir(directory: Path) -> None:
     if missing:
         raise FileNotFoundError(
             f"{directory} is not a shapes-world diffusion pipeline directory (missing {missing}). Retrain with "
-            "`python -m sae_lens_multimodal.world.train_diffusion --out <dir>`."
+            "`python -m sae_lens_multimodal.world.training.train_diffusion --out <dir>`."
         )
 
 

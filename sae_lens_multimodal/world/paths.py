@@ -1,0 +1,19 @@
+"""Where the shapes world's shipped weights live inside the package (they load offline from here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["WEIGHTS_DIR", "SHAPES_CLIP_DIR", "SHAPES_CLIP_TYPOGRAPHIC_DIR", "SHAPES_DIFFUSION_DIR", "BUNDLED_SAES_DIR"]
+
+WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
+#: The shapes CLIP (open_clip local-dir layout). Registered name: "shapes-clip".
+SHAPES_CLIP_DIR: Path = WEIGHTS_DIR / "shapes_clip"
+#: The variant trained with its own colour written on images (world.training.train_clip --variant
+#: typographic), so written colour words fool it. Registered name: "shapes-clip-typographic".
+SHAPES_CLIP_TYPOGRAPHIC_DIR: Path = WEIGHTS_DIR / "shapes_clip_typographic"
+#: The text-to-image pipeline (diffusers layout: model_index.json + one folder per component).
+#: Registered name: "shapes-diffusion".
+SHAPES_DIFFUSION_DIR: Path = WEIGHTS_DIR / "shapes_diffusion"
+#: The bundled SAEs, one folder per release and SAE id (loaded through the "bundled" release format).
+BUNDLED_SAES_DIR: Path = WEIGHTS_DIR / "saes"

@@ -227,9 +227,10 @@ def test_shipped_yaml_is_what_the_generator_writes():
 
     import yaml
 
-    script = Path(__file__).resolve().parents[2] / "sae_lens_multimodal" / "pretrained" / "_build_releases_yaml.py"
-    module_spec = importlib.util.spec_from_file_location("_build_releases_yaml", script)
+    script = Path(__file__).resolve().parents[2] / "sae_lens_multimodal" / "world" / "training" / "build_releases_yaml.py"
+    module_spec = importlib.util.spec_from_file_location("build_releases_yaml", script)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    shipped = yaml.safe_load(script.with_name("releases.yaml").read_text(encoding="utf-8"))
+    shipped = yaml.safe_load(module.RELEASES_YAML.read_text(encoding="utf-8"))
+    assert module.RELEASES_YAML == Path(__file__).resolve().parents[2] / "sae_lens_multimodal" / "pretrained" / "releases.yaml"
     assert shipped == module.build()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sae_lens_multimodal.core.denoising import (
+    CFG_BATCH_ORDER,
     DenoisingState,
     branch_override,
     branch_rows,
@@ -348,7 +349,7 @@ class HookedDiffusionPipeline(HookedDenoiser):
         """
         mode = self._check_branch(cfg_branch, args, kwargs)
         names = self._filter_names(names_filter)
-        wanted = {"cond", "uncond"} if cfg_branch in (None, "both") else {cfg_branch}
+        wanted = set(CFG_BATCH_ORDER) if cfg_branch in (None, "both") else {cfg_branch}
         if mode == "none":
             wanted &= {"cond"}
         selector = TimestepSelector(timesteps)

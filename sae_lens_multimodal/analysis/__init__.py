@@ -21,20 +21,7 @@ __all__ += [
     "Vocabulary", "default_vocabulary", "load_vocabulary",
     "ZeroShotClassifier", "ce_recovered", "zero_shot_classifier",
 ]
-# Typographic attacks and their suppression through SAE features (docs/typographic.md).
-from sae_lens_multimodal.analysis.typographic import (  # noqa: E402
-    TextFeature,
-    TypographicAttackSet,
-    TypographicResult,
-    build_attack_set,
-    find_text_features,
-    typographic_analysis,
-)
-
-__all__ += [
-    "TextFeature", "TypographicAttackSet", "TypographicResult", "build_attack_set", "find_text_features",
-    "typographic_analysis",
-]
+# Typographic attacks on the shapes world (docs/typographic.md) live with the world: sae_lens_multimodal.world.typographic.
 __all__ += [
     "clip_activation_patching",
     "diffusion_patching", "unet_blocks",

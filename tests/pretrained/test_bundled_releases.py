@@ -24,7 +24,7 @@ from sae_lens_multimodal.pretrained.bundled import BundledFileError, bundled_fol
 
 CLIP_RELEASE, CLIP_HOOK = "shapes-clip-saes", "blocks.2.hook_resid_post"
 DIFF_RELEASE, DIFF_HOOK = "shapes-diffusion-saes", "up_blocks.0.attentions.1.hook_out"
-REGENERATE = "python -m sae_lens_multimodal.world.train_saes"
+REGENERATE = "python -m sae_lens_multimodal.world.training.train_saes"
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_release_facts_match_the_shipped_files(clip_sae, diffusion_sae):
 # ----------------------------------------------------------------------------------------- vision SAE
 def _world_pixels(n: int, seed: int, text_prob: float = 0.0):
     from sae_lens_multimodal.world.shapes import ShapesWorld
-    from sae_lens_multimodal.world.train_saes import clip_pixels
+    from sae_lens_multimodal.world.training.train_saes import clip_pixels
 
     images, factors = ShapesWorld(32, seed=seed, text_prob=text_prob).sample(n)
     return clip_pixels(images), factors
@@ -196,7 +196,7 @@ def test_diffusion_sae_splices_into_the_pipeline(hooked_pipe, diffusion_sae):
 
 def test_diffusion_sae_reconstructs_fresh_generations(hooked_pipe, diffusion_sae):
     from sae_lens_multimodal.training.evaluate import evaluate_sae
-    from sae_lens_multimodal.world.train_saes import DiffusionSAERecipe, _diffusion_rows, diffusion_prompts
+    from sae_lens_multimodal.world.training.train_saes import DiffusionSAERecipe, _diffusion_rows, diffusion_prompts
 
     rows = _diffusion_rows(hooked_pipe, diffusion_prompts(4, seed=4242), 4242, DiffusionSAERecipe(), progress=False)
     result = evaluate_sae(diffusion_sae, rows, n_rows=len(rows))

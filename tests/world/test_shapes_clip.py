@@ -104,7 +104,7 @@ def test_zero_shot_accuracy_with_open_clip_itself(source):
 
 
 def test_training_is_reproducible_and_saves_an_open_clip_directory(tmp_path):
-    from sae_lens_multimodal.world.train_clip import TrainConfig, train_clip
+    from sae_lens_multimodal.world.training.train_clip import TrainConfig, train_clip
 
     cfg = TrainConfig(steps=3, eval_every=0, final_eval_images=20)
     a, _, meta = train_clip(cfg, tmp_path / "clip", progress=False)

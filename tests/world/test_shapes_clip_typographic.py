@@ -27,7 +27,7 @@ from sae_lens_multimodal.world.clip import (
     typographic_attack,
 )
 from sae_lens_multimodal.world.shapes import COLORS, POSITIONS
-from sae_lens_multimodal.world.train_clip import TYPOGRAPHIC_SETTINGS, VARIANTS, TrainConfig, training_batch
+from sae_lens_multimodal.world.training.train_clip import TYPOGRAPHIC_SETTINGS, VARIANTS, TrainConfig, training_batch
 
 LOCAL = f"local-dir:{SHAPES_CLIP_TYPOGRAPHIC_DIR}"
 
@@ -117,7 +117,7 @@ def test_written_colour_words_fool_it_and_not_the_plain_clip():
 
 
 def test_variant_training_is_reproducible_and_writes_its_figures(tmp_path):
-    from sae_lens_multimodal.world.train_clip import train_clip
+    from sae_lens_multimodal.world.training.train_clip import train_clip
 
     cfg = TrainConfig(steps=3, eval_every=0, final_eval_images=20, **TYPOGRAPHIC_SETTINGS)
     a, _, meta = train_clip(cfg, tmp_path / "clip", progress=False)
@@ -125,6 +125,6 @@ def test_variant_training_is_reproducible_and_writes_its_figures(tmp_path):
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     saved = json.loads((tmp_path / "clip" / "training.json").read_text())
     assert saved["train_config"]["typographic_prob"] == 0.8
-    assert saved["retrain"] == ("python -m sae_lens_multimodal.world.train_clip --variant typographic --steps 3 "
+    assert saved["retrain"] == ("python -m sae_lens_multimodal.world.training.train_clip --variant typographic --steps 3 "
                                 "--eval-every 0 --final-eval-images 20")
     assert set(saved) == set(meta)

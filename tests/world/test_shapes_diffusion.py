@@ -24,7 +24,7 @@ from sae_lens_multimodal.world.diffusion import (
     to_uint8,
 )
 from sae_lens_multimodal.world.eval_diffusion import FactorClassifier, evaluate_pipeline
-from sae_lens_multimodal.world.train_diffusion import TrainConfig, train_diffusion
+from sae_lens_multimodal.world.training.train_diffusion import TrainConfig, train_diffusion
 
 PROMPTS = ["a red circle on the left", "a blue triangle at the top"]
 
@@ -76,7 +76,7 @@ def test_text_encoder_is_the_shapes_clip_text_tower(pipe):
         ours = pipe.text_encoder(input_ids=ids)
         assert (ours.last_hidden_state - states).abs().max() <= 1e-5, (
             "The pipeline's text encoder no longer matches weights/shapes_clip: the CLIP was retrained, so "
-            "retrain the diffusion model (python -m sae_lens_multimodal.world.train_diffusion)."
+            "retrain the diffusion model (python -m sae_lens_multimodal.world.training.train_diffusion)."
         )
         assert (ours.text_embeds - clip.encode_text(ids)).abs().max() <= 1e-5
         assert torch.equal(pipe.encode_prompt(prompts[:3]), ours.last_hidden_state[:3])

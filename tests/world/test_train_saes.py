@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from sae_lens import SAE
 
-from sae_lens_multimodal.world import train_saes
-from sae_lens_multimodal.world.train_saes import (
+from sae_lens_multimodal.world.training import train_saes
+from sae_lens_multimodal.world.training.train_saes import (
     CLIP_HOOK,
     CLIP_RELEASE,
     DIFFUSION_HOOK,

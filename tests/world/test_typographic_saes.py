@@ -14,7 +14,7 @@ import sae_lens_multimodal  # noqa: F401  (registers the releases)
 from sae_lens_multimodal.models import HookedViT
 from sae_lens_multimodal.training.cache import model_identity
 from sae_lens_multimodal.world.shapes import COLORS, ShapesWorld, to_tensor
-from sae_lens_multimodal.world.train_typographic_sae import (
+from sae_lens_multimodal.world.training.train_typographic_sae import (
     TYPOGRAPHIC_HOOKS,
     TYPOGRAPHIC_RELEASE,
     TypographicSAERecipe,

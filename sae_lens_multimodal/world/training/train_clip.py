@@ -1,7 +1,7 @@
 """Train the shapes-world CLIP contrastively and save it in open_clip's local-dir layout.
 
-    python -m sae_lens_multimodal.world.train_clip                 # retrain the shipped model in place
-    python -m sae_lens_multimodal.world.train_clip --out /tmp/my_clip --steps 600 --seed 1
+    python -m sae_lens_multimodal.world.training.train_clip                 # retrain the shipped model in place
+    python -m sae_lens_multimodal.world.training.train_clip --out /tmp/my_clip --steps 600 --seed 1
 
 Every batch is freshly drawn from the world (no fixed dataset, so no overfitting). Captions mention the
 colour, shape and position always, the size and the texture ("plain"/"striped") half of the time, and
@@ -20,7 +20,7 @@ what the caption says, as it does on the web, and the model learns to read the w
 f, so on some of them the word is the clearer evidence. ``--variant typographic`` selects the settings of
 the shipped "shapes-clip-typographic" model (weights/shapes_clip_typographic/):
 
-    python -m sae_lens_multimodal.world.train_clip --variant typographic
+    python -m sae_lens_multimodal.world.training.train_clip --variant typographic
 """
 
 from __future__ import annotations
@@ -342,7 +342,7 @@ def _retrain_command(cfg: TrainConfig) -> str:
     variant = "typographic" if all(getattr(cfg, k) == v for k, v in TYPOGRAPHIC_SETTINGS.items()) else "default"
     base = asdict(TrainConfig(**VARIANTS[variant][0]))
     options = [f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if v != base[k]]
-    return " ".join(["python -m sae_lens_multimodal.world.train_clip"]
+    return " ".join(["python -m sae_lens_multimodal.world.training.train_clip"]
                     + (["--variant typographic"] if variant == "typographic" else []) + options)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from sae_lens_multimodal.analysis.typographic import (
+from sae_lens_multimodal.world.typographic import (
     ATTACK_CONDITIONS,
     TypographicResult,
     build_attack_set,

@@ -1,7 +1,7 @@
 """Train the shapes-world text-to-image diffusion model and save it as a diffusers pipeline.
 
-    python -m sae_lens_multimodal.world.train_diffusion                  # retrain the shipped model in place
-    python -m sae_lens_multimodal.world.train_diffusion --out /tmp/sd --steps 200 --seed 1
+    python -m sae_lens_multimodal.world.training.train_diffusion                  # retrain the shipped model in place
+    python -m sae_lens_multimodal.world.training.train_diffusion --out /tmp/sd --steps 200 --seed 1
 
 Every batch is freshly drawn from the world (no fixed dataset). Captions always name colour, shape and
 position and, half of the time each, the size and "striped" (training images carry no written words).
@@ -223,7 +223,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         evaluation = evaluate_pipeline(pipe, images_per_prompt=per_prompt, progress=progress)
         print(evaluation)
         record["evaluation"] = evaluation.to_dict()
-    record["retrain"] = "python -m sae_lens_multimodal.world.train_diffusion"
+    record["retrain"] = "python -m sae_lens_multimodal.world.training.train_diffusion"
     save_pipeline_atomically(pipe, out, {"training.json": json.dumps(record, indent=2) + "\n"})
     print(f"saved to {out}")
 

@@ -1,7 +1,7 @@
 """Train the bundled SAE of the typographic shapes CLIP (release ``shapes-clip-typographic-saes``).
 
-    python -m sae_lens_multimodal.world.train_typographic_sae             # overwrites weights/saes/shapes-clip-typographic-saes/
-    python -m sae_lens_multimodal.world.train_typographic_sae --hook blocks.0.hook_resid_post --out /tmp/saes
+    python -m sae_lens_multimodal.world.training.train_typographic_sae             # overwrites weights/saes/shapes-clip-typographic-saes/
+    python -m sae_lens_multimodal.world.training.train_typographic_sae --hook blocks.0.hook_resid_post --out /tmp/saes
 
 One TopK SAE per hook in ``TYPOGRAPHIC_HOOKS`` (the residual stream after blocks 0, 1, 2) of
 ``HookedViT.from_pretrained("shapes-clip-typographic")`` (= the vision tower of
@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from sae_lens_multimodal.world.train_saes import (
+from sae_lens_multimodal.world.training.train_saes import (
     BUNDLED_SAES_DIR,
     ClipSAERecipe,
     _environment,
@@ -41,7 +41,7 @@ TYPOGRAPHIC_RELEASE = "shapes-clip-typographic-saes"
 TYPOGRAPHIC_HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
 TYPOGRAPHIC_HOOK = "blocks.0.hook_resid_post"  # the one docs/typographic.md suppresses text features with
 TYPOGRAPHIC_MODEL = "shapes-clip-typographic"
-REGENERATE = "python -m sae_lens_multimodal.world.train_typographic_sae"
+REGENERATE = "python -m sae_lens_multimodal.world.training.train_typographic_sae"
 
 
 @dataclass

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sae_lens_multimodal.core.atomic import atomic_save
+from sae_lens_multimodal.core.hooked_root import has_parts
 from sae_lens_multimodal.world.shapes import (
     CLASS_FACTORS,
     COLORS,
@@ -149,7 +150,7 @@ def build_attack_set(
 
 # ---------------------------------------------------------------------------------------------- zero-shot
 def _check_clip(model: Any) -> None:
-    if not (hasattr(model, "vision") and hasattr(model, "encode_text") and hasattr(model, "logit_scale")):
+    if not has_parts(model, "vision", "text"):
         raise TypeError(
             f"Typographic analysis needs a HookedCLIP (image and text towers); got {type(model).__name__}. "
             "Load one with HookedCLIP.from_pretrained('shapes-clip-typographic')."
@@ -252,7 +253,7 @@ class TextFeature:
 @torch.no_grad()
 def _sae_token_acts(model: Any, sae: Any, images: torch.Tensor, batch_size: int, progress: bool, desc: str) -> Iterator[torch.Tensor]:
     """SAE feature activations [batch, tokens, d_sae] at the SAE's hook, batch by batch."""
-    location = model.sae_hook_location(sae)
+    location = model.locate(sae).name
     captured: dict[str, torch.Tensor] = {}
 
     def grab(act: torch.Tensor, hook: Any) -> None:
@@ -338,22 +339,6 @@ def find_text_features(
 
 
 # ---------------------------------------------------------------------------------------------- results
-def _write_atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 @dataclass
 class TypographicResult:
     """Zero-shot accuracy under a typographic attack, with and without SAE suppression of text features.
@@ -442,7 +427,7 @@ class TypographicResult:
                          fontsize=9)
             ax.legend(fontsize=8, loc="upper center", ncol=2)
             fig.tight_layout()
-            _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+            atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"), suffix=path.suffix)
         finally:
             plt.close(fig)
         return path
@@ -528,7 +513,7 @@ def typographic_analysis(
     rates = {c: _rates(p, test) for c, p in runs.items()}
     return TypographicResult(
         model_name=model_name or str(getattr(model.cfg, "model_name", "custom")),
-        hook_name=model.sae_hook_location(sae),
+        hook_name=model.locate(sae).name,
         n_test=n_test,
         accuracy={c: rates[c][0] for c in ATTACK_CONDITIONS},
         color_accuracy={c: rates[c][1] for c in ATTACK_CONDITIONS},
@@ -543,7 +528,7 @@ def typographic_analysis(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m sae_lens_multimodal.analysis.typographic [--plot out.png]``: the study on the shipped
+    """``python -m sae_lens_multimodal.world.typographic [--plot out.png]``: the study on the shipped
     typographic shapes CLIP and its bundled SAE (the figures of docs/typographic.md)."""
     import argparse
 

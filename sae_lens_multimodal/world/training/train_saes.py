@@ -1,8 +1,8 @@
 """Train the bundled shapes-world SAEs (releases ``shapes-clip-saes`` and ``shapes-diffusion-saes``).
 
-    python -m sae_lens_multimodal.world.train_saes                 # both; overwrites weights/saes/
-    python -m sae_lens_multimodal.world.train_saes --which clip    # only the vision SAE
-    python -m sae_lens_multimodal.world.train_saes --which diffusion --out /tmp/saes --seed 1
+    python -m sae_lens_multimodal.world.training.train_saes                 # both; overwrites weights/saes/
+    python -m sae_lens_multimodal.world.training.train_saes --which clip    # only the vision SAE
+    python -m sae_lens_multimodal.world.training.train_saes --which diffusion --out /tmp/saes --seed 1
 
 Both go through the package's own training path: an activation store (``ImageActivationStore`` /
 ``DiffusionActivationStore``) and ``train_sae`` (SAELens's ``SAETrainer``). The result is saved with
@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+
+from sae_lens_multimodal.core.atomic import atomic_directory
+from sae_lens_multimodal.world.paths import BUNDLED_SAES_DIR  # <BUNDLED_SAES_DIR>/<release>/<sae_id>/
 
 __all__ = [
     "BUNDLED_SAES_DIR",
@@ -55,15 +57,13 @@ __all__ = [
     "main",
 ]
 
-#: Where the bundled releases live: ``<BUNDLED_SAES_DIR>/<release>/<sae_id>/``.
-BUNDLED_SAES_DIR: Path = Path(__file__).resolve().parent / "weights" / "saes"
 CLIP_RELEASE = "shapes-clip-saes"
 CLIP_HOOK = "blocks.2.hook_resid_post"
 DIFFUSION_RELEASE = "shapes-diffusion-saes"
 DIFFUSION_HOOK = "up_blocks.0.attentions.1.hook_out"
 #: Four buckets of five DPM-Solver steps each (the 20-step schedule is 50, 100, ..., 500, 549, ..., 999).
 DIFFUSION_TIMESTEP_RANGES = [[0, 275], [275, 525], [525, 775], [775, 1000]]
-REGENERATE = "python -m sae_lens_multimodal.world.train_saes"
+REGENERATE = "python -m sae_lens_multimodal.world.training.train_saes"
 
 
 @dataclass
@@ -147,27 +147,14 @@ def write_sae_folder(sae: Any, directory: os.PathLike, metadata: dict[str, Any])
     the new one, never a mix.
     """
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         sae.save_inference_model(tmp)
         cfg_path = tmp / "cfg.json"
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         cfg["metadata"] = {**cfg.get("metadata", {}), **metadata}
         cfg_path.write_text(json.dumps(cfg, indent=1, sort_keys=True), encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the package's files must be readable by all
         for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            os.chmod(f, 0o644)  # the package's files must be readable by all
     return target
 
 

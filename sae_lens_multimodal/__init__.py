@@ -25,6 +25,7 @@ _LAZY = {
     "current_timestep": "sae_lens_multimodal.core.denoising",
     "current_branch": "sae_lens_multimodal.core.denoising",
     "HookedVLM": "sae_lens_multimodal.models.vlm",
+    "load_model": "sae_lens_multimodal.models.loading",
     "list_releases": "sae_lens_multimodal.pretrained",
     "TimestepBucketedSAE": "sae_lens_multimodal.saes",
     "TimestepConditionedSAE": "sae_lens_multimodal.saes",

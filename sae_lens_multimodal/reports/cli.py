@@ -1,14 +1,14 @@
 """``sae-lens-mm dashboards``: static HTML feature dashboards for any supported model and SAE.
 
-The model is loaded by name (``HookedCLIP`` / ``HookedViT`` / ``HookedDiffusionPipeline.from_pretrained``,
-registered names such as ``shapes-clip`` included), the SAE by release (``SAE.from_pretrained``) or from
+The model is loaded by name with :func:`~sae_lens_multimodal.models.loading.load_model` (its kind detected
+from the name unless ``--model-kind`` says it; registered names such as ``shapes-clip`` included), the SAE by release (``SAE.from_pretrained``) or from
 a directory (``SAE.load_from_disk``), and :func:`~sae_lens_multimodal.reports.dashboards.write_feature_dashboards`
 writes the pages.
 
 >>> sae-lens-mm dashboards --model shapes-clip --release shapes-clip-saes --sae-id blocks.2.hook_resid_post \\
 ...     --images photos/ --out dash
 >>> sae-lens-mm dashboards --model shapes-diffusion --release shapes-diffusion-saes \\
-...     --sae-id up_blocks.0.attentions.1.hook_out --prompts prompts.txt --steps 20 --out dash-diffusion
+...     --sae-id up_blocks.0.attentions.1.hook_out --prompts prompts.txt --num-inference-steps 20 --out dash-diffusion
 """
 
 from __future__ import annotations
@@ -19,6 +19,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from sae_lens_multimodal.cli_options import (
+    add_cfg_branch_option,
+    add_model_kind_option,
+    add_model_option,
+    add_no_progress_option,
+    add_num_inference_steps_option,
+    add_sae_options,
+    add_seed_option,
+)
+from sae_lens_multimodal.models.registry import MODEL_REGISTRY, load_model_providers
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -64,13 +75,9 @@ def _positive_int(text: str) -> int:
 def add_dashboards_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``sae-lens-mm dashboards``."""
     g = parser.add_argument_group("model and SAE")
-    g.add_argument("--model", required=True,
-                   help="model name or path: anything HookedCLIP / HookedViT / HookedDiffusionPipeline.from_pretrained "
-                        "accepts (e.g. shapes-clip, shapes-diffusion, open-clip:ViT-B-32/<tag>, timm:<name>, a "
-                        "Hugging Face repo id or a local directory; a diffusers pipeline has a model_index.json)")
-    g.add_argument("--release", help="SAE release for SAE.from_pretrained (list them: sae-lens-mm releases)")
-    g.add_argument("--sae-id", help="SAE id within --release")
-    g.add_argument("--sae-path", help="directory of an SAE saved with sae.save_model (SAE.load_from_disk)")
+    add_model_option(g)
+    add_model_kind_option(g)
+    add_sae_options(g)
 
     g = parser.add_argument_group("inputs")
     g.add_argument("--images", metavar="DIR|shapes[:N]",
@@ -80,9 +87,9 @@ def add_dashboards_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prompts", metavar="FILE|shapes[:N]",
                    help="diffusion: a text file with one prompt per line, or shapes[:N] for N shapes-world captions "
                         f"(default for shapes models: shapes:{DEFAULT_SHAPES_PROMPTS})")
-    g.add_argument("--steps", type=_positive_int, default=20, help="diffusion: denoising steps (default 20)")
+    add_num_inference_steps_option(g, default=20, deprecated_steps=True, type=_positive_int)
     g.add_argument("--guidance-scale", type=float, help="diffusion: classifier-free guidance scale (default: the pipeline's)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the shapes-world images / prompts and of the initial noise")
+    add_seed_option(g, help="seed of the shapes-world images / prompts and of the initial noise")
 
     g = parser.add_argument_group("features")
     which = g.add_mutually_exclusive_group()
@@ -111,8 +118,7 @@ def add_dashboards_arguments(parser: argparse.ArgumentParser) -> None:
                    help="vision: images on which the zero-shot change is measured (default 32)")
     g.add_argument("--steer-prompts", type=int, default=4,
                    help="diffusion: prompts generated again with each feature clamped (default 4; 0: none)")
-    g.add_argument("--cfg-branch", choices=("cond", "uncond"),
-                   help="diffusion: steer only this CFG branch (default: the SAE's own branch, else both)")
+    add_cfg_branch_option(g, "diffusion: steer this CFG branch, or both (default: the SAE's own branch, else both)")
 
     g = parser.add_argument_group("output")
     g.add_argument("--out", required=True,
@@ -120,74 +126,47 @@ def add_dashboards_arguments(parser: argparse.ArgumentParser) -> None:
                         "non-empty directory is refused)")
     g.add_argument("--title", help="title of the index page")
     g.add_argument("--batch-size", type=_positive_int, default=64, help="vision: images per forward pass (default 64)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_no_progress_option(g)
 
 
 # --------------------------------------------------------------------------------------------- loading
 def _is_shapes(name: str, kind: Optional[str] = None) -> bool:
     """A registered shapes-world model (the defaults for inputs, labels and classes come from the world)."""
-    from sae_lens_multimodal.models.registry import MODEL_REGISTRY
-
+    load_model_providers(name)
     entry = MODEL_REGISTRY.get(name)
     return entry is not None and name.startswith("shapes-") and (kind is None or entry.kind == kind)
 
 
-def model_kind(name: str) -> str:
-    """``"clip"``, ``"vision"`` or ``"diffusion"``: what ``name`` loads as.
+def model_kind(name: str, kind: Optional[str] = None) -> str:
+    """``"clip"``, ``"vision"``, ``"vlm"`` or ``"diffusion"``: what ``name`` loads as (``kind`` when given,
+    i.e. ``--model-kind``). Detected by :func:`~sae_lens_multimodal.models.loading.detect_model_kind`; a name
+    that gives no clue counts as a vision model here (a CLIP when HookedCLIP can load it, decided by
+    :func:`load_dashboard_model`)."""
+    if kind is not None:
+        return kind
+    # Imported when a command runs, not when the parser is built (it loads every model class).
+    from sae_lens_multimodal.models.loading import detect_model_kind
 
-    Registered names say so themselves (``model_info(name).kind``); otherwise a name is a diffusers pipeline
-    only when its directory (local, or a hub repo in the local cache) has a ``model_index.json``, else a
-    vision model (a CLIP when HookedCLIP can load it, decided by :func:`load_dashboard_model`).
-    """
-    from sae_lens_multimodal.models.registry import MODEL_REGISTRY
-
-    entry = MODEL_REGISTRY.get(name)
-    if entry is not None and entry.kind in ("clip", "vision", "diffusion"):
-        return entry.kind
-    if entry is not None:
-        name = entry.source
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return "diffusion" if (path / "model_index.json").is_file() else "vision"
-    if name.startswith(("/", ".", "~")) or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
-        raise FileNotFoundError(f"No model directory at {name!r}. Pass a registered name (e.g. shapes-clip), a "
-                                "Hugging Face repo id, a library-prefixed name (open-clip:..., timm:...) or an "
-                                "existing directory.")
-    if "/" in name and ":" not in name:
-        from sae_lens_multimodal.models.conversions import _hub_json
-
-        if _hub_json(name, "model_index.json") is not None:
-            return "diffusion"
-    return "vision"
+    return detect_model_kind(name) or "vision"
 
 
-def load_dashboard_model(name: str, device: str = "cpu") -> tuple[Any, str]:
-    """(model, kind) for ``--model``: a HookedDiffusionPipeline (``"diffusion"``), a HookedCLIP
-    (``"clip"``: labels and zero-shot steering) or a HookedViT (``"vision"``)."""
+def load_dashboard_model(name: str, device: str = "cpu", kind: Optional[str] = None) -> tuple[Any, str]:
+    """(model, kind) for ``--model`` through :func:`~sae_lens_multimodal.models.loading.load_model`: a
+    HookedDiffusionPipeline (``"diffusion"``), a HookedCLIP (``"clip"``: labels and zero-shot steering) or a
+    HookedViT (``"vision"``)."""
     from sae_lens_multimodal.models.conversions import UnsupportedModelError
+    from sae_lens_multimodal.models.loading import load_model, model_kind_of
 
-    kind = model_kind(name)
     try:
-        if kind == "diffusion":
-            from sae_lens_multimodal.diffusion import HookedDiffusionPipeline
-
-            pipe = HookedDiffusionPipeline.from_pretrained(name)
-            pipe.to(device)
-            pipe.pipe.set_progress_bar_config(disable=True)  # the dashboards show their own progress
-            return pipe, kind
-        from sae_lens_multimodal.models.hooked_clip import HookedCLIP
-        from sae_lens_multimodal.models.hooked_vit import HookedViT
-
-        try:
-            return HookedCLIP.from_pretrained(name, device=device), "clip"
-        except UnsupportedModelError:
-            if kind == "clip":
-                raise
-        # Not a CLIP: a vision transformer on its own (top images and histograms; no labels or zero-shot).
-        return HookedViT.from_pretrained(name, device=device), "vision"
+        model = load_model(name, kind, device=device)
     except (UnsupportedModelError, OSError, RuntimeError) as err:
-        raise ValueError(f"Could not load model {name!r} as a {'diffusion pipeline' if kind == 'diffusion' else 'CLIP or ViT'}: "
-                         f"{err}") from err
+        what = {"diffusion": "diffusion pipeline", "vlm": "vision-language model", "clip": "CLIP",
+                "vision": "vision transformer"}.get(kind or model_kind(name), "CLIP or ViT")
+        raise ValueError(f"Could not load model {name!r} as a {what}: {err}") from err
+    kind = model_kind_of(model)
+    if kind == "vlm":
+        raise ValueError(f"{name!r} is a vision-language model; dashboards support CLIP / ViT and diffusion models.")
+    return model, kind
 
 
 def load_sae(release: Optional[str] = None, sae_id: Optional[str] = None, path: Optional[str] = None,
@@ -348,7 +327,7 @@ def _vision_options(args: argparse.Namespace, model: Any, kind: str, images: Ima
 def _diffusion_options(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
     from sae_lens_multimodal.reports.dashboard_data import ZeroShotProbe
 
-    opts: dict[str, Any] = dict(top_k=min(args.top_k, len(prompts)), num_inference_steps=args.steps, seed=args.seed,
+    opts: dict[str, Any] = dict(top_k=min(args.top_k, len(prompts)), num_inference_steps=args.num_inference_steps, seed=args.seed,
                                 steer_prompts=max(0, min(args.steer_prompts, len(prompts))),
                                 clamp_multiplier=5.0 if args.clamp_multiplier is None else args.clamp_multiplier,
                                 cfg_branch=args.cfg_branch, progress=not args.no_progress)
@@ -389,7 +368,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"sae-lens-mm dashboards: error: {err}", file=sys.stderr)
         return 1
     sae = load_sae(args.release, args.sae_id, args.sae_path, DEVICE)  # cheap: before the model
-    kind = model_kind(args.model)
+    kind = model_kind(args.model, args.model_kind)
     if kind == "diffusion" and args.images is not None:
         raise ValueError(f"{args.model!r} is a diffusion pipeline: give it --prompts, not --images.")
     if kind != "diffusion" and args.prompts is not None:
@@ -404,7 +383,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         spec = args.images or ("shapes" if _is_shapes(args.model) else None)
         if spec is None:
             raise ValueError("Pass --images DIR (a folder of image files) or --images shapes:N.")
-    model, kind = load_dashboard_model(args.model, DEVICE)
+    model, kind = load_dashboard_model(args.model, DEVICE, args.model_kind)
     if kind == "diffusion":
         options = _diffusion_options(args, inputs)
     else:

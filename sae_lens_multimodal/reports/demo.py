@@ -27,6 +27,12 @@ from typing import Any, Optional, Union
 
 import torch
 
+from sae_lens_multimodal.cli_options import (
+    add_deprecated_alias,
+    add_no_progress_option,
+    add_num_inference_steps_option,
+    add_seed_option,
+)
 from sae_lens_multimodal.reports.dashboard_data import FeatureDashboard, ZeroShotProbe
 from sae_lens_multimodal.reports.dashboards import _shared_vmax, _steering_html, dashboard_pages
 from sae_lens_multimodal.reports.diffusion_dashboards import diffusion_feature_dashboards
@@ -120,7 +126,7 @@ def load_bundled_sae(release: str, sae_id: str) -> Any:
         raise BundledSAEMissingError(
             f"The demo loads the bundled SAE {release!r} / {sae_id!r} by name, and it could not be loaded: "
             f"{err}\nIt ships with the package (sae_lens_multimodal/world/weights/saes/); regenerate it with "
-            "`python -m sae_lens_multimodal.world.train_saes`, or pass your own SAE to run_shapes_demo(vision_sae=..., "
+            "`python -m sae_lens_multimodal.world.training.train_saes`, or pass your own SAE to run_shapes_demo(vision_sae=..., "
             "diffusion_sae=...)."
         ) from err
     return sae[0] if isinstance(sae, tuple) else sae  # SAELens < 6 returned (sae, cfg, sparsity)
@@ -432,19 +438,25 @@ def add_demo_arguments(parser: Any) -> None:
     parser.add_argument("--out", default="shapes-demo-report",
                         help="report directory (created, or replaced if it holds an earlier report)")
     parser.add_argument("--quick", action="store_true", help="a small configuration that runs in seconds")
-    parser.add_argument("--images", type=int, help="world images whose activations are cached")
-    parser.add_argument("--features", type=int, help="vision features to label, steer and show")
-    parser.add_argument("--prompts", type=int, help="prompts to generate")
+    # Counts are --n-* / --top-features (as in the other subcommands, where --images / --prompts / --features
+    # name inputs and ids); the old count spellings still work, with a deprecation message.
+    n_images = parser.add_argument("--n-images", type=int, help="world images whose activations are cached")
+    add_deprecated_alias(parser, "--images", n_images)
+    top = parser.add_argument("--top-features", type=int, help="vision features to label, steer and show")
+    add_deprecated_alias(parser, "--features", top)
+    n_prompts = parser.add_argument("--n-prompts", type=int, help="prompts to generate")
+    add_deprecated_alias(parser, "--prompts", n_prompts)
     parser.add_argument("--diffusion-features", type=int, help="diffusion features to trace and steer")
-    parser.add_argument("--steps", type=int, help="denoising steps")
-    parser.add_argument("--seed", type=int, help="seed of the world images and the initial noise")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_num_inference_steps_option(parser, default=None, deprecated_steps=True)
+    add_seed_option(parser, default=None, help="seed of the world images and the initial noise")
+    add_no_progress_option(parser)
 
 
 def config_from_args(args: Any) -> DemoConfig:
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
-    for arg, name in (("images", "n_images"), ("features", "n_vision_features"), ("prompts", "n_prompts"),
-                      ("diffusion_features", "n_diffusion_features"), ("steps", "num_inference_steps"), ("seed", "seed")):
+    for arg, name in (("n_images", "n_images"), ("top_features", "n_vision_features"), ("n_prompts", "n_prompts"),
+                      ("diffusion_features", "n_diffusion_features"), ("num_inference_steps", "num_inference_steps"),
+                      ("seed", "seed")):
         value = getattr(args, arg, None)
         if value is not None:
             if value < 1 and arg != "seed":

@@ -1,4 +1,5 @@
-"""``sae-lens-mm steerability``: steerability of a vision SAE's features on a HookedCLIP."""
+"""``sae-lens-mm steerability``: steerability of a vision SAE's features on a CLIP (a HookedCLIP, loaded by
+:func:`~sae_lens_multimodal.models.loading.load_model`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,14 @@ import json
 import sys
 from pathlib import Path
 
+from sae_lens_multimodal.cli_options import (
+    add_model_kind_option,
+    add_model_option,
+    add_no_progress_option,
+    add_sae_options,
+    add_seed_option,
+)
+
 __all__ = ["add_steerability_command", "run_steerability"]
 
 
@@ -14,11 +23,14 @@ def run_steerability(args: argparse.Namespace) -> int:
     import torch
     from sae_lens import SAE
 
-    from sae_lens_multimodal.models.hooked_clip import HookedCLIP
+    from sae_lens_multimodal.models.loading import load_model, model_kind_of
     from sae_lens_multimodal.steering.steerability import steerability
 
     torch.manual_seed(args.seed)
-    model = HookedCLIP.from_pretrained(args.model)
+    model = load_model(args.model, args.model_kind)
+    if model_kind_of(model) != "clip":  # steerability reads the change of text-space probabilities
+        raise ValueError(f"Steerability needs a CLIP (a text tower to read); {args.model!r} loads as a "
+                         f"{model_kind_of(model)} model.")
     sae = SAE.from_pretrained(args.release, args.sae_id, device="cpu") if args.release else SAE.load_from_disk(args.sae_path)
     if isinstance(sae, tuple):  # older SAELens returned (sae, cfg, sparsity)
         sae = sae[0]
@@ -68,10 +80,10 @@ def add_steerability_command(subparsers: "argparse._SubParsersAction[argparse.Ar
                     "vocabulary, compare with random-feature and random-direction baselines, and report the "
                     "fraction of steerable features (docs/steering.md).",
     )
-    parser.add_argument("--model", required=True, help="HookedCLIP name, e.g. shapes-clip or open-clip:ViT-B-32/...")
-    parser.add_argument("--release", help="SAELens release of the SAE (with --sae-id)")
-    parser.add_argument("--sae-id", help="SAE id within the release, e.g. blocks.2.hook_resid_post")
-    parser.add_argument("--sae-path", help="directory of an SAE saved with SAELens (instead of --release)")
+    add_model_option(parser, help="a CLIP: registered name (shapes-clip), open-clip:ViT-B-32/<tag>, a Hugging Face "
+                                  "repo id or local directory of a CLIP / SigLIP")
+    add_model_kind_option(parser)
+    add_sae_options(parser)
     parser.add_argument("--images", help="folder of reference images, or 'shapes' (default for shapes-clip)")
     parser.add_argument("--n-images", type=int, default=24, help="reference images (default 24)")
     parser.add_argument("--vocabulary", help="vocabulary file (one word per line); default: the package's")
@@ -81,11 +93,11 @@ def add_steerability_command(subparsers: "argparse._SubParsersAction[argparse.Ar
     parser.add_argument("--positions", default="all", choices=["all", "patches", "cls"], help="tokens the feature is clamped at (default all)")
     parser.add_argument("--quantile", type=float, default=0.95, help="baseline quantile for the threshold")
     parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default 512)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shapes images and the baselines (default 0)")
+    add_seed_option(parser, help="seed of the shapes images and the baselines")
     parser.add_argument("--rows", type=int, default=30, help="table rows to print")
     parser.add_argument("--plot", help="write the PNG figure here")
     parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_no_progress_option(parser)
 
     def handler(args: argparse.Namespace) -> int:
         if bool(args.release) == bool(args.sae_path) or (args.release and not args.sae_id):

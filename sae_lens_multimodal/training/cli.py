@@ -10,6 +10,17 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from sae_lens_multimodal.cli_options import (
+    add_cfg_branch_option,
+    add_model_kind_option,
+    add_model_option,
+    add_no_progress_option,
+    add_num_inference_steps_option,
+    add_sae_options,
+    add_seed_option,
+)
+from sae_lens_multimodal.core.sae_metadata import INPUT_KINDS, TOKEN_POLICIES
+
 __all__ = ["add_cache_command", "add_evaluate_command", "add_train_command"]
 
 SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -62,10 +73,10 @@ def _handler(parser: argparse.ArgumentParser, run: Any) -> Any:
                 if a.dest in config:
                     if isinstance(a, argparse._AppendAction) and not isinstance(value, list):
                         value = [value]
+                    if a.type is not None and value is not None and not isinstance(value, list):
+                        value = a.type(value)  # before the choices check, as argparse does
                     if a.choices is not None and value is not None and value not in a.choices:
                         raise ValueError(f"{a.dest.replace('_', '-')}: {value!r} is not one of {list(a.choices)}")
-                    if a.type is not None and value is not None and not isinstance(value, list):
-                        value = a.type(value)
             setattr(args, a.dest, value)
             if getattr(a, "_required_option", False) and value is None:
                 raise ValueError(f"--{a.dest.replace('_', '-')} is required (on the command line or in --config).")
@@ -80,24 +91,13 @@ def _required(action: argparse.Action) -> argparse.Action:
 
 
 # ---------------------------------------------------------------------- loading
-def load_model(kind: str, name: str, device: Optional[str]) -> Any:
-    """HookedViT / HookedCLIP / HookedDiffusionPipeline from a name or local directory."""
-    if kind == "vit":
-        from sae_lens_multimodal.models.hooked_vit import HookedViT
+def load_cli_model(args: argparse.Namespace, device: Optional[str]) -> tuple[Any, str]:
+    """(model, kind) for ``--model`` / ``--model-kind`` (None: detected), through the package's one loader."""
+    # Imported when a command runs, not when the parser is built (it loads every model class).
+    from sae_lens_multimodal.models.loading import load_model, model_kind_of
 
-        return HookedViT.from_pretrained(name, device=device)
-    if kind == "clip":
-        from sae_lens_multimodal.models.hooked_clip import HookedCLIP
-
-        return HookedCLIP.from_pretrained(name, device=device)
-    if kind == "diffusion":
-        from sae_lens_multimodal.diffusion import HookedDiffusionPipeline
-
-        pipe = HookedDiffusionPipeline.from_pretrained(name)
-        if hasattr(pipe.pipe, "set_progress_bar_config"):
-            pipe.pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device) if device else pipe
-    raise ValueError(f"Unknown --model-kind {kind!r}; use vit, clip or diffusion.")
+    model = load_model(args.model, args.model_kind, device=device)
+    return model, model_kind_of(model)
 
 
 def load_images(args: argparse.Namespace) -> Any:
@@ -151,13 +151,10 @@ def _floats(text: Optional[str]) -> Optional[list[float]]:
 
 # ---------------------------------------------------------------------- shared options
 def _model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    a = p.add_argument("--model", help="model name or local directory (HookedViT / HookedCLIP / diffusers pipeline "
-                                       "from_pretrained; e.g. 'open-clip:ViT-B-32/laion2b_s34b_b79k')")
+    a = add_model_option(p, required=False)
     if required:
         _required(a)
-    p.add_argument("--model-kind", choices=("vit", "clip", "diffusion"), default="vit",
-                   help="what --model is: an image ViT, a CLIP model (its vision tower is read), or a diffusion pipeline "
-                        "(default: vit)")
+    add_model_kind_option(p, help_suffix="; images are read by a CLIP's or VLM's vision tower")
     p.add_argument("--device", default=None, help="torch device for the model and training (default: cpu)")
 
 
@@ -169,7 +166,7 @@ def _image_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-column", help="dataset column holding the images (default: the Image-typed column)")
     g.add_argument("--streaming", action="store_true", help="stream the dataset instead of loading it")
     g.add_argument("--max-images", type=int, help="use at most this many images")
-    g.add_argument("--token-policy", choices=("all", "cls", "patches"), default="all",
+    g.add_argument("--token-policy", choices=TOKEN_POLICIES, default="all",
                    help="which tokens become rows: all, the CLS token only, or patch tokens only (default: all)")
 
 
@@ -178,7 +175,7 @@ def _diffusion_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     g.add_argument("--prompts", metavar="FILE", help="text file with one prompt per line")
     g.add_argument("--seed-offset", type=int, default=0, help="prompt i is generated with seed SEED_OFFSET + i (default: 0)")
-    g.add_argument("--num-inference-steps", type=int, default=20, help="sampling steps (default: 20)")
+    add_num_inference_steps_option(g, default=20)
     g.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     g.add_argument("--height", type=int, help="image height in pixels (default: the pipeline's)")
     g.add_argument("--width", type=int, help="image width in pixels (default: the pipeline's)")
@@ -190,14 +187,14 @@ def _diffusion_options(p: argparse.ArgumentParser) -> None:
 def run_cache(args: argparse.Namespace) -> int:
     from sae_lens_multimodal.training.caching import cache_activations
 
-    model = load_model(args.model_kind, args.model, args.device)
+    model, kind = load_cli_model(args, args.device)
     hooks = args.hook if isinstance(args.hook, list) else [args.hook]
-    if args.model_kind == "diffusion":
+    if kind == "diffusion":
         from sae_lens_multimodal.training.diffusion_store import DiffusionActivationStore
 
         store: Any = DiffusionActivationStore(
             model, hooks, load_prompts(args), seed_offset=args.seed_offset, timesteps=_floats(args.timesteps),
-            cfg_branch=args.cfg_branch, tokens_per_sample=args.tokens_per_sample, batch_size=args.batch_size,
+            cfg_branch=None if args.cfg_branch == "both" else args.cfg_branch, tokens_per_sample=args.tokens_per_sample, batch_size=args.batch_size,
             pipeline_kwargs=_pipeline_kwargs(args), dtype=args.dtype, progress=not args.no_progress,
             model_name=args.model,
         )
@@ -233,12 +230,12 @@ def add_cache_command(subparsers: SubParsers) -> None:
     p.add_argument("--items-per-shard", type=int,
                    help="images / trajectories per shard (default: shards of about --shard-size-mb)")
     p.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size in MiB (default: 256)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_progress_option(p)
     _image_options(p)
     _diffusion_options(p)
     g = p._action_groups[-1]
     g.add_argument("--timesteps", help="comma-separated scheduler timesteps to record (default: all)")
-    g.add_argument("--cfg-branch", choices=("cond", "uncond"), help="record one CFG branch only (default: both)")
+    add_cfg_branch_option(g, "record one CFG branch only, or both (default: both)")
     g.add_argument("--tokens-per-sample", type=int,
                    help="keep this many random spatial positions per sample and timestep (default: all)")
     p.set_defaults(handler=_handler(p, run_cache))
@@ -300,13 +297,13 @@ def run_train(args: argparse.Namespace) -> int:
     from sae_lens_multimodal.training.train import train_sae
 
     reader = ActivationCacheReader(args.cache)
-    model = load_model(args.model_kind, args.model, None) if args.model else None
+    model, kind = load_cli_model(args, None) if args.model else (None, None)
     identity = None
     if model is not None:
         from sae_lens_multimodal.training.cache import model_identity
         from sae_lens_multimodal.training.image_store import vision_tower
 
-        target = model.denoiser if args.model_kind == "diffusion" else vision_tower(model)
+        target = model.denoiser if kind == "diffusion" else vision_tower(model)
         identity = model_identity(target)
     reader.check(model=identity, hook_name=args.hook)
     sae = build_training_sae(args, reader)
@@ -333,9 +330,9 @@ def add_train_command(subparsers: SubParsers) -> None:
     _add_config(p)
     _required(p.add_argument("--cache", help="cache directory of one hook (OUT/<hook> of `sae-lens-mm cache`)"))
     _required(p.add_argument("--out", help="directory to save the trained SAE in"))
-    p.add_argument("--model", help="optional: model name/directory; the cache is refused if another model made it")
-    p.add_argument("--model-kind", choices=("vit", "clip", "diffusion"), default="vit",
-                   help="what --model is (default: vit)")
+    add_model_option(p, required=False,
+                     help="optional: model name/directory; the cache is refused if another model made it")
+    add_model_kind_option(p)
     p.add_argument("--hook", help="optional: the hook the cache must hold (refused otherwise)")
     p.add_argument("--device", default=None, help="training device (default: cpu)")
     g = p.add_argument_group("SAE")
@@ -360,10 +357,11 @@ def add_train_command(subparsers: SubParsers) -> None:
     t.add_argument("--num-train-timesteps", type=int, help="scheduler num_train_timesteps (default: from the cache)")
     t.add_argument("--out-of-range", choices=("error", "passthrough"), default="error",
                    help="what a spliced SAE does at a timestep outside every range (default: error)")
-    t.add_argument("--cfg-branch", choices=("cond", "uncond", "both"),
-                   help="CFG branch the SAE applies to (recorded in metadata; rows of the other branch pass through)")
-    t.add_argument("--input-kind", choices=("block_output", "residual_update"),
-                   help="whether the hook carries a block output or a residual update (recorded in metadata)")
+    add_cfg_branch_option(t, "CFG branch the SAE applies to (recorded in metadata; rows of the other branch pass "
+                             "through)")
+    t.add_argument("--input-kind", choices=INPUT_KINDS,
+                   help="which activation the hook carries, e.g. block_output or residual_update (recorded in "
+                        "metadata; see core/sae_metadata.INPUT_KINDS)")
     t.add_argument("--normalize-per-bucket", action="store_true",
                    help="scale each bucket's inputs to norm sqrt(d_in) on average (factors saved in the config)")
     o = p.add_argument_group("optimisation (SAELens SAETrainerConfig)")
@@ -376,7 +374,7 @@ def add_train_command(subparsers: SubParsers) -> None:
     o.add_argument("--lr-decay-steps", type=int, default=0, help="learning-rate decay steps (default: 0)")
     o.add_argument("--dead-feature-window", type=int, default=1000,
                    help="steps without firing after which a latent counts as dead (default: 1000)")
-    o.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    add_seed_option(o)
     o.add_argument("--checkpoint-path", help="directory for SAETrainer checkpoints")
     o.add_argument("--n-checkpoints", type=int, default=0, help="intermediate checkpoints to save (default: 0)")
     p.set_defaults(handler=_handler(p, run_train))
@@ -394,17 +392,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
         image_embedding_cosine,
     )
 
-    if not args.sae and not args.release:
-        raise ValueError("Give the SAE: --sae <directory> or --release NAME --sae-id ID.")
-    sae = SAE.from_pretrained(args.release, args.sae_id) if args.release else SAE.load_from_disk(args.sae)
+    if not args.sae_path and not args.release:
+        raise ValueError("Give the SAE: --sae-path <directory> or --release NAME --sae-id ID.")
+    sae = SAE.from_pretrained(args.release, args.sae_id) if args.release else SAE.load_from_disk(args.sae_path)
     results: dict[str, Any] = {}
     if args.cache:
         reader = ActivationCacheReader(args.cache).check(hook_name=sae.cfg.metadata.hook_name, d_in=sae.cfg.d_in)
         results["reconstruction"] = evaluate_sae(sae, reader, n_rows=args.n_rows, batch_size=args.batch_size,
                                                  dense_threshold=args.dense_threshold)
     if args.model:
-        model = load_model(args.model_kind, args.model, args.device)
-        if args.model_kind == "diffusion":
+        model, kind = load_cli_model(args, args.device)
+        if kind == "diffusion":
             calls = [{"prompt": p, **_pipeline_kwargs(args)} for p in load_prompts(args)]
             results["diffusion"] = diffusion_downstream(model, sae, calls,
                                                         seeds=[args.seed_offset + i for i in range(len(calls))])
@@ -414,8 +412,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 results[label] = image_embedding_cosine(model, sae, images, batch_size=args.batch_size,
                                                         use_error_term=error_term)
             if args.class_names:
-                if args.model_kind != "clip":
-                    raise ValueError("Zero-shot evaluation needs --model-kind clip.")
+                if kind != "clip":
+                    raise ValueError(f"Zero-shot evaluation needs a CLIP; {args.model!r} loads as a {kind} model.")
                 labels = [int(v) for v in Path(args.labels).read_text().split()]
                 classes = [c.strip() for c in Path(args.class_names).read_text().splitlines() if c.strip()]
                 results["zero_shot"] = clip_zero_shot(model, sae, images, labels, classes, batch_size=args.batch_size)
@@ -448,9 +446,7 @@ def add_evaluate_command(subparsers: SubParsers) -> None:
                     "(diffusion).",
     )
     _add_config(p)
-    p.add_argument("--sae", help="directory of an SAE saved by SAELens (save_model / save_inference_model)")
-    p.add_argument("--release", help="or: SAE.from_pretrained release name")
-    p.add_argument("--sae-id", help="SAE id within --release")
+    add_sae_options(p, deprecated_sae=True)
     p.add_argument("--cache", help="cache directory of the SAE's hook, for reconstruction/sparsity metrics")
     p.add_argument("--n-rows", type=int, default=100_000, help="rows of the cache to evaluate on (default: 100000)")
     p.add_argument("--batch-size", type=int, default=1024, help="rows (or images) per evaluation batch (default: 1024)")

@@ -83,7 +83,7 @@ def test_cache_train_evaluate_with_flags_and_yaml(vit_dir, image_dir, tmp_path, 
     assert sae.cfg.d_sae == 64 and sae.cfg.k == 4 and sae.cfg.metadata.hook_name == hook
 
     out = tmp_path / "eval.json"
-    assert main(["evaluate", "--sae", str(tmp_path / "sae"), "--cache", str(tmp_path / "cache" / hook), "--model",
+    assert main(["evaluate", "--sae-path", str(tmp_path / "sae"), "--cache", str(tmp_path / "cache" / hook), "--model",
                  str(vit_dir), "--images", str(image_dir), "--batch-size", "6", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert 0 < res["reconstruction"]["overall"]["explained_variance"] <= 1
@@ -106,6 +106,22 @@ def test_cli_errors_are_clear(vit_dir, image_dir, tmp_path, capsys):
     bad.write_text("learning_rate: 1\n")
     assert main(["train", "--config", str(bad)]) == 1
     assert "Unknown option 'learning_rate'" in capsys.readouterr().err
+
+
+def test_old_option_spellings_still_work_end_to_end(vit_dir, image_dir, tmp_path, capsys):
+    """``--model-kind vit`` and ``evaluate --sae DIR`` run as before, with a deprecation message on stderr."""
+    hook = "blocks.1.hook_resid_post"
+    assert main(["cache", "--model", str(vit_dir), "--model-kind", "vit", "--hook", hook, "--images", str(image_dir),
+                 "--out", str(tmp_path / "c"), "--no-progress", "--max-images", "4"]) == 0
+    assert "--model-kind vit is deprecated; use --model-kind vision" in capsys.readouterr().err
+    assert main(["train", "--cache", str(tmp_path / "c" / hook), "--out", str(tmp_path / "sae"), "--k", "2",
+                 "--d-sae", "16", "--total-training-samples", "200", "--batch-size", "32"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--sae", str(tmp_path / "sae"), "--cache", str(tmp_path / "c" / hook),
+                 "--json", str(out)]) == 0
+    assert "--sae is deprecated; use --sae-path" in capsys.readouterr().err
+    assert json.loads(out.read_text())["reconstruction"]["overall"]["n_rows"] > 0
 
 
 # ---------------------------------------------------------------------- diffusion through the CLI
@@ -161,7 +177,7 @@ def test_diffusion_cache_train_bucketed_and_evaluate(sd_dir, tmp_path):
     assert sae.cfg.architecture() == "timestep_bucketed" and len(sae.cfg.timestep_ranges) == 3  # DDIM 3 steps
     assert sae.cfg.metadata.input_kind == "block_output" and sae.cfg.metadata.hook_name == hook
     out = tmp_path / "eval.json"
-    assert main(["evaluate", "--sae", str(tmp_path / "sae"), "--cache", str(cache), *common[:4], "--prompt",
+    assert main(["evaluate", "--sae-path", str(tmp_path / "sae"), "--cache", str(cache), *common[:4], "--prompt",
                  "a red cube", *common[8:], "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert len(res["reconstruction"]["buckets"]) == 3

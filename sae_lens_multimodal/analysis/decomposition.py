@@ -142,7 +142,7 @@ def decompose_image_embedding(model: Any, images: Any, per_position: bool = True
     every contribution is then projected through the frozen-scale direct path. ``per_position=False``
     sums heads over source positions early (less memory for large batches).
     """
-    vision = model.vision if hasattr(model, "vision") else model
+    vision = model.part("vision")  # a HookedViT is its own vision part; a HookedCLIP has one
     _check_supported(vision)
     cfg = vision.cfg
     start = "ln_pre.hook_normalized" if cfg.has_ln_pre else "hook_full_embed"

@@ -39,6 +39,7 @@ from sae_lens_multimodal.analysis.decomposition import direct_path_matrix, read_
 from sae_lens_multimodal.analysis.vocabulary import Vocabulary, VocabularyLike, load_vocabulary
 from sae_lens_multimodal.analysis.zero_shot import class_text_embeddings
 from sae_lens_multimodal.core.positions import token_mask
+from sae_lens_multimodal.core.hooked_root import has_parts
 
 __all__ = [
     "LABEL_TEMPLATES",
@@ -199,14 +200,11 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _resolve_hook(model: Any, hook_name: str) -> str:
-    if hook_name.startswith("text."):
-        raise ValueError(f"{hook_name!r} is a text-tower hook; these labels are for vision features.")
-    name = hook_name[len("vision."):] if hook_name.startswith("vision.") else hook_name
-    vision = model.vision
-    if name not in vision.hook_dict:
-        from sae_lens_multimodal.core.hooked_root import unknown_hook_error
-
-        raise unknown_hook_error(name, vision.hook_dict.keys(), what="vision hook")
+    spec = model.locate(hook_name)  # bare names are vision-tower names
+    if spec.part != "vision":
+        raise ValueError(f"{hook_name!r} is a {spec.part}-tower hook; these labels are for vision features.")
+    name = spec.local_name
+    vision = model.part("vision")
     start = "ln_pre.hook_normalized" if vision.cfg.has_ln_pre else "hook_full_embed"
     if not (_RESID.match(name) or _MLP_POST.match(name) or name == start):
         raise ValueError(
@@ -306,9 +304,9 @@ def label_features(
         raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}.")
     if intervention not in ("add", "clamp", "ablate"):
         raise ValueError(f"intervention must be 'add', 'clamp' or 'ablate', got {intervention!r}.")
-    if not hasattr(model, "vision") or not hasattr(model, "text"):
+    if not has_parts(model, "vision", "text"):
         raise TypeError("label_features needs a HookedCLIP (both towers: the vocabulary is embedded by its text tower).")
-    vision = model.vision
+    vision = model.part("vision")
     vocab = load_vocabulary(vocabulary)
     sae = None
     if isinstance(features, torch.Tensor):
@@ -362,7 +360,7 @@ def label_features(
     w_read = read_weights(vision, scale, n_tokens)  # [N, T]
     x_hat = _normalised_ln_input(vision, torch.cat(finals), scale)  # [N, T, d_model]
 
-    pos_mask = token_mask(positions, n_tokens, cfg, where=repr(hook), device=device).to(dtype)
+    pos_mask = token_mask(positions, n_tokens, vision.hook_spec(hook), where=repr(hook), device=device).to(dtype)
 
     feat_acts = None
     if sae is not None and (intervention != "add" or strength is None):

@@ -104,7 +104,7 @@ def clip_logit_lens(
     with ``logits_from_embeddings`` and ``class_names``). ``position``: ``"pooled"`` (the model's own
     pooling head on every layer, default), ``"cls"`` (token 0) or a token index.
     """
-    vision = model.vision if hasattr(model, "vision") else model
+    vision = model.part("vision")  # a HookedViT is its own vision part; a HookedCLIP has one
     labels, names = residual_names(vision)
     if position == "pooled":
         pos: Optional[int] = None

@@ -34,6 +34,7 @@ from transformer_lens import patching
 
 from sae_lens_multimodal.analysis.patching import image_patching_index, patching_shape, tokens_per_image
 from sae_lens_multimodal.analysis.plotting import PathLike, blank_figure, heatmap, save_figure, to_numpy
+from sae_lens_multimodal.core.hooked_root import has_parts
 
 __all__ = [
     "PATCHABLE_ACTIVATIONS",
@@ -57,11 +58,8 @@ ClassSpec = Union[int, str, Sequence[Union[int, str]], torch.Tensor]
 
 
 def _vision_tower(model: Any) -> Any:
-    tower = getattr(model, "vision", None)
-    if tower is not None and hasattr(tower, "cfg") and hasattr(tower.cfg, "patch_size"):
-        return tower
-    if hasattr(model, "cfg") and hasattr(model.cfg, "patch_size"):
-        return model
+    if has_parts(model, "vision"):
+        return model.part("vision")
     raise TypeError(
         f"Expected a HookedCLIP (patched through its .vision tower) or a HookedViT whose output is the image "
         f"embedding; got {type(model).__name__}."
@@ -119,10 +117,8 @@ def _logit_diff(classifier: Any, embeds: torch.Tensor, clean_idx: torch.Tensor, 
 def token_names(model: Any) -> list[str]:
     """Names of the vision tower's token positions: prefix tokens ("CLS", "prefix 1", ...) then
     "patch (row, col)"."""
-    vision = _vision_tower(model)
-    cfg = vision.cfg
-    n_prefix = int(cfg.n_prefix_tokens)
-    gh, gw = (cfg.image_size[0] // cfg.patch_size[0], cfg.image_size[1] // cfg.patch_size[1])
+    spec = _vision_tower(model).hook_spec("hook_full_embed")  # prefix tokens and patch grid, from the contract
+    n_prefix, (gh, gw) = spec.n_prefix_tokens, spec.grid
     prefix = ["CLS" if i == 0 else f"prefix {i}" for i in range(n_prefix)]
     return prefix + [f"patch ({r}, {c})" for r in range(gh) for c in range(gw)]
 

@@ -427,7 +427,7 @@ def steer_vision_feature(
     The baseline adds, at the same hook and positions, random directions (seeded) with the clamp's
     per-token norm. ``answer_tokens``: the token(s) whose logit at the last position is the answer.
     """
-    location = model.sae_hook_location(sae)
+    location = model.locate(sae).name
     if not location.startswith("vision."):
         raise ValueError(f"steer_vision_feature steers the vision tower; this SAE splices at {location!r}.")
     if not 0 <= feature < sae.cfg.d_sae:

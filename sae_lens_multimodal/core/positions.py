@@ -11,6 +11,8 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from sae_lens_multimodal.core.contract import HookSpec
+
 __all__ = ["Positions", "token_mask"]
 
 #: "all" | "cls" | "patches" | token indices | a boolean mask (1-D over positions, or 2-D spatial).
@@ -35,10 +37,20 @@ def _resample(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return m[0, 0] >= 0.5
 
 
+def _image_tokens(vision: Any) -> Optional[tuple[int, Optional[tuple[int, int]], bool]]:
+    """(prefix tokens, patch grid, has a CLS token) of a hook over a vision tower's tokens, from its HookSpec
+    (or from the tower's HookedViTConfig, where the spec's facts come from); None for other hooks."""
+    if vision is None:
+        return None
+    if isinstance(vision, HookSpec):
+        return (vision.n_prefix_tokens, vision.grid, vision.has_cls_token) if vision.has_image_tokens else None
+    return vision.n_prefix_tokens, vision.grid_size, vision.has_cls_token
+
+
 def token_mask(
     positions: Positions,
     n_tokens: int,
-    vit_cfg: Any = None,
+    spec: Union[HookSpec, Any, None] = None,
     *,
     where: str = "this hook",
     device: Optional[torch.device] = None,
@@ -46,13 +58,15 @@ def token_mask(
     """Boolean mask over the ``n_tokens`` token positions of a hook, the one reading of ``positions`` the
     package uses (steering, labels, steerability).
 
-    ``positions``: ``"all"``; ``"cls"`` / ``"patches"`` (a vision-transformer hook: pass its ``vit_cfg``, a
-    :class:`~sae_lens_multimodal.models.config.HookedViTConfig`); token indices; a 1-D boolean mask over the
-    positions; or a 2-D spatial mask over the patch grid (any size: resampled, a cell is selected when at least
-    half of it is masked; prefix tokens such as CLS and registers are left out).
+    ``positions``: ``"all"``; ``"cls"`` / ``"patches"`` (a hook over a vision tower's tokens: pass its ``spec``,
+    the :class:`~sae_lens_multimodal.core.contract.HookSpec` with its prefix tokens and patch grid, or the
+    tower's :class:`~sae_lens_multimodal.models.config.HookedViTConfig`); token indices; a 1-D boolean mask
+    over the positions; or a 2-D spatial mask over the patch grid (any size: resampled, a cell is selected
+    when at least half of it is masked; prefix tokens such as CLS and registers are left out).
     """
     mask = torch.zeros(n_tokens, dtype=torch.bool, device=device)
-    prefix = vit_cfg.n_prefix_tokens if vit_cfg is not None else 0
+    image_tokens = _image_tokens(spec)
+    prefix, native_grid, has_cls = image_tokens if image_tokens is not None else (0, None, False)
     if isinstance(positions, str):
         if positions == "all":
             mask[:] = True
@@ -61,13 +75,13 @@ def token_mask(
             raise ValueError(
                 f"positions must be 'all', 'cls', 'patches', token indices or a boolean mask; got {positions!r}."
             )
-        if vit_cfg is None:
+        if image_tokens is None:
             raise ValueError(
                 f"positions={positions!r} needs a vision-transformer hook; {where} is not in a ViT. Use "
                 "'all', token indices or a mask."
             )
         if positions == "cls":
-            if not vit_cfg.has_cls_token:
+            if not has_cls:
                 raise ValueError("positions='cls': this vision transformer has no CLS token.")
             mask[0] = True
         else:
@@ -75,7 +89,7 @@ def token_mask(
         return mask
     if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
         if positions.ndim == 2:
-            grid = _grid_of(n_tokens - prefix, vit_cfg.grid_size if vit_cfg is not None else None)
+            grid = _grid_of(n_tokens - prefix, native_grid)
             if grid is None:
                 raise ValueError(
                     f"A spatial mask needs a square grid of positions; {where} has {n_tokens - prefix} "

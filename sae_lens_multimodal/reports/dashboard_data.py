@@ -11,6 +11,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from sae_lens_multimodal.core.contract import HookSpec
+from sae_lens_multimodal.core.hooked_root import has_parts
 from sae_lens_multimodal.analysis.temporal import commit_index
 from sae_lens_multimodal.analysis.zero_shot import ZeroShotClassifier
 from sae_lens_multimodal.reports.html import to_uint8_image
@@ -237,22 +239,18 @@ def _preprocess_uint8(tower: Any, images: Sequence[np.ndarray]) -> torch.Tensor:
 
 
 def _vision_tower(model: Any) -> tuple[Any, Any]:
-    """(vision tower, CLIP model or None)."""
-    if hasattr(model, "vision") and hasattr(model, "text"):
-        return model.vision, model
-    return model, None
+    """(vision tower, CLIP model or None: the model when it also has a text tower)."""
+    if not has_parts(model, "vision"):
+        raise TypeError(f"Vision dashboards need a HookedCLIP or HookedViT; got {type(model).__name__}.")
+    return model.part("vision"), (model if has_parts(model, "vision", "text") else None)
 
 
-def _patch_grid(tower: Any, n_tokens: int) -> Optional[tuple[int, int, int]]:
-    """(first patch token, grid_h, grid_w) when the tokens are prefix tokens + a patch grid."""
-    cfg = getattr(tower, "cfg", None)
-    if cfg is None:
+def _patch_grid(spec: HookSpec, n_tokens: int) -> Optional[tuple[int, int, int]]:
+    """(first patch token, grid_h, grid_w) when the hook's tokens are its prefix tokens + its patch grid
+    (images at the model's native size), from the hook's spec."""
+    if spec.grid is None or n_tokens != spec.n_tokens:
         return None
-    size = cfg.image_size if isinstance(cfg.image_size, tuple) else (cfg.image_size, cfg.image_size)
-    patch = cfg.patch_size if isinstance(cfg.patch_size, tuple) else (cfg.patch_size, cfg.patch_size)
-    gh, gw = size[0] // patch[0], size[1] // patch[1]
-    prefix = n_tokens - gh * gw
-    return (prefix, gh, gw) if 0 <= prefix <= 8 else None
+    return (spec.n_prefix_tokens, *spec.grid)
 
 
 class ZeroShotProbe:

@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from sae_lens_multimodal.core.hooked_root import has_parts
 from sae_lens_multimodal.reports.dashboard_data import FeatureDashboard, SteeringEffect, TopExample
 from sae_lens_multimodal.reports.diffusion_dashboards import diffusion_feature_dashboards
 from sae_lens_multimodal.reports.html import (
@@ -230,7 +231,7 @@ def write_feature_dashboards(model: Any, sae: Any, inputs: Any, out_dir: Union[s
 
     if isinstance(model, HookedDiffusionPipeline):
         dashboards = diffusion_feature_dashboards(model, sae, inputs, **options)
-    elif hasattr(model, "hook_dict") and (hasattr(model, "vision") or hasattr(model, "embed")):
+    elif has_parts(model, "vision"):
         dashboards = vision_feature_dashboards(model, sae, inputs, **options)
     else:
         raise TypeError(

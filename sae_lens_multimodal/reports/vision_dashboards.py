@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import torch
 
+from sae_lens_multimodal.core.hooked_root import unknown_hook_error
 from sae_lens_multimodal.analysis.labels import label_features
 from sae_lens_multimodal.reports.dashboard_data import (
     FeatureDashboard,
@@ -63,14 +64,16 @@ def vision_feature_dashboards(
     token). ``activations``: the hook's activations [N, tokens, d_in] if already cached (else cached here).
     """
     tower, clip = _vision_tower(model)
-    hook = sae.cfg.metadata.hook_name
-    if hook is None:
+    given = sae.cfg.metadata.hook_name
+    if given is None:
         raise ValueError("The SAE has no cfg.metadata.hook_name; set it to the vision hook it reads.")
-    hook = hook[len("vision."):] if hook.startswith("vision.") else hook
-    if hook not in tower.hook_dict:
-        from sae_lens_multimodal.core.hooked_root import unknown_hook_error
-
-        raise unknown_hook_error(hook, tower.hook_dict.keys(), what="vision hook of this SAE")
+    try:
+        spec = model.locate(given, part="vision")  # bare or vision.-prefixed
+    except KeyError:
+        spec = None
+    if spec is None or spec.part != "vision":
+        raise unknown_hook_error(given, tower.hook_specs().keys(), what="vision hook of this SAE")
+    hook = spec.local_name
     x, display = _model_inputs(tower, images)
     n = len(display)
     if n == 0:
@@ -111,7 +114,7 @@ def vision_feature_dashboards(
     else:
         ids = _check_ids(feature_ids, d_sae)
     feats = torch.cat([encode(slice(i, i + batch_size), ids).float().cpu() for i in range(0, n, batch_size)])  # [N, T, F]
-    grid = _patch_grid(tower, n_tokens)
+    grid = _patch_grid(spec, n_tokens)
 
     # ---- labels (HookedCLIP only)
     labels = None

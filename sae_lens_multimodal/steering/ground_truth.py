@@ -163,7 +163,7 @@ class LabelAccuracy:
 
 
 def _hook(model: Any, sae: Any) -> str:
-    location = model.sae_hook_location(sae)
+    location = model.locate(sae).name
     if not location.startswith("vision."):
         raise ValueError(f"Ground-truth checks need an SAE on the vision tower; this one is at {location!r}.")
     return location[len("vision."):]

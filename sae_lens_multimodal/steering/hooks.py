@@ -11,14 +11,8 @@ import torch
 from sae_lens_multimodal.core.denoising import cfg_row_labels, current_denoising_state
 from sae_lens_multimodal.core.positions import _resample, token_mask
 from sae_lens_multimodal.steering.specs import DirectionSteer, FeatureSteer, Steer
-from sae_lens_multimodal.steering.targets import (
-    _PER_HEAD,
-    _is_diffusion,
-    _module_at,
-    _resolve_location,
-    _spliced_sae,
-    _vit_cfg,
-)
+from sae_lens_multimodal.core.hooked_root import has_parts
+from sae_lens_multimodal.steering.targets import _module_at, _resolve_location, _spliced_sae
 
 __all__ = ["steering_hooks"]
 
@@ -30,7 +24,7 @@ class _Steerer:
         self.model = model
         self.steer = steer
         self.sae = getattr(steer, "sae", None)
-        diffusion = _is_diffusion(model)
+        diffusion = has_parts(model, "denoiser")
         if not diffusion and (steer.timesteps is not None or steer.cfg_branch is not None):
             what = "timesteps=" if steer.timesteps is not None else "cfg_branch="
             raise ValueError(
@@ -40,23 +34,22 @@ class _Steerer:
         self.diffusion = diffusion
         self.via_splice_hook = False  # set by steer(): whether a later splice of the SAE is steered via its hook
         self.splice_fired = False  # whether that happened
-        self.location = _resolve_location(model, steer)
-        self.short = self.location.rsplit(".", 1)[-1]
-        self.vit = None if diffusion else _vit_cfg(model, self.location)
+        self.spec = _resolve_location(model, steer)
+        self.location = self.spec.name
         pos = steer.positions
         if isinstance(pos, str) and pos in ("cls", "patches"):
-            if self.vit is None:
+            if not self.spec.has_image_tokens:
                 raise ValueError(
                     f"positions={pos!r} needs a vision-transformer hook; {self.location!r} is not in a ViT. Use "
                     "'all', token indices or a mask."
                 )
-            if pos == "cls" and not self.vit.has_cls_token:
+            if pos == "cls" and not self.spec.has_cls_token:
                 raise ValueError("positions='cls': this vision transformer has no CLS token.")
-        self.width = model.hook_width(self.location) if hasattr(model, "hook_width") else None
+        self.width = self.spec.width
         if self.sae is not None:
             d_in = int(self.sae.cfg.d_in)
-            if getattr(self.sae.cfg, "reshape_activations", "none") == "hook_z" and hasattr(model, "_hook_z_width"):
-                expected = model._hook_z_width(self.location, self.width)
+            if getattr(self.sae.cfg, "reshape_activations", "none") == "hook_z":
+                expected = self.spec.flat_width
             else:
                 expected = self.width
             if expected is not None and d_in != expected:
@@ -78,9 +71,7 @@ class _Steerer:
 
     def _per_head_flat(self, n: int) -> bool:
         """Whether a direction of width ``n`` spans all heads of a per-head hook ([..., head, d_head])."""
-        if self.short not in _PER_HEAD or self.width is None or not hasattr(self.model, "_hook_z_width"):
-            return False
-        return self.model._hook_z_width(self.location, self.width) == n
+        return self.spec.layout == "heads" and self.spec.flat_width == n
 
     # ------------------------------------------------------------------ where
     def target(self) -> str:
@@ -138,7 +129,7 @@ class _Steerer:
             if isinstance(pos, torch.Tensor) and pos.dtype == torch.bool and pos.ndim == 2:
                 return _resample(pos.to(device), (h, w))
             return token_mask(pos, h * w, where=repr(self.location), device=device).reshape(h, w)
-        mask = token_mask(pos, n_first, self.vit, where=repr(self.location), device=device)
+        mask = token_mask(pos, n_first, self.spec, where=repr(self.location), device=device)
         return mask.reshape(n_first, *([1] * (len(lead) - 1))).expand(lead) if len(lead) > 1 else mask
 
     # ------------------------------------------------------------------ the edit
@@ -183,7 +174,7 @@ class _Steerer:
     def hook(self, act: torch.Tensor, hook: Any) -> Optional[torch.Tensor]:
         """TransformerLens hook: at the hook point (or a foreign splice's output), or at this SAE's latents."""
         sae = self.sae
-        spatial = self.diffusion and act.ndim == 4 and self.short not in _PER_HEAD
+        spatial = self.spec.layout == "spatial"  # a channel-last feature map [batch, h, w, channels]
         if sae is not None and hook is getattr(sae, "hook_sae_acts_post", None):
             return self.edit_latents(act, spatial=spatial)  # latents of this SAE, spliced here
         if sae is not None:

@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from sae_lens_multimodal.analysis.vocabulary import load_vocabulary
 from sae_lens_multimodal.analysis.zero_shot import class_text_embeddings
 from sae_lens_multimodal.core.atomic import atomic_save
+from sae_lens_multimodal.core.contract import HookSpec
+from sae_lens_multimodal.core.hooked_root import has_parts
 from sae_lens_multimodal.core.positions import Positions, token_mask
 
 __all__ = ["BASELINES", "SteerabilityResult", "steerability"]
@@ -206,14 +208,13 @@ class SteerabilityResult:
         return path
 
 
-def _vision_hook(model: Any, sae: Any) -> str:
-    location = model.sae_hook_location(sae) if hasattr(model, "sae_hook_location") else sae.cfg.metadata.hook_name
-    if not location.startswith("vision."):
-        raise ValueError(f"Steerability needs an SAE on the vision tower; this one is at {location!r}.")
-    name = location[len("vision."):]
-    width = model.vision.hook_width(name)
-    if width is not None and width != sae.cfg.d_in:
-        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match hook {location!r} of width {width}.")
+def _vision_hook(model: Any, sae: Any) -> HookSpec:
+    spec = model.locate(sae)
+    location = spec.name
+    if spec.part != "vision" or not has_parts(model, "vision", "text"):
+        raise ValueError(f"Steerability needs an SAE on the vision tower of a HookedCLIP; this one is at {location!r}.")
+    if spec.width is not None and spec.width != sae.cfg.d_in:
+        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match hook {location!r} of width {spec.width}.")
     if getattr(sae.cfg, "normalize_activations", "none") not in (None, "none"):
         raise ValueError(
             "This SAE normalises its inputs at run time, so its decoder rows are not directions in the model's "
@@ -221,7 +222,7 @@ def _vision_hook(model: Any, sae: Any) -> str:
         )
     if getattr(sae.cfg, "reshape_activations", "none") != "none":
         raise ValueError("Steerability supports SAEs on residual-like hooks (no hook_z reshaping).")
-    return name
+    return spec
 
 
 def _text_side(model: Any, vocabulary: Any, text_embeds: Optional[torch.Tensor], templates: Sequence[str]) -> tuple[list[str], torch.Tensor]:
@@ -279,8 +280,9 @@ def steerability(
     strengths = [float(s) for s in strengths]
     if not strengths:
         raise ValueError("strengths is empty.")
-    hook = _vision_hook(model, sae)
-    vision = model.vision
+    spec = _vision_hook(model, sae)
+    hook = spec.local_name
+    vision = model.part("vision")
     cfg = vision.cfg
     vocab, text = _text_side(model, vocabulary, text_embeds, templates)
     device, dtype = vision.embed.W_patch.device, cfg.dtype
@@ -300,7 +302,7 @@ def steerability(
         W = W / W.norm(dim=-1, keepdim=True)
     lat = sae.encode(acts.to(sae.W_dec.dtype)).to(dtype)  # [N, T, d_sae]
     n_tokens = acts.shape[1]
-    pos = token_mask(positions, n_tokens, cfg, where=repr(hook), device=device).to(dtype)
+    pos = token_mask(positions, n_tokens, spec, where=repr(hook), device=device).to(dtype)
     max_act = lat.amax(dim=(0, 1))  # [d_sae]
     d_sae = W.shape[0]
     if feature_ids is None:

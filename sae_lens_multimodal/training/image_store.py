@@ -2,20 +2,21 @@
 
 Rows are selected by a token policy: ``"all"`` tokens, ``"cls"`` (the CLS token only) or ``"patches"``
 (patch tokens only, no CLS/distillation/register tokens). Pooled hooks ((batch, d) activations such
-as ``hook_pooled``) give one row per image. Per-head hooks (``hook_q/k/v/z``) are flattened to
-``n_heads * d_head`` as SAELens's ``hook_z`` SAEs expect.
+as ``hook_pooled``) give one row per image. Per-head hooks (layout ``heads``: ``hook_q/k/v/z/result``) are
+flattened to ``n_heads * width`` as SAELens's ``hook_z`` SAEs expect. What a hook is (its layout, width and
+prefix tokens) comes from the model's hook contract (``model.locate(hook)``, core/contract.py).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
 
-from sae_lens_multimodal.core.hooked_root import unknown_hook_error
+from sae_lens_multimodal.core.contract import HookSpec
+from sae_lens_multimodal.core.hooked_root import has_parts
 from sae_lens_multimodal.training.cache import ActivationChunk, dtype_name, model_identity
 from sae_lens_multimodal.training.sources import ImageSource, image_source
 
@@ -23,35 +24,44 @@ __all__ = ["TOKEN_POLICIES", "TokenPolicy", "ImageActivationStore", "apply_token
 
 TokenPolicy = Literal["all", "cls", "patches"]
 TOKEN_POLICIES = ("all", "cls", "patches")
-_HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z")
-_NOT_FEATURES = ("hook_pattern", "hook_attn_scores")
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+_FEATURE_LAYOUTS = ("tokens", "heads", "pooled")
 
 
 def vision_tower(model: Any) -> Any:
-    """The HookedViT inside ``model`` (itself, or a HookedCLIP's ``vision`` tower)."""
-    if hasattr(model, "vision") and not hasattr(model, "embed"):
-        return model.vision
-    return model
+    """The HookedViT of ``model`` (``model.part("vision")``: itself, or a HookedCLIP's / HookedVLM's tower)."""
+    if not has_parts(model, "vision"):
+        raise TypeError(
+            f"{type(model).__name__} has no vision tower; image activation stores read a HookedViT, or the vision "
+            "tower of a HookedCLIP / HookedVLM."
+        )
+    return model.part("vision")
+
+
+def vision_hook_spec(model: Any, hook: str) -> HookSpec:
+    """The spec of ``hook`` (a full name, or one relative to the vision tower), refused outside the vision tower."""
+    spec = model.locate(hook)
+    if spec.part != "vision":
+        tower = "text tower" if spec.part == "text" else f"{spec.part} part"
+        raise ValueError(f"Hook {hook!r} is in the {tower}; image activation stores read the vision tower.")
+    return spec
 
 
 def local_hook_name(model: Any, hook: str) -> str:
-    """A HookedCLIP hook name relative to its vision tower (``vision.blocks.3...`` -> ``blocks.3...``)."""
-    if model is not vision_tower(model):
-        if hook.startswith("text."):
-            raise ValueError(f"Hook {hook!r} is in the text tower; image activation stores read the vision tower.")
-        if hook.startswith("vision."):
-            return hook[len("vision."):]
-    return hook
+    """A hook name relative to the vision tower (``vision.blocks.3...`` -> ``blocks.3...``)."""
+    return vision_hook_spec(model, hook).local_name  # type: ignore[return-value]
 
 
-def apply_token_policy(act: torch.Tensor, policy: str, hook: str, n_prefix: int, has_cls: bool) -> torch.Tensor:
-    """(batch, ...) activation -> (batch, rows_per_image, d) following the token policy."""
-    tail = hook.rsplit(".", 1)[-1]
-    if tail in _NOT_FEATURES:
-        raise ValueError(f"Hook {hook!r} holds attention scores/patterns, not feature vectors: no SAE reads it.")
-    if act.ndim == 4 and tail in _HEAD_HOOKS:
-        act = act.flatten(-2)  # (batch, tokens, heads * d_head)
+def apply_token_policy(act: torch.Tensor, policy: str, spec: HookSpec, has_cls: bool) -> torch.Tensor:
+    """(batch, ...) activation at the hook ``spec`` describes -> (batch, rows_per_image, d), following the
+    token policy (``n_prefix_tokens`` from the spec)."""
+    hook = spec.name
+    if spec.layout not in _FEATURE_LAYOUTS:
+        raise ValueError(
+            f"Hook {hook!r} (layout {spec.layout!r}) holds attention scores/patterns or a norm's scale, not feature "
+            "vectors: no SAE reads it."
+        )
+    if spec.layout == "heads":
+        act = act.flatten(-2)  # (batch, tokens, heads * width)
     if act.ndim == 2:  # pooled: one vector per image
         if policy == "patches":
             raise ValueError(f"Hook {hook!r} has one vector per image (no tokens); use token_policy='all' or 'cls'.")
@@ -65,7 +75,7 @@ def apply_token_policy(act: torch.Tensor, policy: str, hook: str, n_prefix: int,
             raise ValueError("This model has no CLS token; use token_policy='patches' or 'all'.")
         return act[:, :1]
     if policy == "patches":
-        return act[:, n_prefix:]
+        return act[:, spec.n_prefix_tokens:]
     raise ValueError(f"Unknown token_policy {policy!r}; expected one of {TOKEN_POLICIES}.")
 
 
@@ -101,10 +111,8 @@ class ImageActivationStore:
         if not names:
             raise ValueError("Give at least one hook name.")
         self.hook_names = names
-        self.local_names = {h: local_hook_name(model, h) for h in names}
-        for given, local in self.local_names.items():
-            if local not in self.vit.hook_dict:
-                raise unknown_hook_error(given, self.vit.hook_dict.keys())
+        self.specs = {h: vision_hook_spec(model, h) for h in names}
+        self.local_names = {h: spec.local_name for h, spec in self.specs.items()}
         if token_policy not in TOKEN_POLICIES:
             raise ValueError(f"Unknown token_policy {token_policy!r}; expected one of {TOKEN_POLICIES}.")
         self.token_policy = token_policy
@@ -117,17 +125,20 @@ class ImageActivationStore:
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.progress = progress
         self.identity = model_identity(self.vit, model_name)
-        blocks = [_BLOCK_RE.match(n) for n in self.local_names.values()]
-        self.stop_at_layer = max(int(m.group(1)) + 1 for m in blocks) if all(blocks) else None  # type: ignore[union-attr]
-        self._d_in = {h: self._width(local) for h, local in self.local_names.items()}
+        layers = [spec.layer for spec in self.specs.values()]
+        self.stop_at_layer = max(layers) + 1 if None not in layers else None  # type: ignore[operator]
+        self._d_in = {h: self._width(spec) for h, spec in self.specs.items()}
 
     # ------------------------------------------------------------------ facts
-    def _width(self, local: str) -> int:
-        tail = local.rsplit(".", 1)[-1]
-        width = self.vit.hook_width(local) if hasattr(self.vit, "hook_width") else None
-        if tail in _NOT_FEATURES or width is None:
-            raise ValueError(f"Hook {local!r} holds no feature vectors (attention scores/patterns) for an SAE.")
-        return width * self.vit.cfg.n_heads if tail in _HEAD_HOOKS else width
+    @staticmethod
+    def _width(spec: HookSpec) -> int:
+        width = spec.flat_width
+        if spec.layout not in _FEATURE_LAYOUTS or width is None:
+            raise ValueError(
+                f"Hook {spec.name!r} (layout {spec.layout!r}) holds no feature vectors for an SAE (attention "
+                "scores/patterns, or a norm's scale)."
+            )
+        return width
 
     def d_in(self, hook: str) -> int:
         return self._d_in[hook]
@@ -140,7 +151,7 @@ class ImageActivationStore:
         """Most rows one image gives at any of the hooks (at the model's native image size)."""
         cfg = self.vit.cfg
         per_policy = {"all": cfg.n_ctx, "cls": 1, "patches": cfg.n_patches}[self.token_policy]
-        return max(1 if local in ("hook_pooled", "hook_out") else per_policy for local in self.local_names.values())
+        return max(1 if spec.layout == "pooled" else per_policy for spec in self.specs.values())
 
     def describe(self, hook: str) -> dict[str, Any]:
         """Cache metadata for ``hook`` (see docs/activation-cache.md)."""
@@ -154,19 +165,18 @@ class ImageActivationStore:
     @torch.no_grad()
     def iter_chunks(self, start_item: int = 0) -> Iterator[tuple[int, int, dict[str, ActivationChunk]]]:
         """``(item_start, item_end, {hook: chunk})`` per forward batch, in source order."""
-        cfg = self.vit.cfg
-        n_prefix, has_cls = cfg.n_prefix_tokens, cfg.has_cls_token
+        has_cls = self.vit.cfg.has_cls_token
         captured: dict[str, torch.Tensor] = {}
 
-        def capture_for(local: str) -> Any:
+        def capture_for(spec: HookSpec) -> Any:
             # (bound per hook: inside a HookedCLIP, hook.name carries the tower prefix)
             def capture(act: torch.Tensor, hook: Any) -> None:
-                rows = apply_token_policy(act, self.token_policy, local, n_prefix, has_cls)
-                captured[local] = rows.detach().to(self.dtype)
+                rows = apply_token_policy(act, self.token_policy, spec, has_cls)
+                captured[spec.local_name] = rows.detach().to(self.dtype)  # type: ignore[index]
 
             return capture
 
-        fwd_hooks = [(local, capture_for(local)) for local in self.local_names.values()]
+        fwd_hooks = [(spec.local_name, capture_for(spec)) for spec in self.specs.values()]
         bar = tqdm(total=self.n_items, initial=start_item, unit="img", desc="Caching activations",
                    disable=not self.progress)
         try:

@@ -242,9 +242,8 @@ def diffusion_patching(
         raise ValueError(f"timestep_mode must be one of {TIMESTEP_MODES}; got {timestep_mode!r}.")
     block_list = unet_blocks(hooked) if isinstance(blocks, str) and blocks == "auto" else list(
         [blocks] if isinstance(blocks, str) else blocks)
-    hook_names = [hooked.canonical_hook_name(f"{b}.{hook}") for b in block_list]
-    for name in hook_names:
-        hooked._filter_names([name])  # unknown hooks raise a KeyError with close matches
+    # locate resolves block aliases; unknown hooks raise a KeyError with close matches
+    hook_names = [hooked.locate(f"{b}.{hook}").name for b in block_list]
     src_text, tgt_text = _captions(source), _captions(target)
 
     judge_fn: Callable[[np.ndarray], dict[str, float]] = lambda images: {}  # noqa: E731

@@ -259,9 +259,8 @@ def feature_timecourse(
         if hook_name is None:
             raise ValueError("Pass hook_name (the SAE records none in cfg.metadata.hook_name).")
     hooked = as_hooked_pipeline(pipe)
-    name = hooked.canonical_hook_name(hook_name)
-    hooked._filter_names([name])
-    width = hooked.hook_width(name)
+    spec = hooked.locate(hook_name)  # aliases resolve; an unknown name raises with close matches
+    name, width = spec.name, spec.width
     if direction is not None:
         direction = torch.as_tensor(direction, dtype=torch.float32)
         direction = direction[None] if direction.ndim == 1 else direction
@@ -475,8 +474,7 @@ def timestep_probes(
     if min(n_train, n_test) < 2:
         raise ValueError("n_train and n_test must be at least 2.")
     hooked = as_hooked_pipeline(pipe)
-    name = hooked.canonical_hook_name(hook_name)
-    hooked._filter_names([name])
+    name = hooked.locate(hook_name).name  # aliases resolve; an unknown name raises with close matches
     train_prompts, test_prompts = shapes_prompts(n_train, train_seed), shapes_prompts(n_test, test_seed)
     poolings = {_factor_pooling(pooling, f) for f in factors}
     common = dict(cfg_branch=cfg_branch, poolings=poolings, num_inference_steps=num_inference_steps,

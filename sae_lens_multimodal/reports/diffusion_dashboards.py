@@ -67,7 +67,7 @@ def diffusion_feature_dashboards(
     hook_given = sae.cfg.metadata.hook_name
     if hook_given is None:
         raise ValueError("The SAE has no cfg.metadata.hook_name; set it to the denoiser hook it reads.")
-    hook = pipe.canonical_hook_name(hook_given)
+    hook = pipe.locate(hook_given).name  # aliases resolve; an unknown hook raises with close matches
     kwargs = dict(pipeline_kwargs or {})
     kwargs.update(num_inference_steps=num_inference_steps, output_type="np")
 

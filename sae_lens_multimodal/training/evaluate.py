@@ -23,6 +23,7 @@ from sae_lens.evals import ExplainedVarianceCalculator, get_featurewise_weight_b
 
 from sae_lens_multimodal.analysis.zero_shot import DEFAULT_TEMPLATES, ZeroShotClassifier
 from sae_lens_multimodal.core.denoising import current_denoising_state, timestep_context
+from sae_lens_multimodal.core.hooked_root import has_parts
 from sae_lens_multimodal.training.providers import chunk_stream, coverage_filter
 
 __all__ = ["clip_zero_shot", "diffusion_downstream", "evaluate_sae", "image_embedding_cosine", "weight_metrics"]
@@ -166,7 +167,7 @@ def image_embedding_cosine(model: Any, sae: Any, images: Any, *, batch_size: int
     ``model`` is a HookedViT (its output: the projected embedding when it has a head) or a HookedCLIP
     (``encode_image``). Returns mean / min cosine over the images.
     """
-    encode = model.encode_image if hasattr(model, "encode_image") else model
+    encode = model.encode_image if has_parts(model, "vision", "text") else model
     cos = []
     for batch in _batches(images, batch_size):
         clean = encode(batch)

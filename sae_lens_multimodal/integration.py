@@ -4,8 +4,9 @@ Everything here is idempotent (importing twice or ``importlib.reload`` raises no
 nothing twice) and touches no network.
 
 * Model classes: SAELens resolves ``model_class_name`` strings in ``sae_lens.load_model.load_model``
-  (used by its training and activation-caching runners). We wrap that function so our class names
-  (``"HookedViT"``, ``"HookedCLIP"``, ...) resolve to our ``from_pretrained``; other names go to SAELens.
+  (used by its training and activation-caching runners). compat.py wraps that function so our class
+  names (``"HookedViT"``, ``"HookedCLIP"``, ...) resolve to our ``from_pretrained``; other names go to
+  SAELens. Every patch of SAELens / TransformerLens internals lives in compat.py, version-checked.
 * SAE architectures and pretrained releases register themselves through the hooks listed in
   ``_REGISTRARS`` (each optional module contributes one function).
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from typing import Any
+
+from sae_lens_multimodal import compat
 
 __all__ = ["MODEL_CLASSES", "register_model_class", "register_with_ecosystem", "load_model"]
 
@@ -32,13 +35,6 @@ MODEL_CLASSES: dict[str, str] = {
 _REGISTRARS: tuple[str, ...] = (
     "sae_lens_multimodal.saes:register_sae_classes",
     "sae_lens_multimodal.pretrained:register_releases",
-)
-
-_RUNNER_MODULES = (
-    "sae_lens.load_model",
-    "sae_lens.llm_sae_training_runner",
-    "sae_lens.cache_activations_runner",
-    "sae_lens.multi_sae_training_runner",
 )
 
 
@@ -60,30 +56,10 @@ def load_model(model_class_name: str, model_name: str, device: Any = None,
     return model.to(device) if device is not None else model
 
 
-def _wrap_sae_lens_load_model() -> None:
-    import sae_lens.load_model as lm
-
-    original = getattr(lm.load_model, "__wrapped_original__", lm.load_model)
-
-    def load_model_with_multimodal(model_class_name: str, model_name: str, *args: Any, **kwargs: Any) -> Any:
-        if model_class_name in MODEL_CLASSES:
-            return load_model(model_class_name, model_name, *args, **kwargs)
-        return original(model_class_name, model_name, *args, **kwargs)
-
-    load_model_with_multimodal.__wrapped_original__ = original  # type: ignore[attr-defined]
-    load_model_with_multimodal.__doc__ = original.__doc__
-    for module_name in _RUNNER_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        if getattr(module, "load_model", None) is not None:
-            module.load_model = load_model_with_multimodal  # type: ignore[attr-defined]
-
-
 def register_with_ecosystem() -> None:
     """Register model classes, SAE architectures and releases (idempotent)."""
-    _wrap_sae_lens_load_model()
+    compat.apply_patches()
+    compat.patch_load_model(MODEL_CLASSES.__contains__, load_model)
     for target in _REGISTRARS:
         module_name, _, func = target.partition(":")
         try:

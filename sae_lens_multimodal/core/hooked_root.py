@@ -21,14 +21,18 @@ from typing import Any, Optional, Union
 
 import torch
 from sae_lens import SAE
-from sae_lens.analysis.hooked_sae_transformer import HookedSAETransformer
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
+from sae_lens_multimodal import compat
 from sae_lens_multimodal.core.contract import HookSpec
 
 __all__ = ["MultimodalHookedRootModule", "has_parts", "is_observed", "unknown_hook_error"]
+
+#: HookedSAETransformer's splicing methods, checked by compat against the installed SAELens (an
+#: incompatible version raises compat.IncompatibleVersionError here, naming what differs).
+_SPLICING = compat.sae_splicing_methods()
 
 
 def is_observed(hook_point: HookPoint) -> bool:
@@ -106,7 +110,7 @@ class MultimodalHookedRootModule(HookedRootModule):
 
     def __init__(self) -> None:
         super().__init__()
-        # State SAELens's splicing methods expect (see HookedSAETransformer.__init__).
+        # State SAELens's splicing methods expect (compat.SPLICING_STATE; see HookedSAETransformer.__init__).
         self._acts_to_saes: dict[str, Any] = {}
         self._transcoder_output_hooks: dict[str, str] = {}
         self.tokenizer = None
@@ -287,14 +291,14 @@ class MultimodalHookedRootModule(HookedRootModule):
         Unlike SAELens, an unknown hook or a width mismatch raises instead of logging and skipping.
         """
         self.sae_width_check(sae, self.locate(sae))
-        HookedSAETransformer.add_sae(self, sae, use_error_term, exclude_special_tokens)  # type: ignore[arg-type]
+        _SPLICING["add_sae"](self, sae, use_error_term, exclude_special_tokens)
 
     # The remaining splicing methods are SAELens's own, used unchanged: they only need hook_dict,
     # setup(), real HookPoint attributes, _acts_to_saes and run_with_cache(return_cache_object=...).
-    acts_to_saes = HookedSAETransformer.acts_to_saes
-    _reset_sae = HookedSAETransformer._reset_sae
-    reset_saes = HookedSAETransformer.reset_saes
-    run_with_saes = HookedSAETransformer.run_with_saes
-    run_with_cache_with_saes = HookedSAETransformer.run_with_cache_with_saes
-    run_with_hooks_with_saes = HookedSAETransformer.run_with_hooks_with_saes
-    saes = HookedSAETransformer.saes
+    acts_to_saes = _SPLICING["acts_to_saes"]
+    _reset_sae = _SPLICING["_reset_sae"]
+    reset_saes = _SPLICING["reset_saes"]
+    run_with_saes = _SPLICING["run_with_saes"]
+    run_with_cache_with_saes = _SPLICING["run_with_cache_with_saes"]
+    run_with_hooks_with_saes = _SPLICING["run_with_hooks_with_saes"]
+    saes = _SPLICING["saes"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from sae_lens import __version__ as sae_lens_version
+
+from sae_lens_multimodal.core.sae_metadata import normalize_sae_metadata
 
 __all__ = ["ReleaseFormatError", "build_cfg_dict", "check_state_dict", "join_path"]
 
@@ -34,12 +37,11 @@ def build_cfg_dict(
     """A SAELens 6.x ``cfg_dict`` (as ``SAE.from_pretrained`` expects from a loader).
 
     Facts about the model/hook go into ``metadata`` (6.x drops unknown top-level keys), which always
-    carries ``sae_lens_version`` so SAELens does not rebuild it as a pre-6.0 config. Of ``cfg_overrides``
+    carries ``sae_lens_version`` so SAELens does not rebuild it as a pre-6.0 config, and whose schema
+    fields (input kind, token policy, CFG branch) are checked against core/sae_metadata.py. Of ``cfg_overrides``
     (SAELens passes device, dtype, a neuronpedia id and release-level overrides at the top level), config
     fields stay top-level and everything else goes into metadata.
     """
-    from sae_lens import __version__ as sae_lens_version
-
     cfg: dict[str, Any] = {
         "architecture": architecture,
         "d_in": int(d_in),
@@ -60,7 +62,7 @@ def build_cfg_dict(
             cfg[key] = value
         elif value is not None:
             meta[key] = value
-    cfg["metadata"] = meta
+    cfg["metadata"] = normalize_sae_metadata(meta, source=f"{meta.get('source_format') or 'release'} SAE metadata")
     return cfg
 
 

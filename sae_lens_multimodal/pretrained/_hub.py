@@ -11,12 +11,20 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 from pathlib import Path
 from typing import Any, BinaryIO, Optional, Union
 
+import huggingface_hub
 import torch
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
 
 __all__ = [
     "MissingReleaseFileError",
@@ -36,9 +44,7 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 def _hf_constants() -> Any:
-    from huggingface_hub import constants
-
-    return constants
+    return huggingface_hub.constants  # read at call time: HF_HUB_OFFLINE / HF_HUB_CACHE may change
 
 
 def _how_to_get(repo_id: str, filename: str) -> str:
@@ -62,14 +68,6 @@ def fetch_file(
     Respects ``HF_HUB_OFFLINE`` (never downloads then). ``required=False`` returns None for a file that
     does not exist (or, offline, is not cached) instead of raising :class:`MissingReleaseFileError`.
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
-
     offline = bool(_hf_constants().HF_HUB_OFFLINE)
     if force_download and offline:
         raise ValueError(
@@ -77,7 +75,7 @@ def fetch_file(
             "Unset HF_HUB_OFFLINE, or drop force_download to use the cached copy."
         )
     try:
-        return hf_hub_download(repo_id=repo_id, filename=filename, force_download=force_download)
+        return huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename, force_download=force_download)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         if not required:
             return None
@@ -206,8 +204,6 @@ def _refusal_message(source: Any, what: str, error: Exception) -> str:
 
 def read_json(path: Union[str, Path], what: str) -> dict[str, Any]:
     """Parse a JSON object file, with an error naming the file when it is not valid JSON."""
-    import json
-
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except ValueError as e:

@@ -20,10 +20,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file
+from sae_lens import SAE
+from sae_lens import __version__ as sae_lens_version
+from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
 
+import sae_lens_multimodal.saes  # noqa: F401  (registers the timestep-aware architectures a bundled SAE may use)
+from sae_lens_multimodal.core.sae_metadata import normalize_sae_metadata
 from sae_lens_multimodal.pretrained._common import ReleaseFormatError
+from sae_lens_multimodal.pretrained._formats import register_format_loader
 from sae_lens_multimodal.pretrained._hub import MissingReleaseFileError
-from sae_lens_multimodal.pretrained.registry import ReleaseSae, get_release, resolve
+from sae_lens_multimodal.pretrained.registry import get_release, resolve
+from sae_lens_multimodal.pretrained.releases import ReleaseSae
 
 __all__ = ["BUNDLED_PREFIX", "FORMAT_VERSION", "BundledFileError", "bundled_folder", "get_config", "load_sae"]
 
@@ -85,8 +93,6 @@ def _read_cfg(path: Path, entry: Optional[ReleaseSae]) -> dict[str, Any]:
 def _merge(cfg: dict[str, Any], entry: Optional[ReleaseSae], where: Path,
            cfg_overrides: Optional[dict[str, Any]], device: str) -> dict[str, Any]:
     """Release facts under the file's metadata; SAELens's overrides (device, dtype, ...) on top."""
-    from sae_lens import __version__ as sae_lens_version
-
     meta = dict(cfg.get("metadata") or {})
     meta.setdefault("sae_lens_version", sae_lens_version)  # a 6.x layout: keep SAELens from "upgrading" it
     if entry is not None:
@@ -110,7 +116,7 @@ def _merge(cfg: dict[str, Any], entry: Optional[ReleaseSae], where: Path,
             out[key] = value
         elif value is not None:
             meta[key] = value
-    out["metadata"] = meta
+    out["metadata"] = normalize_sae_metadata(meta, source=f"bundled SAE {where}")
     return out
 
 
@@ -126,10 +132,6 @@ def get_config(
 
 def _check_state(cfg: dict[str, Any], state: dict[str, torch.Tensor], path: Path, entry: Optional[ReleaseSae]) -> None:
     """Tensor names and shapes must be those of the architecture built from ``cfg``."""
-    import sae_lens_multimodal.saes  # noqa: F401  (registers the timestep-aware architectures)
-    from sae_lens import SAE
-    from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
-
     probe_cfg = handle_config_defaulting({**cfg, "device": "meta"})
     try:
         sae_cls = SAE.get_sae_class_for_architecture(probe_cfg["architecture"])
@@ -158,8 +160,6 @@ def load_sae(
     cfg_overrides: Optional[dict[str, Any]] = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], None]:
     """SAELens loader (``conversion_func: mm_bundled``): reads the package's files, never the network."""
-    from safetensors.torch import load_file
-
     _, _, entry, _ = resolve(repo_id, folder_name)
     folder = bundled_folder(repo_id, folder_name)
     cfg = _merge(_read_cfg(folder / CFG_FILENAME, entry), entry, folder, cfg_overrides, device)
@@ -176,3 +176,6 @@ def load_sae(
     _check_state(cfg, state, weights, entry)
     dtype = getattr(torch, str(cfg.get("dtype", "float32")).replace("torch.", ""), torch.float32)
     return cfg, {k: v.to(device=device, dtype=dtype) for k, v in state.items()}, None
+
+
+register_format_loader("bundled", load_sae, get_config)

@@ -22,14 +22,16 @@ from typing import Any, Optional
 
 import torch
 
+from sae_lens_multimodal.core.sae_metadata import HOOK_INPUT_KINDS, INPUT_KINDS, input_kind_of_hook
 from sae_lens_multimodal.pretrained._common import ReleaseFormatError, build_cfg_dict, check_state_dict, join_path
+from sae_lens_multimodal.pretrained._formats import register_format_loader
 from sae_lens_multimodal.pretrained._hub import PickledConfigStub, fetch_file, read_json, safe_torch_load
-from sae_lens_multimodal.pretrained.registry import ReleaseSae, resolve
+from sae_lens_multimodal.pretrained.registry import resolve
+from sae_lens_multimodal.pretrained.releases import ReleaseSae
 
 __all__ = ["PRISMA_CONFIG_CLASS", "convert_prisma", "read_prisma_weights", "load_sae", "get_config"]
 
 PRISMA_CONFIG_CLASS = "vit_prisma.sae.config.VisionModelSAERunnerConfig"
-_INPUT_KINDS = {"hook_resid_post": "block_output", "hook_mlp_out": "mlp_output"}
 #: config keys that matter for inference (kept in metadata["source_config"])
 _INFERENCE_KEYS = (
     "model_class_name", "model_name", "hook_point", "hook_point_layer", "layer_subtype", "hook_point_head_index",
@@ -132,10 +134,18 @@ def convert_prisma(
         raise ReleaseFormatError(f"{what}: cls_token_only and use_patches_only are both set.")
     token_policy = "cls" if config.get("cls_token_only") else "patches" if config.get("use_patches_only") else "all"
     hook = _hook_name(config, what)
+    input_kind = input_kind_of_hook(hook)
+    if input_kind is None:
+        raise ReleaseFormatError(
+            f"{what}: an SAE at hook {hook!r} reads an activation that sae-lens-multimodal's metadata schema has "
+            f"no input kind for (kinds: {INPUT_KINDS}, from hooks ending in {sorted(HOOK_INPUT_KINDS)}), so it is "
+            "not converted. Supported Prisma SAEs sit on hook_resid_pre, hook_resid_post, hook_attn_out or "
+            "hook_mlp_out."
+        )
     facts: dict[str, Any] = {
         "hook_name": hook,
         "token_policy": token_policy,
-        "input_kind": _INPUT_KINDS.get(hook.rsplit(".", 1)[-1], "other"),
+        "input_kind": input_kind,
         "normalization": normalization,
         "source_model_name": config.get("model_name"),
         "source_config": {k: config[k] for k in _INFERENCE_KEYS if k in config},
@@ -226,3 +236,6 @@ def load_sae(
     meta["source_format_version"] = version
     cfg = _cfg(fields, meta, cfg_overrides, device)
     return cfg, {k: v.to(device) for k, v in sae_state.items()}, None
+
+
+register_format_loader("prisma", load_sae, get_config)

@@ -26,8 +26,10 @@ from typing import Any, Optional, Union
 import torch
 
 from sae_lens_multimodal.pretrained._common import ReleaseFormatError, build_cfg_dict, check_state_dict
+from sae_lens_multimodal.pretrained._formats import register_format_loader
 from sae_lens_multimodal.pretrained._hub import fetch_file, read_json, safe_torch_load
-from sae_lens_multimodal.pretrained.registry import Release, ReleaseSae, read_manifest, resolve
+from sae_lens_multimodal.pretrained.registry import registered_releases, resolve
+from sae_lens_multimodal.pretrained.releases import Release, ReleaseSae, read_manifest
 
 __all__ = [
     "SaevHeader",
@@ -252,8 +254,6 @@ def _entry_and_row(repo_id: str, folder_name: str, force_download: bool) -> tupl
 
 
 def _manifest_of(entry: Optional[ReleaseSae]) -> Optional[Release]:
-    from sae_lens_multimodal.pretrained.registry import registered_releases
-
     if entry is None:
         return None
     release = registered_releases().get(entry.release)
@@ -318,3 +318,6 @@ def read_saev_config_json(repo_id: str, path: str = "config.json") -> Optional[d
     """The training ``config.json`` some saev repos carry beside ``sae.pt`` (None if absent)."""
     local = fetch_file(repo_id, path, required=False)
     return None if local is None else read_json(local, f"{repo_id}/{path}")
+
+
+register_format_loader("saev", load_sae, get_config)

@@ -22,8 +22,10 @@ from typing import Any, Optional
 import torch
 
 from sae_lens_multimodal.pretrained._common import ReleaseFormatError, build_cfg_dict, check_state_dict, join_path
+from sae_lens_multimodal.pretrained._formats import register_format_loader
 from sae_lens_multimodal.pretrained._hub import fetch_file, read_json, safe_torch_load
-from sae_lens_multimodal.pretrained.registry import ReleaseSae, resolve
+from sae_lens_multimodal.pretrained.registry import resolve
+from sae_lens_multimodal.pretrained.releases import ReleaseSae
 
 __all__ = ["convert_sdxl_unbox", "hook_from_folder", "load_latent_stats", "load_sae", "get_config"]
 
@@ -149,3 +151,6 @@ def load_latent_stats(sae: Any) -> dict[str, torch.Tensor]:
         local = fetch_file(info["repo_id"], path)
         out[name] = safe_torch_load(local, what=f"{info['repo_id']}/{path}")
     return out
+
+
+register_format_loader("sdxl_unbox", load_sae, get_config)

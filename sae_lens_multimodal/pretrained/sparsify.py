@@ -24,10 +24,13 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file
 
 from sae_lens_multimodal.pretrained._common import ReleaseFormatError, build_cfg_dict, check_state_dict, join_path
+from sae_lens_multimodal.pretrained._formats import register_format_loader
 from sae_lens_multimodal.pretrained._hub import fetch_file, read_json
-from sae_lens_multimodal.pretrained.registry import ReleaseSae, resolve
+from sae_lens_multimodal.pretrained.registry import resolve
+from sae_lens_multimodal.pretrained.releases import ReleaseSae
 
 __all__ = ["convert_sparsify", "hook_from_folder", "load_sae", "get_config"]
 
@@ -140,8 +143,6 @@ def load_sae(
     cfg_overrides: Optional[dict[str, Any]] = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], None]:
     """SAELens loader (``conversion_func: mm_sparsify``)."""
-    from safetensors.torch import load_file
-
     hub_repo, hub_path, entry, _ = resolve(repo_id, folder_name)
     cfg_file = join_path(hub_path, "cfg.json")
     config = read_json(fetch_file(hub_repo, cfg_file, force_download=force_download), f"{hub_repo}/{cfg_file}")
@@ -158,3 +159,6 @@ def load_sae(
         extra=fields["extra"],
     )
     return cfg, {k: v.to(device) for k, v in sae_state.items()}, None
+
+
+register_format_loader("sparsify", load_sae, get_config)

@@ -17,7 +17,7 @@ from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_direc
 from sae_lens_multimodal.cli import main
 from sae_lens_multimodal.models.registry import list_models
 from sae_lens_multimodal.pretrained import list_releases, register_releases, registered_releases
-from sae_lens_multimodal.pretrained.registry import FORMATS, load_release_file
+from sae_lens_multimodal.pretrained.releases import FORMATS, load_release_file
 from sae_lens_multimodal.pretrained.sdxl_unbox import hook_from_folder as unbox_hook
 from sae_lens_multimodal.pretrained.sparsify import hook_from_folder as sparsify_hook
 from tests.pretrained.conftest import torch_bytes

@@ -12,16 +12,15 @@ from sae_lens.saes.sae import SAEMetadata, TrainingSAEConfig
 
 from sae_lens_multimodal.core.denoising import (
     BRANCH_CODES,
-    CFG_BRANCHES,
     branch_codes,
     broadcast_rows,
     current_branch_codes,
     current_timestep,
 )
+from sae_lens_multimodal.core.sae_metadata import normalize_sae_metadata
 from sae_lens_multimodal.saes.timesteps import TimestepBuckets
 
 OUR_ARCHITECTURES = ("timestep_bucketed", "timestep_conditioned")
-INPUT_KINDS = ("block_output", "residual_update")
 OUT_OF_RANGE = ("error", "passthrough")
 # Fields every SAELens (training) config has; everything else an inner architecture defines goes
 # into ``inner_config``.
@@ -42,9 +41,9 @@ class TimestepFields:
       after decoding (activation norms differ a lot between timesteps).
 
     Where/how to apply it lives in ``metadata`` (SAELens 6.x): ``hook_name``, ``model_name`` (model id),
-    ``input_kind`` (``"block_output"`` / ``"residual_update"``), ``cfg_branch`` (``"cond"``,
-    ``"uncond"``, ``"both"``); the timestep fields are mirrored there too so tools that only read
-    metadata see them.
+    ``input_kind`` (``"block_output"`` / ``"residual_update"``...), ``cfg_branch`` (``"cond"``,
+    ``"uncond"``, ``"both"``), checked against core/sae_metadata.py; the timestep fields are mirrored
+    there too so tools that only read metadata see them.
     """
 
     inner_architecture: str = "standard"
@@ -89,17 +88,7 @@ class TimestepFields:
                 "normalize_activations='covariance_whitening' is not supported by timestep-aware SAEs; "
                 "use 'expected_average_only_in' or bucket_scaling_factors."
             )
-        input_kind, branch = md.get("input_kind"), md.get("cfg_branch")
-        if input_kind is not None and input_kind not in INPUT_KINDS:
-            raise ValueError(f"metadata.input_kind must be one of {INPUT_KINDS}, got {input_kind!r}")
-        if branch is not None and branch not in CFG_BRANCHES:
-            raise ValueError(f"metadata.cfg_branch must be one of {CFG_BRANCHES}, got {branch!r}")
-        hook = md.get("hook_name") or ""
-        for suffix, kind in ((".hook_update", "residual_update"), (".hook_out", "block_output")):
-            if hook.endswith(suffix) and input_kind not in (None, kind):
-                raise ValueError(
-                    f"metadata.input_kind={input_kind!r} contradicts hook {hook!r}, which carries a {kind}."
-                )
+        normalize_sae_metadata(md, source=f"{type(self).__name__} metadata")
         self.inner_config = complete_inner_config(self, training)
         md.timestep_ranges = self.timestep_ranges
         md.num_train_timesteps = self.num_train_timesteps

@@ -17,13 +17,13 @@ from tqdm.auto import tqdm
 
 from sae_lens_multimodal.core.contract import HookSpec
 from sae_lens_multimodal.core.hooked_root import has_parts
+from sae_lens_multimodal.core.sae_metadata import TOKEN_POLICIES
 from sae_lens_multimodal.training.cache import ActivationChunk, dtype_name, model_identity
 from sae_lens_multimodal.training.sources import ImageSource, image_source
 
 __all__ = ["TOKEN_POLICIES", "TokenPolicy", "ImageActivationStore", "apply_token_policy"]
 
-TokenPolicy = Literal["all", "cls", "patches"]
-TOKEN_POLICIES = ("all", "cls", "patches")
+TokenPolicy = Literal["all", "cls", "patches"]  # the values of TOKEN_POLICIES (core/sae_metadata.py)
 _FEATURE_LAYOUTS = ("tokens", "heads", "pooled")
 
 

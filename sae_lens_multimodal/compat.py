@@ -16,7 +16,13 @@ Each patch is applied once (calling it again changes nothing) and first checks t
 exist with the shape it expects. If they do not (a SAELens or TransformerLens version whose internals
 differ from the tested ones, :data:`TESTED_VERSIONS`), splicing raises :class:`IncompatibleVersionError`
 and the patches warn with :class:`CompatibilityWarning`; both messages name the installed versions and
-the feature that is not supported, instead of failing deep inside SAELens later.
+the feature that is not supported, instead of failing deep inside SAELens later. (SAELens's modules are
+imported inside the checks, not at module level, so that a SAELens without them gets this message rather
+than an ImportError.)
+
+Other private SAELens names the package reads without patching anything (``_SAEWrapper`` in steering and
+HookedViT's special-token masks, ``_disable_hooks`` in steering, ``handle_config_defaulting`` in
+pretrained/bundled.py) are not checked here.
 """
 
 from __future__ import annotations
@@ -151,7 +157,6 @@ def _private_names(member: Any) -> set[str]:
 
 
 def _splicing_problems() -> list[str]:
-    # Imported here (not at module level) so that a SAELens without these modules gets our message.
     try:
         from sae_lens.analysis import hooked_sae_transformer as hst
     except ImportError as e:

@@ -387,7 +387,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if kind == "diffusion":
         options = _diffusion_options(args, inputs)
     else:
-        tower = model.vision if kind == "clip" else model
+        tower = model.part("vision")
         images = load_images(spec, tower, seed=args.seed, max_images=args.max_images)
         inputs, source = images.inputs, images.source
         options = _vision_options(args, model, kind, images)

@@ -8,10 +8,8 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
-__all__ = ["HookedVLMConfig", "VLMLanguageConfig", "PARTS", "SUPPORTED_LANGUAGE_MODELS"]
+__all__ = ["HookedVLMConfig", "VLMLanguageConfig", "SUPPORTED_LANGUAGE_MODELS"]
 
-#: The hooked parts of a HookedVLM, i.e. the first component of every hook name.
-PARTS = ("vision", "projector", "lm")
 #: transformers language-model classes whose decoder layers HookedVLM runs (same block structure:
 #: RMSNorm -> rotary attention (GQA) -> residual -> RMSNorm -> gated MLP -> residual).
 SUPPORTED_LANGUAGE_MODELS = ("LlamaModel", "MistralModel", "Qwen2Model")

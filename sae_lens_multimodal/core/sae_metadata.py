@@ -46,6 +46,10 @@ INPUT_KIND_DOCS: dict[str, str] = {
     "residual_update": "what a block adds to its input (a diffusion block's hook_update = hook_out - input)",
     "attention_output": "an attention layer's output, before it is added to the residual stream (hook_attn_out)",
     "mlp_output": "an MLP's output, before it is added to the residual stream (hook_mlp_out)",
+    "block_middle": "the residual stream between a block's attention and its MLP (hook_resid_mid)",
+    "mlp_pre_activation": "an MLP's hidden units before the nonlinearity (mlp.hook_pre)",
+    "mlp_activation": "an MLP's hidden units after the nonlinearity (mlp.hook_post)",
+    "attention_heads": "per-head attention outputs before W_O, heads flattened (attn.hook_z)",
 }
 INPUT_KINDS: tuple[str, ...] = tuple(INPUT_KIND_DOCS)
 #: last component of a hook name -> the input kind an SAE at that hook reads
@@ -56,6 +60,10 @@ HOOK_INPUT_KINDS: dict[str, str] = {
     "hook_update": "residual_update",
     "hook_attn_out": "attention_output",
     "hook_mlp_out": "mlp_output",
+    "hook_resid_mid": "block_middle",
+    "hook_pre": "mlp_pre_activation",
+    "hook_post": "mlp_activation",
+    "hook_z": "attention_heads",
 }
 
 #: Which tokens of an image an SAE was trained on (and an activation store keeps): every token, the

@@ -139,8 +139,7 @@ def convert_prisma(
         raise ReleaseFormatError(
             f"{what}: an SAE at hook {hook!r} reads an activation that sae-lens-multimodal's metadata schema has "
             f"no input kind for (kinds: {INPUT_KINDS}, from hooks ending in {sorted(HOOK_INPUT_KINDS)}), so it is "
-            "not converted. Supported Prisma SAEs sit on hook_resid_pre, hook_resid_post, hook_attn_out or "
-            "hook_mlp_out."
+            "not converted. Train or convert the SAE on one of those hooks."
         )
     facts: dict[str, Any] = {
         "hook_name": hook,

@@ -27,7 +27,8 @@ from sae_lens_multimodal.pretrained.releases import parse_release
 def test_one_vocabulary_shared_by_every_user() -> None:
     from sae_lens_multimodal.training import image_store
 
-    assert set(INPUT_KINDS) == {"block_output", "block_input", "residual_update", "attention_output", "mlp_output"}
+    assert set(INPUT_KINDS) == {"block_output", "block_input", "residual_update", "attention_output", "mlp_output",
+                                "block_middle", "mlp_pre_activation", "mlp_activation", "attention_heads"}
     assert TOKEN_POLICIES == ("all", "cls", "patches")
     assert MODEL_KINDS == ("vision", "clip", "vlm", "diffusion")
     assert CFG_BRANCHES is denoising.CFG_BRANCHES
@@ -41,8 +42,12 @@ def test_one_vocabulary_shared_by_every_user() -> None:
     ("blocks.1.hook_mlp_out", "mlp_output"),
     ("up.1.1.hook_out", "block_output"),
     ("down_blocks.2.attentions.1.hook_update", "residual_update"),
-    ("blocks.1.attn.hook_z", None),
-    ("blocks.1.mlp.hook_post", None),
+    ("blocks.1.attn.hook_z", "attention_heads"),
+    ("blocks.1.mlp.hook_post", "mlp_activation"),
+    ("blocks.1.mlp.hook_pre", "mlp_pre_activation"),
+    ("blocks.1.hook_resid_mid", "block_middle"),
+    ("blocks.1.attn.hook_q", None),
+    ("blocks.1.ln1.hook_scale", None),
     (None, None),
 ])
 def test_input_kind_of_hook(hook, kind) -> None:
@@ -71,7 +76,7 @@ def test_normalizers_map_spellings_and_refuse_the_rest() -> None:
 
 def test_input_kind_must_match_its_hook() -> None:
     check_input_kind_matches_hook("residual_update", "up.0.hook_update")
-    check_input_kind_matches_hook("block_output", "blocks.1.attn.hook_z")  # hook without a known kind: no check
+    check_input_kind_matches_hook("block_output", "blocks.1.attn.hook_q")  # hook without a known kind: no check
     with pytest.raises(ValueError, match="contradicts hook 'up.0.hook_update', which carries a residual_update"):
         check_input_kind_matches_hook("block_output", "up.0.hook_update")
     md = {"hook_name": "blocks.2.hook_mlp_out", "input_kind": "hook_mlp_out", "token_policy": "all", "cfg_branch": None}
@@ -96,11 +101,15 @@ def test_prisma_hooks_map_into_the_schema() -> None:
     assert facts["input_kind"] == "block_input"
 
 
-def test_prisma_value_no_one_accepted_is_refused_clearly() -> None:
+def test_prisma_value_no_one_accepted_is_mapped_or_refused_clearly() -> None:
     # Before the schema, a Prisma SAE at an MLP-hidden hook got input_kind "other", which neither
-    # saes/ nor the release table accepted. It is now refused, naming the hook and the kinds.
-    with pytest.raises(ReleaseFormatError, match=r"hook 'blocks\.1\.mlp\.hook_post'.*no input kind.*block_output"):
-        convert_prisma(_prisma_config("mlp.hook_post"), _prisma_state(), what="test SAE")
+    # saes/ nor the release table accepted. MLP-hidden, mid-residual and per-head SAEs now map into the
+    # schema (they loaded before, so they still load); a hook the schema has no kind for is refused,
+    # naming the hook and the kinds.
+    _, _, facts = convert_prisma(_prisma_config("mlp.hook_post"), _prisma_state(), what="test SAE")
+    assert facts["input_kind"] == "mlp_activation"
+    with pytest.raises(ReleaseFormatError, match=r"hook 'blocks\.1\.attn\.hook_q'.*no input kind.*block_output"):
+        convert_prisma(_prisma_config("attn.hook_q"), _prisma_state(), what="test SAE")
 
 
 def test_release_table_uses_the_schema() -> None:

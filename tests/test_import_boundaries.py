@@ -1,5 +1,7 @@
-"""The shapes world is a plug-in: the core never imports it at module level (the model registry imports it on
-the first lookup of a ``shapes-`` name), and nothing imports its training scripts (world/training)."""
+"""The shapes world is a plug-in: the core never imports it (the model registry imports it on the first lookup
+of a ``shapes-`` name; it registers its models, pipeline class and factor world through the public registries),
+only the command-line front ends do, inside the function that handles a shapes-world option, and nothing
+imports its training scripts (world/training)."""
 
 from __future__ import annotations
 
@@ -64,3 +66,18 @@ def test_no_module_outside_the_world_imports_it_at_module_level_and_none_imports
                          if n.startswith("sae_lens_multimodal.world.training")]
     assert module_level == []
     assert training == []
+
+
+#: command-line front ends: they offer shapes-world inputs and commands, imported when a user asks for them
+CLI_FRONT_ENDS = {"cli.py", "reports/cli.py", "reports/demo.py", "steering/cli.py"}
+
+
+def test_no_module_outside_the_world_imports_it_except_the_command_line_front_ends():
+    anywhere = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel.startswith("world/") or rel in CLI_FRONT_ENDS:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        anywhere += [f"{rel}: {n}" for n in _imports(tree, False) if n.startswith("sae_lens_multimodal.world")]
+    assert anywhere == []

@@ -78,7 +78,8 @@ def test_every_exported_name_resolves(package: str):
         ("sae_lens_multimodal.reports", "table", "sae_lens_multimodal.reports.html"),
         ("sae_lens_multimodal.reports", "TopExample", "sae_lens_multimodal.reports.dashboard_data"),
         ("sae_lens_multimodal.steering", "MODES", "sae_lens_multimodal.steering.specs"),
-        ("sae_lens_multimodal.analysis", "shapes_prompts", "sae_lens_multimodal.analysis.ablation"),
+        ("sae_lens_multimodal.analysis", "shapes_prompts", "sae_lens_multimodal.world.causal"),
+        ("sae_lens_multimodal.steering", "label_accuracy", "sae_lens_multimodal.world.feature_checks"),
         ("sae_lens_multimodal.diffusion", "SUPPORTED_UNETS", "sae_lens_multimodal.diffusion.hooked"),
     ],
 )

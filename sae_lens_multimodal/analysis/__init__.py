@@ -28,5 +28,6 @@ __all__ += [
     "Component", "ablate_components",
     "feature_timecourse", "timestep_probes",
 ]
-# Result records (VisionPatchingResult, FeatureLabels, ...) and the shapes-world helpers (shape_patch_mask,
-# shapes_prompts) stay importable from their modules.
+# Result records (VisionPatchingResult, FeatureLabels, ...) stay importable from their modules; the factor-world
+# registry (FactorWorld, register_factor_world) from analysis.factor_worlds. The shapes-world helpers
+# (shape_patch_mask, shapes_prompts) live with the world: sae_lens_multimodal.world.causal.

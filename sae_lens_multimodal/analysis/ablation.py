@@ -2,7 +2,8 @@
 
 Each component is knocked out in one full generation run of a fixed prompt set (same seed, so the only
 difference from the baseline run is the ablation), and the generated images are judged per factor by a
-CLIP (shapes world: :class:`~sae_lens_multimodal.world.eval_diffusion.FactorClassifier`):
+CLIP, the judge of the prompts' factor world (:mod:`sae_lens_multimodal.analysis.factor_worlds`; shapes
+world: :class:`~sae_lens_multimodal.world.eval_diffusion.FactorClassifier`):
 
 * **heads**: one head of one attention module (``...attn1`` self-attention, ``...attn2`` cross-attention)
   at ``hook_z`` (its output before the output projection), set to zero (``method="zero"``) or to its mean
@@ -14,6 +15,7 @@ mean probability of the prompt's value (finer than accuracy), their changes from
 and the pixel MSE against the baseline images. :meth:`AblationResult.selective` turns these into
 statements such as "head 2 of up_blocks.0.attentions.1...attn2 affects colour but not position".
 
+>>> from sae_lens_multimodal.world.causal import shapes_prompts
 >>> result = ablate_components(pipe, shapes_prompts(24, seed=0), method="mean")
 >>> print(result.to_table()); result.plot("ablation.png")
 """
@@ -30,9 +32,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from sae_lens_multimodal.analysis.diffusion_patching import _captions, as_hooked_pipeline, unet_blocks
-from sae_lens_multimodal.core.denoising import CFG_BATCH_ORDER, cfg_row_split, current_denoising_state
+from sae_lens_multimodal.analysis.diffusion_patching import as_hooked_pipeline, unet_blocks
+from sae_lens_multimodal.analysis.factor_worlds import FactorWorld, factor_world_for
 from sae_lens_multimodal.analysis.plotting import PathLike, blank_figure, heatmap, save_figure
+from sae_lens_multimodal.core.denoising import CFG_BATCH_ORDER, cfg_row_split, current_denoising_state
+from sae_lens_multimodal.core.images import to_uint8
 
 __all__ = [
     "ABLATION_METHODS",
@@ -42,7 +46,6 @@ __all__ = [
     "attention_modules",
     "head_components",
     "block_components",
-    "shapes_prompts",
 ]
 
 ABLATION_METHODS = ("zero", "mean")
@@ -68,20 +71,6 @@ class Component:
     @property
     def hook_name(self) -> str:
         return f"{self.module}.hook_update" if self.head is None else f"{self.module}.hook_z"
-
-
-def shapes_prompts(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """``n`` shapes-world prompts (colour, shape, position factor dicts) that cycle through every colour,
-    shape and position as evenly as ``n`` allows, in a seeded order (balanced accuracy per factor)."""
-    from sae_lens_multimodal.world.shapes import COLORS, POSITIONS, SHAPES
-
-    if n < 1:
-        raise ValueError(f"n must be >= 1; got {n}.")
-    rng = np.random.default_rng(seed)
-    cols = [list(COLORS)[i % len(COLORS)] for i in rng.permutation(max(n, len(COLORS)))[:n]]
-    shapes = [SHAPES[i % len(SHAPES)] for i in rng.permutation(max(n, len(SHAPES)))[:n]]
-    pos = [POSITIONS[i % len(POSITIONS)] for i in rng.permutation(max(n, len(POSITIONS)))[:n]]
-    return [{"color": c, "shape": s, "position": p} for c, s, p in zip(cols, shapes, pos)]
 
 
 def attention_modules(hooked: Any) -> list[str]:
@@ -223,6 +212,7 @@ def ablate_components(
     method: str = "mean",
     at_timesteps: Any = None,
     judge: Any = None,
+    world: Optional[FactorWorld] = None,
     factors: Sequence[str] = FACTORS,
     num_inference_steps: int = 10,
     guidance_scale: float = 2.0,
@@ -234,12 +224,15 @@ def ablate_components(
 
     Args:
         pipe: a diffusers pipeline (e.g. the shapes-world one) or a HookedDiffusionPipeline.
-        prompts: shapes-world factor dicts (see :func:`shapes_prompts`): the ground truth the judge checks.
+        prompts: factor dicts (e.g. the shapes world's
+            :func:`~sae_lens_multimodal.world.causal.shapes_prompts`): the ground truth the judge checks.
         components: default every head of every attention module (:func:`head_components`) and every
             skippable block (:func:`block_components`).
         method: head ablation, ``"zero"`` or ``"mean"`` (over the prompts, per timestep, branch, position).
         at_timesteps: ablate only at these timesteps (any selector ``run_with_hooks`` takes); None = all.
-        judge: a FactorClassifier (built when None).
+        judge: scores the images per factor (default: the factor world's judge, built when None).
+        world: the :class:`~sae_lens_multimodal.analysis.factor_worlds.FactorWorld` of the prompts
+            (default: the one registered for ``pipe``'s class).
     """
     if method not in ABLATION_METHODS:
         raise ValueError(f"method must be one of {ABLATION_METHODS}; got {method!r}.")
@@ -251,17 +244,14 @@ def ablate_components(
         raise ValueError("No components to ablate.")
     for c in comps:
         hooked._filter_names([c.hook_name])  # unknown -> KeyError with close matches
+    world = world or factor_world_for(hooked)
     if judge is None:
-        from sae_lens_multimodal.world.eval_diffusion import FactorClassifier
-
-        judge = FactorClassifier()
+        judge = world.make_judge()
     factors = tuple(factors)
     missing = [f for f in factors if f not in judge.factors]
     if missing:
         raise ValueError(f"The judge classifies {list(judge.factors)}; cannot score {missing}.")
-    from sae_lens_multimodal.world.diffusion import to_uint8
-
-    text = _captions(prompts)
+    text = world.captions(prompts)
     truth = {f: torch.tensor([judge.values[f].index(p[f]) for p in prompts]) for f in factors}
 
     def generate(runner: Callable, **extra: Any) -> Any:

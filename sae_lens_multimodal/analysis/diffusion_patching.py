@@ -31,8 +31,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from sae_lens_multimodal.analysis.factor_worlds import FactorWorld, captions, factor_world_for
 from sae_lens_multimodal.analysis.plotting import PathLike, blank_figure, heatmap, save_figure, to_numpy
 from sae_lens_multimodal.core.denoising import CFG_BATCH_ORDER, current_denoising_state
+from sae_lens_multimodal.core.images import to_uint8
 
 __all__ = [
     "DEFAULT_UNET_BLOCKS",
@@ -54,6 +56,7 @@ Prompt = Union[str, dict[str, str]]
 
 def as_hooked_pipeline(pipe: Any) -> Any:
     """A :class:`HookedDiffusionPipeline` for ``pipe`` (returned as is when it already is one)."""
+    # diffusers: the diffusion package imports it; analysis loads it only for a diffusion model
     from sae_lens_multimodal.diffusion.pipeline import HookedDiffusionPipeline
 
     return pipe if isinstance(pipe, HookedDiffusionPipeline) else HookedDiffusionPipeline(pipe)
@@ -78,12 +81,6 @@ def unet_blocks(hooked: Any) -> list[str]:
 
     blocks = [b for b in blocks if b.split(".")[0] in ("down_blocks", "mid_block", "up_blocks")]
     return sorted(blocks, key=order)
-
-
-def _captions(prompts: Sequence[Prompt]) -> list[str]:
-    from sae_lens_multimodal.world.shapes import caption
-
-    return [p if isinstance(p, str) else caption(p) for p in prompts]
 
 
 @dataclass
@@ -205,6 +202,7 @@ def diffusion_patching(
     timestep_mode: str = "single",
     factor: Optional[str] = "color",
     judge: Any = None,
+    world: Optional[FactorWorld] = None,
     hook: str = "hook_out",
     cfg_branch: Optional[str] = None,
     num_inference_steps: int = 10,
@@ -217,8 +215,8 @@ def diffusion_patching(
 
     Args:
         pipe: a diffusers text-to-image pipeline (e.g. the shapes-world pipeline) or a HookedDiffusionPipeline.
-        source / target: prompts, pairs row by row: strings, or shapes-world factor dicts (``{"color": "red",
-            "shape": "circle", "position": "left"}``, captioned with ``caption``), which also give the
+        source / target: prompts, pairs row by row: strings, or factor dicts (``{"color": "red",
+            "shape": "circle", "position": "left"}``, captioned by the factor world), which also give the
             factor values the judge scores.
         blocks: block module paths (``"up_blocks.0.attentions.1"``; aliases allowed) or ``"auto"`` (every
             resnet and attention block of the UNet in execution order).
@@ -227,9 +225,12 @@ def diffusion_patching(
             of timesteps patched together, e.g. the first and the second half of the schedule).
         timestep_mode: ``"single"`` (the column's timestep or window), ``"from"`` (it and every later,
             less noisy step) or ``"until"`` (every step up to and including it).
-        factor / judge: the factor whose probability is scored and a
-            :class:`~sae_lens_multimodal.world.eval_diffusion.FactorClassifier` (built when ``None`` and the
+        factor / judge: the factor whose probability is scored and the judge that scores it (default the
+            factor world's, e.g. the shapes world's
+            :class:`~sae_lens_multimodal.world.eval_diffusion.FactorClassifier`, built when ``None`` and the
             prompts are factor dicts); ``factor=None`` scores pixels only.
+        world: the :class:`~sae_lens_multimodal.analysis.factor_worlds.FactorWorld` of factor-dict prompts
+            (default: the one registered for ``pipe``'s class).
         hook: the block hook patched (``"hook_out"``, or ``"hook_update"`` where a block has one).
         cfg_branch: patch only this CFG branch (``"cond"`` / ``"uncond"``); None patches every row.
         num_inference_steps / guidance_scale / seed / pipe_kwargs: the pipeline's arguments; both runs
@@ -244,7 +245,7 @@ def diffusion_patching(
         [blocks] if isinstance(blocks, str) else blocks)
     # locate resolves block aliases; unknown hooks raise a KeyError with close matches
     hook_names = [hooked.locate(f"{b}.{hook}").name for b in block_list]
-    src_text, tgt_text = _captions(source), _captions(target)
+    src_text, tgt_text = captions(source, hooked, world), captions(target, hooked, world)
 
     judge_fn: Callable[[np.ndarray], dict[str, float]] = lambda images: {}  # noqa: E731
     if factor is not None:
@@ -255,12 +256,8 @@ def diffusion_patching(
                 "pass factor=None to score pixels only."
             )
         if judge is None:
-            from sae_lens_multimodal.world.eval_diffusion import FactorClassifier
-
-            judge = FactorClassifier()
+            judge = (world or factor_world_for(hooked)).make_judge()
         judge_fn = _judge_metrics(judge, factor, [p[factor] for p in source], [p[factor] for p in target])  # type: ignore[index]
-
-    from sae_lens_multimodal.world.diffusion import to_uint8
 
     def generate(prompts: list[str], **extra: Any) -> torch.Tensor:
         kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type="pt",

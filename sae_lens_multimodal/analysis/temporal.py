@@ -13,14 +13,14 @@ Which CFG branch to read matters. The conditional branch is given the prompt at 
 cross-attention and the text embedding added to the time embedding), so its activations carry the
 prompt's factors even at the first, pure-noise step. The unconditional branch sees only the noisy sample,
 so what it decodes is what the sample itself already shows: that is the branch to ask "when is colour
-decided". Run as a script to print both tables (issue 7's temporal ground-truth check)::
+decided". The shapes world prints both tables for its shipped model (issue 7's temporal ground-truth
+check)::
 
-    python -m sae_lens_multimodal.analysis.temporal --hooks up_blocks.0.attentions.1.hook_out
+    python -m sae_lens_multimodal.world.causal --hooks up_blocks.0.attentions.1.hook_out
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sae_lens_multimodal.analysis.ablation import shapes_prompts
-from sae_lens_multimodal.analysis.diffusion_patching import _captions, as_hooked_pipeline
+from sae_lens_multimodal.analysis.diffusion_patching import as_hooked_pipeline
+from sae_lens_multimodal.analysis.factor_worlds import FactorWorld, captions, factor_world_for
 from sae_lens_multimodal.analysis.plotting import PathLike, blank_figure, save_figure, to_numpy
 from sae_lens_multimodal.core.denoising import check_cfg_branch, timestep_context
 
@@ -45,7 +45,6 @@ __all__ = [
     "commit_index",
     "sae_timestep_buckets",
     "pool_activations",
-    "main",
 ]
 
 REDUCTIONS = ("mean", "max")
@@ -231,13 +230,14 @@ def feature_timecourse(
     num_inference_steps: int = 10,
     guidance_scale: float = 2.0,
     seed: int = 0,
+    world: Optional[FactorWorld] = None,
     **pipe_kwargs: Any,
 ) -> FeatureTimecourse:
     """Trace features across the denoising timesteps of ``prompts``.
 
     Args:
         pipe: a diffusers pipeline or a HookedDiffusionPipeline.
-        prompts: strings or shapes-world factor dicts.
+        prompts: strings or factor dicts (captioned by ``world``, default the one registered for ``pipe``).
         hook_name: where to read (default: the SAE's ``cfg.metadata.hook_name``).
         sae: an SAELens SAE; timestep-aware ones are told each activation's timestep and branch
             (``timestep_context``). ``features`` selects latents (default all). A timestep-bucketed SAE
@@ -278,7 +278,7 @@ def feature_timecourse(
             raise ValueError(f"Features {bad} are out of range for an SAE with {n_latents} latents.")
         features = feats
         labels = list(feats)
-    text = _captions(prompts)
+    text = captions(prompts, hooked, world)
     _, cache = hooked.run_with_cache(
         text, names_filter=[name], cfg_branch=cfg_branch, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed), output_type="pt", **pipe_kwargs,
@@ -412,14 +412,15 @@ def _factor_pooling(pooling: str, factor: str) -> str:
     return "grid" if factor == "position" else "mean"
 
 
-def _run_pooled(hooked: Any, prompts: list[dict[str, str]], name: str, cfg_branch: str, poolings: set[str], seed: int,
-                num_inference_steps: int, guidance_scale: float, batch_size: int, pipe_kwargs: dict) -> tuple[list[Any], dict[str, torch.Tensor]]:
+def _run_pooled(hooked: Any, world: FactorWorld, prompts: list[dict[str, str]], name: str, cfg_branch: str,
+                poolings: set[str], seed: int, num_inference_steps: int, guidance_scale: float, batch_size: int,
+                pipe_kwargs: dict) -> tuple[list[Any], dict[str, torch.Tensor]]:
     """Pooled activations {pooling: [T, n, features]} of ``prompts`` (in batches; one generator, seeded)."""
     gen = torch.Generator().manual_seed(seed)
     chunks: dict[str, list[torch.Tensor]] = {p: [] for p in poolings}
     timesteps: list[Any] = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=f"caching (seed {seed})"):
-        text = _captions(prompts[i:i + batch_size])
+        text = world.captions(prompts[i:i + batch_size])
         _, cache = hooked.run_with_cache(
             text, names_filter=[name], cfg_branch=cfg_branch, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, generator=gen, output_type="pt", **pipe_kwargs,
@@ -448,12 +449,14 @@ def timestep_probes(
     lbfgs_steps: int = 100,
     batch_size: int = 64,
     progress: bool = True,
+    world: Optional[FactorWorld] = None,
     **pipe_kwargs: Any,
 ) -> ProbeResult:
-    """Linear probes per timestep for shapes-world factors at one hook.
+    """Linear probes per timestep for a factor world's factors at one hook (``world``: default the one
+    registered for ``pipe``'s class, e.g. the shapes world).
 
-    Training runs: :func:`~sae_lens_multimodal.analysis.ablation.shapes_prompts` ``(n_train, train_seed)``
-    with noise from a generator seeded ``train_seed``; test runs: ``(n_test, test_seed)`` likewise, so test
+    Training runs: the world's ``sample_prompts(n_train, train_seed)`` (shapes world:
+    :func:`~sae_lens_multimodal.world.causal.shapes_prompts`) with noise from a generator seeded ``train_seed``; test runs: ``(n_test, test_seed)`` likewise, so test
     images come from noise (and prompt orders) never trained on. Inputs are standardised with the training
     set's statistics; one multinomial logistic regression (L2 ``weight_decay``) per timestep and factor.
     ``cfg_branch``: ``"uncond"`` (what the sample shows; see the module doc) or ``"cond"``.
@@ -461,26 +464,26 @@ def timestep_probes(
     position from the 3x3 grid (measured: grid inputs lower colour accuracy by 0.1-0.35 with ~100
     training runs, mean inputs cannot locate the shape).
     """
-    # the shapes world is a plug-in the core imports only when used (tests/test_import_boundaries.py)
-    from sae_lens_multimodal.world.shapes import ShapesWorld
-
     check_cfg_branch(cfg_branch, allow_both=False, allow_none=False)
-    values = ShapesWorld.factor_values
-    bad = [f for f in factors if f not in ("color", "shape", "position")]
+    hooked = as_hooked_pipeline(pipe)
+    world = world or factor_world_for(hooked)
+    values = world.factor_values
+    prompt_factors = list(world.sample_prompts(1, train_seed)[0])
+    bad = [f for f in factors if f not in prompt_factors or f not in values]
     if bad:
-        raise ValueError(f"Probes read the prompt's factors color / shape / position; got {bad}.")
+        raise ValueError(f"Probes read the prompt's factors {' / '.join(prompt_factors)}; got {bad}.")
     if pooling != "auto" and pooling not in POOLINGS:
         raise ValueError(f"pooling must be 'auto' or one of {POOLINGS}; got {pooling!r}.")
     if min(n_train, n_test) < 2:
         raise ValueError("n_train and n_test must be at least 2.")
-    hooked = as_hooked_pipeline(pipe)
     name = hooked.locate(hook_name).name  # aliases resolve; an unknown name raises with close matches
-    train_prompts, test_prompts = shapes_prompts(n_train, train_seed), shapes_prompts(n_test, test_seed)
+    train_prompts = world.sample_prompts(n_train, train_seed)
+    test_prompts = world.sample_prompts(n_test, test_seed)
     poolings = {_factor_pooling(pooling, f) for f in factors}
     common = dict(cfg_branch=cfg_branch, poolings=poolings, num_inference_steps=num_inference_steps,
                   guidance_scale=guidance_scale, batch_size=batch_size, pipe_kwargs=pipe_kwargs)
-    timesteps, x_train = _run_pooled(hooked, train_prompts, name, seed=train_seed, **common)  # type: ignore[arg-type]
-    _, x_test = _run_pooled(hooked, test_prompts, name, seed=test_seed, **common)  # type: ignore[arg-type]
+    timesteps, x_train = _run_pooled(hooked, world, train_prompts, name, seed=train_seed, **common)  # type: ignore[arg-type]
+    _, x_test = _run_pooled(hooked, world, test_prompts, name, seed=test_seed, **common)  # type: ignore[arg-type]
     labels = {
         split: {f: torch.tensor([values[f].index(p[f]) for p in ps]) for f in factors}
         for split, ps in (("train", train_prompts), ("test", test_prompts))
@@ -504,37 +507,3 @@ def timestep_probes(
         hook_name=name, cfg_branch=cfg_branch, pooling=pooling, n_train=n_train, n_test=n_test,
         train_seed=train_seed, test_seed=test_seed, num_inference_steps=num_inference_steps,
     )
-
-
-def main(argv: Optional[list[str]] = None) -> list[ProbeResult]:
-    """Print per-timestep probe tables for the shipped shapes-world diffusion model (both CFG branches)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="pipeline directory (default: the shipped shapes-diffusion)")
-    parser.add_argument("--hooks", default="up_blocks.0.attentions.1.hook_out,up_blocks.2.resnets.1.hook_out",
-                        help="comma-separated hook names")
-    parser.add_argument("--branches", default="uncond,cond")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--n-train", type=int, default=162)
-    parser.add_argument("--n-test", type=int, default=108)
-    parser.add_argument("--pooling", default="auto", choices=("auto",) + POOLINGS)
-    parser.add_argument("--plot-dir", default=None, help="also write one PNG per branch here")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from sae_lens_multimodal.world.diffusion import load_shapes_pipeline
-
-    hooked = as_hooked_pipeline(load_shapes_pipeline(args.model))
-    results = []
-    for hook in args.hooks.split(","):
-        for branch in args.branches.split(","):
-            result = timestep_probes(hooked, hook.strip(), cfg_branch=branch.strip(), n_train=args.n_train,
-                                     n_test=args.n_test, pooling=args.pooling, num_inference_steps=args.steps)
-            print(result, end="\n\n", flush=True)
-            if args.plot_dir:
-                result.plot(Path(args.plot_dir) / f"probes_{hook.strip()}_{branch.strip()}.png")
-            results.append(result)
-    return results
-
-
-if __name__ == "__main__":
-    main()

@@ -41,7 +41,6 @@ __all__ = [
     "VisionPatchingResult",
     "clip_activation_patching",
     "normalised_logit_diff_metric",
-    "shape_patch_mask",
     "token_names",
 ]
 
@@ -304,7 +303,8 @@ def clip_activation_patching(
         heads_by_position: also patch each head's ``hook_z`` at one token at a time ([n_layers, n_tokens,
             n_heads]; n_layers x n_tokens x n_heads forward passes): which head moves the answer from where.
         full_layer: activations to patch at every token, one layer at a time (``resid_post`` included).
-        region_tokens: token positions (e.g. from :func:`shape_patch_mask`) patched together, per layer,
+        region_tokens: token positions (e.g. the shapes world's
+            :func:`~sae_lens_multimodal.world.causal.shape_patch_mask`) patched together, per layer,
             for each activation in ``activations``.
         display_images: ``(clean, corrupt)`` [3, H, W] images in [0, 1] for the figure; default: the
             inputs' first pair rescaled to [0, 1].
@@ -400,17 +400,3 @@ def clip_activation_patching(
         corrupt_image=display_images[1],
         heads_by_position=head_pos_effects,
     )
-
-
-def shape_patch_mask(factors: Any, image_size: int, patch_size: int, n_prefix_tokens: int = 1) -> list[int]:
-    """Token positions (prefix tokens counted) of the patches a shapes-world shape covers: ground truth
-    for where the effect of changing the shape's colour should sit. ``factors``: a ShapeFactors."""
-    from dataclasses import replace
-
-    from sae_lens_multimodal.world.shapes import ShapesWorld
-
-    white = replace(factors, rgb=(255, 255, 255), texture="plain", text=None, text_row=None)
-    alpha = ShapesWorld(image_size=image_size).render([white])[0, ..., 0]  # uint8 [H, W]
-    g = image_size // patch_size
-    cover = alpha.reshape(g, patch_size, g, patch_size).max(axis=(1, 3)) > 0
-    return [n_prefix_tokens + int(i) for i in np.flatnonzero(cover.reshape(-1))]

@@ -8,18 +8,13 @@ steerability: how far clamping a feature moves a CLIP's text-space probabilities
 
 from sae_lens_multimodal.core.positions import token_mask
 from sae_lens_multimodal.steering.core import steer
-from sae_lens_multimodal.steering.ground_truth import (
-    factor_text_embeddings,
-    label_accuracy,
-    shapes_ground_truth,
-    shapes_steerability,
-)
 from sae_lens_multimodal.steering.hooks import steering_hooks
 from sae_lens_multimodal.steering.specs import DirectionSteer, FeatureSteer
 from sae_lens_multimodal.steering.steerability import steerability
 
-# Result records (SteerabilityResult, LabelAccuracy, GroundTruthReport) and constants (MODES, BASELINES) stay
-# in their modules.
+# Result records (SteerabilityResult) and constants (MODES, BASELINES) stay in their modules. The shapes-world
+# ground-truth checks (label_accuracy, shapes_steerability, shapes_ground_truth) live with the world:
+# sae_lens_multimodal.world.feature_checks.
 __all__ = [
     "FeatureSteer",
     "DirectionSteer",
@@ -27,8 +22,4 @@ __all__ = [
     "steering_hooks",
     "token_mask",
     "steerability",
-    "factor_text_embeddings",
-    "label_accuracy",
-    "shapes_ground_truth",
-    "shapes_steerability",
 ]

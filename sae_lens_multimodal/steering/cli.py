@@ -37,7 +37,8 @@ def run_steerability(args: argparse.Namespace) -> int:
     text_embeds = None
     vocabulary = args.vocabulary
     if args.images == "shapes" or (args.images is None and args.model == "shapes-clip"):
-        from sae_lens_multimodal.steering.ground_truth import factor_text_embeddings
+        # --images shapes: the shapes world is a plug-in, imported only when asked for
+        from sae_lens_multimodal.world.feature_checks import factor_text_embeddings
         from sae_lens_multimodal.world.shapes import ShapesWorld, to_tensor
 
         raw, _ = ShapesWorld(image_size=32, seed=args.seed).sample(args.n_images)

@@ -2,62 +2,40 @@
 
 Importing this package registers its models (``"shapes-clip"``, ``"shapes-clip-typographic"``,
 ``"shapes-diffusion"``) with :mod:`sae_lens_multimodal.models.registry` and its pipeline class with
-:mod:`sae_lens_multimodal.diffusion.pipeline_classes`, the registries any other package uses; the registry
-imports this package on the first lookup of a ``shapes-`` name. The scripts that trained the shipped
+:mod:`sae_lens_multimodal.diffusion.pipeline_classes` and its factor world (captions, factor values, prompt
+sets and judge of factor-dict prompts) with :mod:`sae_lens_multimodal.analysis.factor_worlds`, the registries
+any other package uses; the model registry imports this package on the first lookup of a ``shapes-`` name. The scripts that trained the shipped
 weights live in :mod:`sae_lens_multimodal.world.training`, which nothing else imports.
 """
 
+from sae_lens_multimodal.analysis.factor_worlds import register_factor_world
 from sae_lens_multimodal.diffusion.pipeline_classes import register_pipeline_class
 from sae_lens_multimodal.models.registry import register_model
-from sae_lens_multimodal.world.clip import (
-    ZeroShotResult,
-    load_shapes_clip,
-    typographic_attack,
-    zero_shot_accuracy,
-)
+from sae_lens_multimodal.world.causal import SHAPES_FACTOR_WORLD
+from sae_lens_multimodal.world.clip import load_shapes_clip, typographic_attack, zero_shot_accuracy
 from sae_lens_multimodal.world.paths import SHAPES_CLIP_DIR, SHAPES_CLIP_TYPOGRAPHIC_DIR, SHAPES_DIFFUSION_DIR
 from sae_lens_multimodal.world.shapes import (
-    CLASS_FACTORS,
-    COLORS,
-    FACTOR_NAMES,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    TEXT_WORDS,
-    TEXTURES,
-    ShapeFactors,
     ShapesDataset,
     ShapesWorld,
     all_captions,
     caption,
-    caption_vocabulary,
     class_factor_combinations,
     to_tensor,
 )
 
+# What a user calls. The world's constants (COLORS, SHAPES, POSITIONS, ...; the weight directories) and records
+# (ShapeFactors, ZeroShotResult) stay importable from their modules (world.shapes, world.paths, world.clip);
+# the diffusion model loads with world.diffusion.load_shapes_pipeline (diffusers) or load_model("shapes-diffusion").
 __all__ = [
-    "SHAPES_CLIP_DIR",
-    "SHAPES_CLIP_TYPOGRAPHIC_DIR",
-    "ZeroShotResult",
-    "load_shapes_clip",
-    "typographic_attack",
-    "zero_shot_accuracy",
-    "CLASS_FACTORS",
-    "COLORS",
-    "FACTOR_NAMES",
-    "POSITIONS",
-    "SHAPES",
-    "SIZES",
-    "TEXT_WORDS",
-    "TEXTURES",
-    "ShapeFactors",
-    "ShapesDataset",
     "ShapesWorld",
-    "all_captions",
+    "ShapesDataset",
     "caption",
-    "caption_vocabulary",
+    "all_captions",
     "class_factor_combinations",
     "to_tensor",
+    "load_shapes_clip",
+    "zero_shot_accuracy",
+    "typographic_attack",
 ]
 
 
@@ -89,3 +67,6 @@ register_model(
 # Batches [uncond, cond] like StableDiffusionPipeline; imported (with diffusers) only when a saved one is loaded.
 register_pipeline_class("ShapesDiffusionPipeline", "sae_lens_multimodal.world.diffusion:ShapesDiffusionPipeline",
                         cfg_layout="batched")
+# Factor-dict prompts of the shapes pipeline are captioned, sampled and judged by the shapes world
+# (diffusion_patching, ablate_components, timestep_probes find it from the pipeline).
+register_factor_world(SHAPES_FACTOR_WORLD, pipeline_classes=["ShapesDiffusionPipeline"])

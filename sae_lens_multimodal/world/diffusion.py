@@ -28,13 +28,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from sae_lens_multimodal.core.atomic import atomic_directory
+from sae_lens_multimodal.core.images import to_uint8  # re-exported: the world's image format
+from sae_lens_multimodal.models.registry import resolve_model_name
+from sae_lens_multimodal.world.clip import load_shapes_clip
 from sae_lens_multimodal.world.paths import SHAPES_CLIP_DIR, SHAPES_DIFFUSION_DIR
 
 __all__ = [
@@ -175,17 +177,6 @@ def text_encoder_from_open_clip(clip_model: Any) -> Any:
     return model
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Pipeline output (``output_type="pt"``: float [n, 3, H, W] in [0, 1]) -> uint8 [n, H, W, 3], the
-    world's image format (what the CLIP and the world's tools take)."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(
-            f"Expected the pipeline's output_type='pt' images, float [n, 3, H, W]; got "
-            f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}."
-        )
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 class ShapesDiffusionPipeline(DiffusionPipeline):
     """Text-to-image for the shapes world: CLIP text encoder -> UNet2DConditionModel -> scheduler loop.
 
@@ -203,8 +194,6 @@ class ShapesDiffusionPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any) -> "ShapesDiffusionPipeline":  # type: ignore[override]
         """diffusers' ``from_pretrained``; registered names (``"shapes-diffusion"``) resolve to their directory."""
-        from sae_lens_multimodal.models.registry import resolve_model_name
-
         name = resolve_model_name(str(pretrained_model_name_or_path))
         return super().from_pretrained(name, **kwargs)
 
@@ -350,8 +339,6 @@ def build_shapes_pipeline(
 ) -> ShapesDiffusionPipeline:
     """A fresh pipeline: a randomly initialised UNet (seeded), the CLIP's text tower and tokenizer
     (``clip_dir``, default the shipped shapes CLIP) and a DPM-Solver++ sampler."""
-    from sae_lens_multimodal.world.clip import load_shapes_clip
-
     clip, _ = load_shapes_clip(clip_dir)
     text_encoder = text_encoder_from_open_clip(clip)
     tokenizer = tokenizer_from_clip_dir(clip_dir, context_length=text_encoder.config.max_position_embeddings)

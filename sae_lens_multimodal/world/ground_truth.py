@@ -5,9 +5,9 @@
 
 Three checks, each printed as a table (the functions doing the work live with their analyses):
 
-1. Free-label accuracy (``steering.ground_truth.label_accuracy``): for vision-SAE features whose top activating
+1. Free-label accuracy (``world.feature_checks.label_accuracy``): for vision-SAE features whose top activating
    images share a colour / shape / position, does each labeler's top label name that value?
-2. Steerability (``steering.ground_truth.shapes_steerability``): the fraction of features whose clamping moves
+2. Steerability (``world.feature_checks.shapes_steerability``): the fraction of features whose clamping moves
    zero-shot predictions toward their label beyond random-feature and random-direction baselines.
 3. Temporal probes (``analysis.temporal.timestep_probes``): at which denoising timestep colour, position and
    shape become linearly decodable from the shapes UNet's activations.
@@ -30,7 +30,7 @@ __all__ = ["GroundTruthChecks", "run_ground_truth_checks", "main"]
 class GroundTruthChecks:
     """Figures of all three checks."""
 
-    vision: Any  # steering.ground_truth.GroundTruthReport (labels + steerability)
+    vision: Any  # world.feature_checks.GroundTruthReport (labels + steerability)
     probes: list[Any]  # analysis.temporal.ProbeResult, one per (hook, branch)
 
     def first_decodable(self, factor: str, threshold: float = 0.9) -> dict[str, Optional[int]]:
@@ -63,9 +63,11 @@ def run_ground_truth_checks(
     verbose: bool = True,
 ) -> GroundTruthChecks:
     """Run the three checks on the shipped models and bundled SAEs; ``quick`` uses smaller samples."""
+    # deferred: `sae-lens-mm --help` builds this command's parser from this module; the checks' imports
+    # (transformer_lens, sae_lens, diffusers for the shapes pipeline) load only when they run
     from sae_lens_multimodal.analysis.temporal import timestep_probes
-    from sae_lens_multimodal.steering.ground_truth import shapes_ground_truth
     from sae_lens_multimodal.world.diffusion import load_shapes_pipeline
+    from sae_lens_multimodal.world.feature_checks import shapes_ground_truth
 
     vision = shapes_ground_truth(
         n_images=400 if quick else 1000,

@@ -27,8 +27,8 @@ from sae_lens_multimodal.analysis.ablation import (
     attention_modules,
     block_components,
     head_components,
-    shapes_prompts,
 )
+from sae_lens_multimodal.world.causal import shapes_prompts
 
 STEPS = 8
 ATTN = "up_blocks.0.attentions.1.transformer_blocks.0.attn2"
@@ -80,9 +80,9 @@ def test_zero_ablation_matches_a_torch_pre_hook(pipe, judge):
 
     handle = proj.register_forward_pre_hook(zero_head)
     try:
-        from sae_lens_multimodal.analysis.diffusion_patching import _captions
+        from sae_lens_multimodal.world.shapes import caption
 
-        images = pipe.pipe(_captions(prompts), num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+        images = pipe.pipe([caption(p) for p in prompts], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
                            output_type="pt").images
     finally:
         handle.remove()

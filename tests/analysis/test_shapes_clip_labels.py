@@ -26,7 +26,8 @@ from sae_lens_multimodal.analysis import (
 )
 from sae_lens_multimodal.analysis.zero_shot import text_embeddings
 from sae_lens_multimodal.models.hooked_clip import HookedCLIP
-from sae_lens_multimodal.world import COLORS, SHAPES, ShapesWorld, all_captions, caption, to_tensor
+from sae_lens_multimodal.world import ShapesWorld, all_captions, caption, to_tensor
+from sae_lens_multimodal.world.shapes import COLORS, SHAPES
 
 CONCEPTS = [("color", c) for c in COLORS] + [("shape", s) for s in SHAPES]
 WANT = [v for _, v in CONCEPTS]

@@ -14,14 +14,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sae_lens_multimodal.analysis.vision_patching import (
-    clip_activation_patching,
-    shape_patch_mask,
-    token_names,
-)
+from sae_lens_multimodal.analysis.vision_patching import clip_activation_patching, token_names
 from sae_lens_multimodal.analysis.zero_shot import ZeroShotClassifier
 from sae_lens_multimodal.models.hooked_clip import HookedCLIP
-from sae_lens_multimodal.world import COLORS, ShapesWorld, all_captions, caption, to_tensor
+from sae_lens_multimodal.world import ShapesWorld, all_captions, caption, to_tensor
+from sae_lens_multimodal.world.causal import shape_patch_mask
+from sae_lens_multimodal.world.shapes import COLORS
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
 from sae_lens_multimodal.saes import TimestepBucketedSAE, TimestepBucketedSAEConfig
-from sae_lens_multimodal.world import COLORS, SHAPES
+from sae_lens_multimodal.world.shapes import COLORS, SHAPES
 
 VISION_HOOK = "blocks.2.hook_resid_post"
 DIFFUSION_HOOK = "up_blocks.0.attentions.1.hook_out"

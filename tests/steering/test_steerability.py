@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from sae_lens_multimodal.steering import FeatureSteer, steer
-from sae_lens_multimodal.steering.ground_truth import (
+from sae_lens_multimodal.steering.steerability import steerability
+from sae_lens_multimodal.world.feature_checks import (
     factor_text_embeddings,
     label_accuracy,
     shapes_steerability,
 )
-from sae_lens_multimodal.steering.steerability import steerability
 from tests.steering._sae import bundled_sae, world_images
 
 VOCAB = ["red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "left", "right", "top"]

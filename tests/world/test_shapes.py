@@ -6,16 +6,13 @@ import pytest
 import torch
 
 from sae_lens_multimodal.world import (
-    COLORS,
-    POSITIONS,
-    SHAPES,
     ShapesDataset,
     ShapesWorld,
     all_captions,
     caption,
-    caption_vocabulary,
     class_factor_combinations,
 )
+from sae_lens_multimodal.world.shapes import COLORS, POSITIONS, SHAPES, caption_vocabulary
 
 
 def _saturated(images: np.ndarray) -> np.ndarray:

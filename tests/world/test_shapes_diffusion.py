@@ -13,7 +13,8 @@ from transformers import CLIPTextModelWithProjection
 
 from sae_lens_multimodal.diffusion import HookedDiffusionPipeline, HookedUNet
 from sae_lens_multimodal.models.registry import list_models, model_info
-from sae_lens_multimodal.world import POSITIONS, all_captions, class_factor_combinations
+from sae_lens_multimodal.world import all_captions, class_factor_combinations
+from sae_lens_multimodal.world.shapes import POSITIONS
 from sae_lens_multimodal.world.clip import SHAPES_CLIP_DIR, shapes_clip_config
 from sae_lens_multimodal.world.diffusion import (
     SHAPES_DIFFUSION_DIR,

@@ -27,11 +27,13 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from sae_lens import SAE
 
 from sae_lens_multimodal.analysis.labels import causal_labels, label_features
 from sae_lens_multimodal.analysis.zero_shot import text_embeddings
 from sae_lens_multimodal.models.hooked_clip import HookedCLIP
 from sae_lens_multimodal.steering.steerability import SteerabilityResult, steerability
+from sae_lens_multimodal.world.shapes import ShapesWorld, caption, class_factor_combinations, to_tensor
 
 __all__ = [
     "GROUND_TRUTH_FACTORS",
@@ -54,9 +56,6 @@ REAL_CLIP_STEERABLE_FRACTION: tuple[float, float] = (0.10, 0.15)
 def factor_text_embeddings(model: Any, factors: Sequence[str] = GROUND_TRUTH_FACTORS) -> tuple[list[str], torch.Tensor]:
     """``(values, embeddings [V, d_embed])``: every value of ``factors``, embedded as the normalised mean of
     the normalised text embeddings of all captions (colour x shape x position x size x texture) with it."""
-    # the shapes world is a plug-in the core imports only when used (tests/test_import_boundaries.py)
-    from sae_lens_multimodal.world.shapes import ShapesWorld, caption, class_factor_combinations
-
     combos = class_factor_combinations(("color", "shape", "position", "size", "texture"))
     caps = [caption(c, size=True, texture=True) for c in combos]
     emb = text_embeddings(model, caps, normalize=True)
@@ -118,8 +117,6 @@ class LabelAccuracy:
 
     def chance(self) -> float:
         """Accuracy of a label drawn uniformly from the vocabulary of factor values (averaged over features)."""
-        from sae_lens_multimodal.world.shapes import ShapesWorld
-
         n_vocab = sum(len(ShapesWorld.factor_values[f]) for f in GROUND_TRUTH_FACTORS)
         return sum(len(f.values) / n_vocab for f in self.features) / max(1, self.n_pure)
 
@@ -289,13 +286,9 @@ def shapes_ground_truth(
 ) -> GroundTruthReport:
     """Run both checks on fresh world images (default: ``shapes-clip`` and the bundled
     ``shapes-clip-saes`` / ``blocks.2.hook_resid_post`` SAE) and print the figures."""
-    from sae_lens_multimodal.world.shapes import ShapesWorld, to_tensor
-
     if model is None:
         model = HookedCLIP.from_pretrained("shapes-clip")
     if sae is None:
-        from sae_lens import SAE
-
         sae = SAE.from_pretrained("shapes-clip-saes", "blocks.2.hook_resid_post")
     images, factors = ShapesWorld(image_size=32, seed=seed).sample(n_images)
     x = to_tensor(images, mean=(0.5,) * 3, std=(0.5,) * 3)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from sae_lens_multimodal.reports.demo import main
+from sae_lens_multimodal.world.demo import main
 
 if __name__ == "__main__":
     sys.exit(main())

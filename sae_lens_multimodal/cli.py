@@ -65,7 +65,8 @@ from sae_lens_multimodal.steering.cli import add_steerability_command  # noqa: E
 
 # ----------------------------------------------------------------------------------------- demo
 def add_demo_command(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from sae_lens_multimodal.reports.demo import add_demo_arguments
+    # deferred (as every command's own module): `sae-lens-mm --help` loads no torch; the demo is the shapes world's
+    from sae_lens_multimodal.world.demo import add_demo_arguments
 
     parser = subparsers.add_parser(
         "demo",
@@ -76,7 +77,7 @@ def add_demo_command(subparsers: "argparse._SubParsersAction[argparse.ArgumentPa
     add_demo_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
-        from sae_lens_multimodal.reports.demo import run_from_args
+        from sae_lens_multimodal.world.demo import run_from_args
 
         return run_from_args(args)
 

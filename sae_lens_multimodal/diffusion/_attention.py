@@ -238,6 +238,7 @@ def _flux(self: HookedAttentionProcessor, attn: nn.Module, hidden_states: torch.
     hook_q/hook_k are taken before the rotary embedding (as TransformerLens does); scores and patterns
     are those of the rotated queries and keys.
     """
+    # diffusers' Flux internals: loaded only when a Flux attention runs
     from diffusers.models.attention_dispatch import dispatch_attention_fn
     from diffusers.models.embeddings import apply_rotary_emb
     from diffusers.models.transformers.transformer_flux import _get_qkv_projections

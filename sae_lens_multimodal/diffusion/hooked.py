@@ -25,6 +25,7 @@ from transformer_lens.hook_points import HookPoint
 
 from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule, unknown_hook_error
 from sae_lens_multimodal.core.contract import HookSpec
+from sae_lens_multimodal.models.registry import resolve_model_name
 from sae_lens_multimodal.diffusion._attention import (
     HookedAttentionProcessor,
     attention_hook_specs,
@@ -485,9 +486,7 @@ class HookedUNet(HookedDenoiser):
         ``kwargs`` go to ``UNet2DConditionModel.from_pretrained`` (e.g. ``torch_dtype``, ``variant``).
         """
         if isinstance(unet_or_name, (str, os.PathLike)):
-            from diffusers import UNet2DConditionModel
-
-            from sae_lens_multimodal.models.registry import resolve_model_name
+            from diffusers import UNet2DConditionModel  # diffusers: heavy, loaded only to read a saved UNet
 
             unet_or_name = resolve_model_name(str(unet_or_name))  # registered names ("shapes-diffusion")
             return cls(_load(unet_or_name, subfolder, "unet", UNet2DConditionModel.from_pretrained, **kwargs))
@@ -510,7 +509,7 @@ class HookedDiT(HookedDenoiser):
                         **kwargs: Any) -> HookedDiT:
         """Wrap a supported transformer, a pipeline's ``.transformer``, or load one by hub id / directory."""
         if isinstance(dit_or_name, (str, os.PathLike)):
-            import diffusers
+            import diffusers  # diffusers: heavy, loaded only to read a saved transformer
 
             def loader(name: str, **kw: Any) -> nn.Module:
                 path = Path(name) / (kw.get("subfolder") or "") / "config.json"

@@ -80,7 +80,7 @@ def pipeline_class_for(source: Union[str, os.PathLike]) -> Any:
         return DiffusionPipeline
     name = json.loads(index.read_text()).get("_class_name")
     if isinstance(name, str) and name not in PIPELINE_CLASSES:
-        import diffusers
+        import diffusers  # optional heavy dependency, as above
 
         if not hasattr(diffusers, name):
             load_model_providers()  # a class from a package that registers itself lazily

@@ -1,5 +1,5 @@
-"""Static HTML reports: building blocks, per-feature dashboards, the shapes-world demo, and a headless
-browser check.
+"""Static HTML reports: building blocks, per-feature dashboards and a headless browser check (the shapes-world
+demo that writes a whole report lives with the world: :mod:`sae_lens_multimodal.world.demo`).
 
 Pages are self-contained (pictures inlined as base64 PNG, inline style, no JavaScript, no network) and
 open from disk; report directories are written atomically.

@@ -309,7 +309,7 @@ def _vision_options(args: argparse.Namespace, model: Any, kind: str, images: Ima
     if args.vocabulary is not None:
         opts["vocabulary"] = _lines(args.vocabulary, "--vocabulary")
     elif shapes:
-        from sae_lens_multimodal.reports.demo import LABEL_WORDS, caption_word_embeddings
+        from sae_lens_multimodal.world.demo import LABEL_WORDS, caption_word_embeddings
 
         # The shapes CLIP only ever saw captions: embed each word in caption context (as the demo does).
         opts["vocabulary"] = list(LABEL_WORDS)

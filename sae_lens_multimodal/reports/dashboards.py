@@ -227,6 +227,7 @@ def write_feature_dashboards(model: Any, sae: Any, inputs: Any, out_dir: Union[s
 
     ``options`` go to the function for that kind.
     """
+    # diffusers: the diffusion package imports it; reports load it only for a diffusion model
     from sae_lens_multimodal.diffusion.pipeline import HookedDiffusionPipeline
 
     if isinstance(model, HookedDiffusionPipeline):

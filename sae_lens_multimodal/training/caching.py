@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -32,8 +33,6 @@ def cache_activations(store: Any, out_dir: Union[str, os.PathLike], *, items_per
     if items_per_shard is None:
         existing = [cache_dir_for_hook(out_dir, h) / "metadata.json" for h in hooks]
         if any(p.exists() for p in existing):  # resume with the shard size chosen the first time
-            import json
-
             items_per_shard = next(json.loads(p.read_text())["items_per_shard"] for p in existing if p.exists())
         else:
             items_per_shard = _items_per_shard(store, shard_size_mb)

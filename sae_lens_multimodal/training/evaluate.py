@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from sae_lens.evals import ExplainedVarianceCalculator, get_featurewise_weight_based_metrics
@@ -312,9 +313,5 @@ def _as_tensor(img: Any) -> torch.Tensor:
     if isinstance(img, torch.Tensor):
         return img
     if isinstance(img, (list, tuple)) and img and hasattr(img[0], "size"):
-        import numpy as np
-
         return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in img])
-    import numpy as np
-
     return torch.from_numpy(np.asarray(img, dtype=np.float32))

@@ -13,6 +13,7 @@ that directory. A word-level vocabulary of the world's ~40 words keeps the token
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -280,8 +281,6 @@ def typographic_attack(model: Any, tokenizer: Any, *, n: int = 1000, seed: int =
     zero-shot over the 162 colour x shape x position captions, clean and attacked. Returns the colour
     accuracy on clean and attacked images and the fraction of attacked images whose predicted colour is
     the written word."""
-    import dataclasses
-
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
     world = ShapesWorld(image_size=int(image_size), seed=seed)

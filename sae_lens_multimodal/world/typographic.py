@@ -28,6 +28,7 @@ so the whole loop can be measured:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
@@ -38,10 +39,13 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sae_lens import SAE
 from tqdm.auto import tqdm
 
 from sae_lens_multimodal.core.atomic import atomic_save
 from sae_lens_multimodal.core.hooked_root import has_parts
+from sae_lens_multimodal.models.hooked_clip import HookedCLIP
+from sae_lens_multimodal.steering import FeatureSteer, steer
 from sae_lens_multimodal.world.shapes import (
     CLASS_FACTORS,
     COLORS,
@@ -216,8 +220,6 @@ def suppression_predictions(
     term: the residual stream becomes ``x + decode(f') - decode(f) = x - sum_f a_f(x) W_dec[f]``, so
     exactly the suppressed features' contributions are removed. Hooks are removed afterwards, also on
     errors."""
-    from sae_lens_multimodal.steering import FeatureSteer, steer
-
     _check_clip(model)
     feats = [int(f) for f in features]
     if not feats:
@@ -530,8 +532,6 @@ def typographic_analysis(
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m sae_lens_multimodal.world.typographic [--plot out.png]``: the study on the shipped
     typographic shapes CLIP and its bundled SAE (the figures of docs/typographic.md)."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--model", default="shapes-clip-typographic")
     parser.add_argument("--release", default="shapes-clip-typographic-saes")
@@ -541,11 +541,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--max-clean-cost", type=float, default=0.05)
     parser.add_argument("--plot", type=Path, default=None, help="write the bar chart (PNG) here")
     args = parser.parse_args(argv)
-
-    from sae_lens import SAE
-
-    from sae_lens_multimodal.models.hooked_clip import HookedCLIP
-
     torch.set_num_threads(1)
     model = HookedCLIP.from_pretrained(args.model)
     sae = SAE.from_pretrained(args.release, args.sae_id)

@@ -16,7 +16,7 @@ from sae_lens_multimodal.reports import (
     write_feature_dashboards,
 )
 from sae_lens_multimodal.reports.dashboard_data import clamp_feature_hook, clamp_hooks
-from sae_lens_multimodal.reports.demo import caption_word_embeddings
+from sae_lens_multimodal.world.demo import caption_word_embeddings
 from sae_lens_multimodal.world import ShapesWorld, all_captions, caption, to_tensor
 from sae_lens_multimodal.world.shapes import COLORS
 from tests.reports._saes import CONCEPTS, DIFFUSION_HOOK, VISION_HOOK, concept_sae, random_timestep_sae

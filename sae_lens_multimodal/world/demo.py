@@ -16,6 +16,7 @@ Run it with ``python examples/shapes_demo.py --out shapes-report`` or ``sae-lens
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -26,14 +27,18 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from sae_lens import SAE
+from tqdm.auto import tqdm
 
+from sae_lens_multimodal.analysis.zero_shot import text_embeddings
 from sae_lens_multimodal.cli_options import (
     add_deprecated_alias,
     add_no_progress_option,
     add_num_inference_steps_option,
     add_seed_option,
 )
-from sae_lens_multimodal.reports.dashboard_data import FeatureDashboard, ZeroShotProbe
+from sae_lens_multimodal.models.hooked_clip import HookedCLIP
+from sae_lens_multimodal.reports.dashboard_data import FeatureDashboard, ZeroShotProbe, _preprocess_uint8
 from sae_lens_multimodal.reports.dashboards import _shared_vmax, _steering_html, dashboard_pages
 from sae_lens_multimodal.reports.diffusion_dashboards import diffusion_feature_dashboards
 from sae_lens_multimodal.reports.html import (
@@ -53,6 +58,7 @@ from sae_lens_multimodal.reports.html import (
     write_site,
 )
 from sae_lens_multimodal.reports.vision_dashboards import vision_feature_dashboards
+from sae_lens_multimodal.world.shapes import ShapesWorld, all_captions, caption
 
 __all__ = [
     "VISION_RELEASE",
@@ -117,9 +123,7 @@ class DemoResult:
 def load_bundled_sae(release: str, sae_id: str) -> Any:
     """``SAE.from_pretrained(release, sae_id)`` for a release bundled with the package, offline; a missing
     release raises :class:`BundledSAEMissingError` saying how to get it."""
-    import sae_lens_multimodal  # noqa: F401  (registers the releases with SAELens)
-    from sae_lens import SAE
-
+    # the releases are registered with SAELens by the package's import (this module's parent)
     try:
         sae = SAE.from_pretrained(release, sae_id)
     except (FileNotFoundError, KeyError, ValueError) as err:
@@ -137,9 +141,6 @@ def caption_word_embeddings(model: Any, words: Sequence[str]) -> torch.Tensor:
     """Each word's text embedding in the context the shapes CLIP was trained on: the normalised mean of the
     normalised embeddings of every caption of the world that contains it. (The CLIP never saw a lone
     word; "square" alone is off its distribution.)"""
-    from sae_lens_multimodal.analysis.zero_shot import text_embeddings
-    from sae_lens_multimodal.world import all_captions
-
     caps = all_captions(("color", "shape", "position", "size", "texture"))
     emb = text_embeddings(model, caps, normalize=True)
     out = []
@@ -184,11 +185,8 @@ def run_shapes_demo(
     ``vision_sae`` / ``diffusion_sae``: SAEs to use instead of the bundled releases
     (:data:`VISION_RELEASE`, :data:`DIFFUSION_RELEASE`).
     """
-    from tqdm.auto import tqdm
-
+    # diffusers: the diffusion package imports it; `sae-lens-mm dashboards --images shapes` imports this module
     from sae_lens_multimodal.diffusion import HookedDiffusionPipeline
-    from sae_lens_multimodal.models.hooked_clip import HookedCLIP
-    from sae_lens_multimodal.world import ShapesWorld, all_captions, caption
 
     cfg = config or DemoConfig()
     check_output_dir(out_dir)  # refuse a foreign directory now, not after minutes of work
@@ -218,8 +216,6 @@ def run_shapes_demo(
     world = ShapesWorld(image_size=32, seed=cfg.seed)
     images, factors = world.sample(cfg.n_images)
     captions = [caption(f) for f in factors]
-    from sae_lens_multimodal.reports.dashboard_data import _preprocess_uint8
-
     x = _preprocess_uint8(clip.vision, list(images))
     hook = vision_sae.cfg.metadata.hook_name
     hook = hook[len("vision."):] if hook.startswith("vision.") else hook
@@ -479,8 +475,6 @@ def run_from_args(args: Any) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="shapes_demo.py")
     add_demo_arguments(parser)
     return run_from_args(parser.parse_args(argv))

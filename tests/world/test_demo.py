@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from sae_lens_multimodal.reports.demo import (
+from sae_lens_multimodal.world.demo import (
     DIFFUSION_RELEASE,
     VISION_RELEASE,
     BundledSAEMissingError,
@@ -16,6 +16,7 @@ from sae_lens_multimodal.reports.demo import (
 )
 from sae_lens_multimodal.world import ShapesWorld, to_tensor
 from tests.reports._saes import concept_sae, random_timestep_sae
+from tests.reports.conftest import browser, shapes_clip, shapes_pipe  # noqa: F401  (the report tests' fixtures)
 
 REPORT_SECTIONS = ["setup", "activations", "labels", "top-images", "steering", "timesteps", "generations", "dashboards"]
 

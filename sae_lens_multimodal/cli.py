@@ -15,6 +15,9 @@ from typing import Callable, Optional
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
+# Command modules import their work (torch, sae_lens, stores, models, the shapes world) inside the handlers:
+# `sae-lens-mm --help` builds every subcommand's parser and should start without them.
+
 
 # ----------------------------------------------------------------------------------------- releases
 def run_releases(args: argparse.Namespace) -> int:

@@ -22,8 +22,12 @@ from transformer_lens.ActivationCache import ActivationCache
 from sae_lens_multimodal.core.contract import HookSpec, nest_specs
 from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule
 from sae_lens_multimodal.core.nested import NestedSAEHostMixin
+from sae_lens_multimodal.models.conversions import UnsupportedModelError, _hub_json
+from sae_lens_multimodal.models.conversions.hf_clip_text import load_hf_tokenizer
+from sae_lens_multimodal.models.conversions.open_clip_vit import load_open_clip
 from sae_lens_multimodal.models.hooked_text import HookedText, TextInput
 from sae_lens_multimodal.models.hooked_vit import HookedViT, ImageInput, ViTActivationCache
+from sae_lens_multimodal.models.registry import resolve_model_name
 
 __all__ = ["HookedCLIP", "HookedCLIPConfig", "CLIPActivationCache", "TOWERS"]
 
@@ -269,16 +273,9 @@ def _read_json(path: Path) -> Optional[dict]:
 
 def load_clip_source(name: str, **kwargs: Any) -> tuple[Any, Any]:
     """The source-library CLIP model and tokenizer (or None) a name refers to."""
-    try:
-        from sae_lens_multimodal.models.registry import resolve_model_name
-
-        name = resolve_model_name(name)  # a registered short name ("shapes-clip") -> its source name
-    except ImportError:  # no named-model registry in this installation
-        pass
+    name = resolve_model_name(name)  # a registered short name ("shapes-clip") -> its source name
     if name.startswith("open-clip:"):
-        import open_clip
-
-        from sae_lens_multimodal.models.conversions.open_clip_vit import load_open_clip
+        import open_clip  # open_clip: optional heavy import, only for open_clip names
 
         rest = name[len("open-clip:"):]
         model = load_open_clip(rest, **kwargs)
@@ -294,8 +291,6 @@ def load_clip_source(name: str, **kwargs: Any) -> tuple[Any, Any]:
         if config is None and (path / "open_clip_config.json").exists():
             return load_clip_source(f"open-clip:local-dir:{path}", **kwargs)
     elif "/" in name and not name.startswith(("/", ".")):
-        from sae_lens_multimodal.models.conversions import _hub_json
-
         config = _hub_json(name, "config.json")
         if config is None and _hub_json(name, "open_clip_config.json") is not None:
             return load_clip_source(f"open-clip:hf-hub:{name}", **kwargs)
@@ -303,15 +298,11 @@ def load_clip_source(name: str, **kwargs: Any) -> tuple[Any, Any]:
         config = None
     model_type = (config or {}).get("model_type")
     if model_type in ("clip", "siglip"):
-        import transformers
+        import transformers  # transformers: optional heavy import, only for transformers checkpoints
 
         cls = transformers.CLIPModel if model_type == "clip" else transformers.SiglipModel
-        from sae_lens_multimodal.models.conversions.hf_clip_text import load_hf_tokenizer
-
         model = cls.from_pretrained(name, **kwargs)
         return model, load_hf_tokenizer(name, model.config.text_config.vocab_size)
-    from sae_lens_multimodal.models.conversions import UnsupportedModelError
-
     raise UnsupportedModelError(
         f"Cannot load {name!r} as a CLIP model. Name forms: 'open-clip:<model>/<tag>', "
         "'open-clip:hf-hub:<org>/<repo>', a Hugging Face repo id or local directory of a transformers CLIP "

@@ -31,6 +31,9 @@ from sae_lens_multimodal.cli_options import (
 )
 from sae_lens_multimodal.models.registry import MODEL_REGISTRY, load_model_providers
 
+# This command module imports its work (torch, sae_lens, stores, models, the shapes world) inside the handlers:
+# `sae-lens-mm --help` builds every subcommand's parser and should start without them.
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "add_dashboards_arguments",

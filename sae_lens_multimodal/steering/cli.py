@@ -18,6 +18,9 @@ from sae_lens_multimodal.cli_options import (
 
 __all__ = ["add_steerability_command", "run_steerability"]
 
+# This command module imports its work (torch, sae_lens, models, the shapes world) inside the handlers:
+# `sae-lens-mm --help` builds every subcommand's parser and should start without them.
+
 
 def run_steerability(args: argparse.Namespace) -> int:
     import torch

@@ -13,8 +13,10 @@ See CONTRIBUTING.md, "Adding a model family".
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any, Optional
 import torch
 
 from sae_lens_multimodal.models.config import HookedViTConfig
+from sae_lens_multimodal.models.registry import resolve_model_name
 
 __all__ = [
     "VisionFamily",
@@ -121,8 +124,6 @@ def _family_for_layout(get_json: Callable[[str], Optional[dict]]) -> Optional[tu
 
 def load_vision_source(name: str, **kwargs: Any) -> Any:
     """Build the source-library model a name refers to (see HookedViT.from_pretrained for name forms)."""
-    from sae_lens_multimodal.models.registry import resolve_model_name
-
     name = resolve_model_name(name)  # registered short names ("shapes-clip") first
     for family in VISION_FAMILIES.values():
         if family.prefix and name.startswith(family.prefix) and family.load is not None:
@@ -157,9 +158,6 @@ def _native_name(family: VisionFamily, name: str, path: Path) -> str:
 def _register_builtin_families() -> None:
     """Import every family module of this package (each calls register_vision_family on import).
     Importing a family module imports no source library: those are imported when a model is converted."""
-    import importlib
-    import pkgutil
-
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
         if not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")

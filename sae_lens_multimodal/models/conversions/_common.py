@@ -47,15 +47,12 @@ def linear_to_matrix(weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Te
     return _c(weight.T), _c(b)
 
 
-def attention_state(
-    prefix: str, q: tuple, k: tuple, v: tuple, o: tuple, n_heads: int
-) -> dict[str, Tensor]:
-    """State-dict entries ``{prefix}W_Q ... b_O`` from (weight, bias) pairs of separate q/k/v/o Linears."""
-    sd = {}
-    for name, (w, b) in zip("QKV", (q, k, v)):
-        sd[f"{prefix}W_{name}"], sd[f"{prefix}b_{name}"] = linear_to_heads_in(w, b, n_heads)
-    sd[f"{prefix}W_O"], sd[f"{prefix}b_O"] = linear_to_heads_out(o[0], o[1], n_heads)
-    return sd
+def qkv_to_heads(q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear, n_heads: int) -> dict[str, Tensor]:
+    """Separate q/k/v Linears -> W_Q/W_K/W_V, b_Q/b_K/b_V (the same keys as :func:`fused_qkv_to_heads`)."""
+    out = {}
+    for name, lin in zip("QKV", (q, k, v)):
+        out[f"W_{name}"], out[f"b_{name}"] = linear_to_heads_in(lin.weight, lin.bias, n_heads)
+    return out
 
 
 def mlp_state(prefix: str, fc1: tuple, fc2: tuple) -> dict[str, Tensor]:
@@ -63,6 +60,32 @@ def mlp_state(prefix: str, fc1: tuple, fc2: tuple) -> dict[str, Tensor]:
     sd = {}
     sd[f"{prefix}W_in"], sd[f"{prefix}b_in"] = linear_to_matrix(*fc1)
     sd[f"{prefix}W_out"], sd[f"{prefix}b_out"] = linear_to_matrix(*fc2)
+    return sd
+
+
+def block_state(
+    prefix: str,
+    ln1: torch.nn.Module,
+    ln2: torch.nn.Module,
+    qkv: dict[str, Tensor],
+    out: torch.nn.Linear,
+    fc1: torch.nn.Linear,
+    fc2: torch.nn.Linear,
+    n_heads: int,
+    layer_scale: tuple[Optional[Tensor], Optional[Tensor]] = (None, None),
+) -> dict[str, Tensor]:
+    """One pre-norm block (LN, attention, LN, two-layer MLP) in our TransformerLens layout under ``prefix``
+    (``"blocks.3."``). Every source family here has this block; they differ in where the parts live and in
+    whether q/k/v are one fused projection (``qkv`` from :func:`fused_qkv_to_heads`) or three
+    (:func:`qkv_to_heads`). ``layer_scale`` (attention, MLP) is folded into W_O / W_out."""
+    sd = {}
+    sd.update(ln_state(prefix + "ln1.", ln1))
+    sd.update(ln_state(prefix + "ln2.", ln2))
+    sd.update({f"{prefix}attn.{k}": v for k, v in qkv.items()})
+    sd[prefix + "attn.W_O"], sd[prefix + "attn.b_O"] = linear_to_heads_out(out.weight, out.bias, n_heads)
+    sd.update(mlp_state(prefix + "mlp.", (fc1.weight, fc1.bias), (fc2.weight, fc2.bias)))
+    fold_layer_scale(sd, prefix + "attn.W_O", prefix + "attn.b_O", layer_scale[0])
+    fold_layer_scale(sd, prefix + "mlp.W_out", prefix + "mlp.b_out", layer_scale[1])
     return sd
 
 

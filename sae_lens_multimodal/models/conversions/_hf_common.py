@@ -1,18 +1,24 @@
 """Shared plumbing for the transformers families (``hf_clip``, ``hf_vit``, ``hf_dinov2``, ``hf_siglip``):
 recognising transformers classes without importing transformers, loading a checkpoint into the class a
-family converts (refusing checkpoints that would leave weights randomly initialised), and the image
-processor a model ships with. The weight conversions themselves live in the family modules."""
+family converts (refusing checkpoints that would leave weights randomly initialised), the image
+processor a model ships with, and the parts every family shares: the pre-norm encoder block (whose
+attribute names a family gives as :class:`HFBlockNames`) and the whole vision tower, config and state
+(:func:`hf_vit_tower`, from the few parts and facts that differ per family)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any, Literal, Optional
 
 import torch
 
 from sae_lens_multimodal.models.components import ACT_FNS
+from sae_lens_multimodal.models.config import HeadType, HookedViTConfig, PoolType
 from sae_lens_multimodal.models.conversions import UnsupportedModelError
+from sae_lens_multimodal.models.conversions._common import _c, block_state, ln_state, qkv_to_heads
 
 #: from_pretrained keywords that say where files come from; the image processor is read from the same place.
 _HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "subfolder", "proxies")
@@ -132,29 +138,110 @@ def conv_bias(conv: torch.nn.Conv2d) -> torch.Tensor:
     return conv.bias.detach().clone() if conv.bias is not None else w.new_zeros(w.shape[0]).detach()
 
 
-def pre_norm_block_state(
-    prefix: str,
-    ln1: torch.nn.Module,
-    ln2: torch.nn.Module,
-    q: torch.nn.Linear,
-    k: torch.nn.Linear,
-    v: torch.nn.Linear,
-    out: torch.nn.Linear,
-    fc1: torch.nn.Linear,
-    fc2: torch.nn.Linear,
-    n_heads: int,
-) -> dict[str, torch.Tensor]:
-    """One pre-norm encoder block of a transformers model (separate q/k/v Linear layers, a two-layer MLP)
-    in our TransformerLens layout under ``prefix`` (``"blocks.3."``). Every transformers family here
-    (CLIP, ViT, DINOv2, SigLIP, both towers) has this block shape; only the attribute names differ."""
-    from sae_lens_multimodal.models.conversions._common import attention_state, ln_state, mlp_state
+@dataclass(frozen=True)
+class HFBlockNames:
+    """Where one pre-norm encoder block of a transformers family keeps its parts. Every transformers
+    family here (CLIP, ViT, DINOv2, SigLIP, both towers) has the same block: separate ``q_proj`` /
+    ``k_proj`` / ``v_proj`` Linears and a two-layer ``mlp.fc1`` / ``mlp.fc2``; only these names differ."""
 
+    ln1: str
+    ln2: str
+    attention: str
+    out_proj: str
+    #: the attention module's head-count attribute
+    n_heads: str
+    #: dotted paths of the (attention, MLP) layer-scale vectors, for families that have them (DINOv2)
+    layer_scale: Optional[tuple[str, str]] = None
+
+
+#: CLIP and SigLIP, vision and text towers.
+CLIP_STYLE_BLOCK = HFBlockNames("layer_norm1", "layer_norm2", "self_attn", "out_proj", "num_heads")
+
+
+def hf_blocks_state(layers: Sequence[torch.nn.Module], names: HFBlockNames, n_heads: int) -> dict[str, torch.Tensor]:
+    """``blocks.{i}.*`` of every encoder layer, in our TransformerLens layout."""
     sd: dict[str, torch.Tensor] = {}
-    sd.update(ln_state(prefix + "ln1.", ln1))
-    sd.update(ln_state(prefix + "ln2.", ln2))
-    sd.update(attention_state(
-        prefix + "attn.",
-        (q.weight, q.bias), (k.weight, k.bias), (v.weight, v.bias), (out.weight, out.bias), n_heads,
-    ))
-    sd.update(mlp_state(prefix + "mlp.", (fc1.weight, fc1.bias), (fc2.weight, fc2.bias)))
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, names.attention)
+        scale = (None, None)
+        if names.layer_scale is not None:
+            scale = (attrgetter(names.layer_scale[0])(layer), attrgetter(names.layer_scale[1])(layer))
+        sd.update(block_state(
+            f"blocks.{i}.", getattr(layer, names.ln1), getattr(layer, names.ln2),
+            qkv_to_heads(attn.q_proj, attn.k_proj, attn.v_proj, n_heads), getattr(attn, names.out_proj),
+            layer.mlp.fc1, layer.mlp.fc2, n_heads, scale,
+        ))
     return sd
+
+
+def hf_vit_tower(
+    model: Any,
+    *,
+    hidden_act: Any,
+    conv: torch.nn.Conv2d,
+    image_size: Any,
+    pos_embed: torch.Tensor,
+    layers: Sequence[torch.nn.Module],
+    names: HFBlockNames,
+    ln_final: torch.nn.Module,
+    pool_type: PoolType,
+    cls_token: Optional[torch.Tensor] = None,
+    registers: Optional[torch.Tensor] = None,
+    ln_pre: Optional[torch.nn.Module] = None,
+    head_norms: Sequence[torch.nn.Module] = (),
+    final_ln_after_pool: bool = False,
+    head_type: HeadType = "none",
+    d_out: Optional[int] = None,
+    pos_embed_interpolation: Optional[Literal["bicubic", "bicubic_antialias"]] = None,
+) -> tuple[HookedViTConfig, dict[str, torch.Tensor]]:
+    """The HookedViTConfig and the state of a pre-norm transformers vision tower (CLIP, ViT, DINOv2,
+    SigLIP): patch embedding, CLS / register tokens, ``ln_pre``, blocks, final LayerNorm. The family
+    converts its own pooling head and output head and adds them to the state.
+
+    The keyword arguments are the parts and facts that differ per family; the rest is read from the
+    model. Widths, patch grid and dtype come from ``conv`` and the blocks; every LayerNorm (``head_norms``:
+    those in the family's head) must share one epsilon. The position embedding covers the CLS token, when
+    there is one, and the patches, never registers. ``cls_token``, ``registers`` and ``pos_embed`` may
+    carry leading singleton dimensions."""
+    where = f"transformers {type(model).__name__}"
+    attn = getattr(layers[0], names.attention)
+    norms = [ln_final, *head_norms] + ([ln_pre] if ln_pre is not None else [])
+    norms += [getattr(layer, n) for layer in layers for n in (names.ln1, names.ln2)]
+    d = conv.out_channels
+    cfg = HookedViTConfig(
+        n_layers=len(layers),
+        d_model=d,
+        n_heads=getattr(attn, names.n_heads),
+        d_head=attn.head_dim,
+        d_mlp=layers[0].mlp.fc1.out_features,
+        image_size=image_size,
+        patch_size=conv.kernel_size,
+        n_channels=conv.in_channels,
+        act_fn=act_fn_name(hidden_act, where),
+        eps=single_eps(norms, where),
+        patch_embed_bias=conv.bias is not None,
+        has_cls_token=cls_token is not None,
+        n_registers=registers.reshape(-1, d).shape[0] if registers is not None else 0,
+        n_pos_prefix_tokens=int(cls_token is not None),
+        pos_embed_interpolation=pos_embed_interpolation,
+        has_ln_pre=ln_pre is not None,
+        has_ln_final=True,
+        pool_type=pool_type,
+        final_ln_after_pool=final_ln_after_pool,
+        head_type=head_type,
+        d_out=d_out,
+        model_name=getattr(model, "name_or_path", "") or type(model).__name__,
+        original_architecture=f"transformers.{type(model).__name__}",
+        dtype=conv.weight.dtype,
+    )
+    sd = {"embed.W_patch": _c(conv.weight), "embed.b_patch": conv_bias(conv)}
+    if cls_token is not None:
+        sd["embed.cls_token"] = _c(cls_token.reshape(d))
+    sd["embed.W_pos"] = _c(pos_embed.reshape(-1, d))
+    if registers is not None:
+        sd["embed.registers"] = _c(registers.reshape(-1, d))
+    if ln_pre is not None:
+        sd.update(ln_state("ln_pre.", ln_pre))
+    sd.update(hf_blocks_state(layers, names, cfg.n_heads))
+    sd.update(ln_state("ln_final.", ln_final))
+    return cfg, sd

@@ -32,18 +32,15 @@ from typing import Any, Optional
 
 import torch
 
-from sae_lens_multimodal.models.config import HookedViTConfig
 from sae_lens_multimodal.models.conversions import ConvertResult, VisionFamily, register_vision_family
-from sae_lens_multimodal.models.conversions._common import _c, linear_to_matrix, ln_state
+from sae_lens_multimodal.models.conversions._common import linear_to_matrix
 from sae_lens_multimodal.models.conversions._hf_common import (
-    act_fn_name,
-    conv_bias,
+    CLIP_STYLE_BLOCK,
+    hf_vit_tower,
     image_preprocess,
     is_transformers_class,
     load_checkpoint,
-    pre_norm_block_state,
     read_hf_config,
-    single_eps,
 )
 
 _CLASSES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
@@ -83,51 +80,23 @@ def _default_processor(image_size: int) -> Any:
 
 def convert_hf_clip(model: Any) -> ConvertResult:
     tower, projection = _tower_and_projection(model)
-    emb, layers = tower.embeddings, tower.encoder.layers
-    conv = emb.patch_embedding
-    where = f"transformers {type(model).__name__}"
-    l0 = layers[0]
-    n_heads = l0.self_attn.num_heads
-    lns = [tower.pre_layrnorm, tower.post_layernorm] + [ln for l in layers for ln in (l.layer_norm1, l.layer_norm2)]
-    cfg = HookedViTConfig(
-        n_layers=len(layers),
-        d_model=conv.out_channels,
-        n_heads=n_heads,
-        d_head=l0.self_attn.head_dim,
-        d_mlp=l0.mlp.fc1.out_features,
+    emb = tower.embeddings
+    cfg, sd = hf_vit_tower(
+        model,
+        hidden_act=tower.config.hidden_act,
+        conv=emb.patch_embedding,
         image_size=emb.image_size,
-        patch_size=conv.kernel_size,
-        n_channels=conv.in_channels,
-        act_fn=act_fn_name(tower.config.hidden_act, where),
-        eps=single_eps(lns, where),
-        patch_embed_bias=conv.bias is not None,
-        has_cls_token=True,
-        n_pos_prefix_tokens=1,
-        pos_embed_interpolation=None,
-        has_ln_pre=True,
-        has_ln_final=True,
+        pos_embed=emb.position_embedding.weight,
+        cls_token=emb.class_embedding,
+        layers=tower.encoder.layers,
+        names=CLIP_STYLE_BLOCK,
+        ln_pre=tower.pre_layrnorm,
+        ln_final=tower.post_layernorm,
         pool_type="cls",
         final_ln_after_pool=True,
         head_type="linear" if projection is not None else "none",
         d_out=projection.out_features if projection is not None else None,
-        model_name=getattr(model, "name_or_path", "") or type(model).__name__,
-        original_architecture=f"transformers.{type(model).__name__}",
-        dtype=conv.weight.dtype,
     )
-    sd: dict[str, torch.Tensor] = {
-        "embed.W_patch": _c(conv.weight),
-        "embed.b_patch": conv_bias(conv),
-        "embed.cls_token": _c(emb.class_embedding),
-        "embed.W_pos": _c(emb.position_embedding.weight),
-    }
-    sd.update(ln_state("ln_pre.", tower.pre_layrnorm))
-    for i, layer in enumerate(layers):
-        a = layer.self_attn
-        sd.update(pre_norm_block_state(
-            f"blocks.{i}.", layer.layer_norm1, layer.layer_norm2,
-            a.q_proj, a.k_proj, a.v_proj, a.out_proj, layer.mlp.fc1, layer.mlp.fc2, n_heads,
-        ))
-    sd.update(ln_state("ln_final.", tower.post_layernorm))
     if projection is not None:
         sd["head.W"], sd["head.b"] = linear_to_matrix(projection.weight, projection.bias)
     return cfg, sd, image_preprocess(model, lambda: _default_processor(cfg.image_size[0]))

@@ -9,13 +9,13 @@ otherwise the first ``eos_token_id``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, Optional
 
 import torch
 
 from sae_lens_multimodal.models.conversions._common import _c, ln_state
-from sae_lens_multimodal.models.conversions._hf_common import pre_norm_block_state
-from sae_lens_multimodal.models.hooked_text import HookedTextConfig, TextFamily, register_text_family
+from sae_lens_multimodal.models.conversions._hf_common import CLIP_STYLE_BLOCK, hf_blocks_state
+from sae_lens_multimodal.models.hooked_text import HookedTextConfig, TextFamily, TextPool, register_text_family
 
 _CLASSES = ("CLIPModel", "CLIPTextModel", "CLIPTextModelWithProjection")
 
@@ -38,22 +38,27 @@ def hf_text_layers_state(text_model: Any, n_heads: int) -> dict[str, torch.Tenso
         "embed.W_E": _c(emb.token_embedding.weight),
         "pos_embed.W_pos": _c(emb.position_embedding.weight),
     }
-    for i, layer in enumerate(text_model.encoder.layers):
-        a = layer.self_attn
-        sd.update(pre_norm_block_state(
-            f"blocks.{i}.", layer.layer_norm1, layer.layer_norm2,
-            a.q_proj, a.k_proj, a.v_proj, a.out_proj, layer.mlp.fc1, layer.mlp.fc2, n_heads,
-        ))
+    sd.update(hf_blocks_state(text_model.encoder.layers, CLIP_STYLE_BLOCK, n_heads))
     sd.update(ln_state("ln_final.", text_model.final_layer_norm))
     return sd
 
 
-def convert_hf_clip_text(model: Any) -> tuple[HookedTextConfig, dict[str, torch.Tensor]]:
-    text_model, proj = _text_model_and_projection(model)
+def hf_text_config(
+    model: Any,
+    text_model: Any,
+    *,
+    default_name: str,
+    causal: bool,
+    pool_type: TextPool,
+    use_attention_mask: bool,
+    tokenizer_padding: Literal["max_length", "longest"],
+    d_out: Optional[int],
+    eos_token_id: Optional[int] = None,
+) -> HookedTextConfig:
+    """The HookedTextConfig of a transformers CLIP-style text tower (shared with SigLIP): its shape from the
+    transformers config; masking, pooling and padding, which differ per family, from the caller."""
     c = text_model.config
-    eos = getattr(text_model, "eos_token_id", c.eos_token_id)
-    dtype = text_model.embeddings.token_embedding.weight.dtype
-    cfg = HookedTextConfig(
+    return HookedTextConfig(
         n_layers=c.num_hidden_layers,
         d_model=c.hidden_size,
         n_heads=c.num_attention_heads,
@@ -62,21 +67,38 @@ def convert_hf_clip_text(model: Any) -> tuple[HookedTextConfig, dict[str, torch.
         n_ctx=c.max_position_embeddings,
         act_fn=c.hidden_act,
         eps=c.layer_norm_eps,
+        causal=causal,
+        pool_type=pool_type,
+        eos_token_id=eos_token_id,
+        pad_token_id=c.pad_token_id,
+        use_attention_mask=use_attention_mask,
+        tokenizer_padding=tokenizer_padding,
+        d_out=d_out,
+        model_name=getattr(c, "_name_or_path", "") or default_name,
+        original_architecture=f"transformers.{type(model).__name__}.text",
+        dtype=text_model.embeddings.token_embedding.weight.dtype,
+    )
+
+
+def convert_hf_clip_text(model: Any) -> tuple[HookedTextConfig, dict[str, torch.Tensor]]:
+    text_model, proj = _text_model_and_projection(model)
+    c = text_model.config
+    eos = getattr(text_model, "eos_token_id", c.eos_token_id)
+    cfg = hf_text_config(
+        model,
+        text_model,
+        default_name="transformers-clip",
         causal=True,
         pool_type="argmax" if eos == 2 else "eos",
         eos_token_id=None if eos == 2 else eos,
-        pad_token_id=c.pad_token_id,
         use_attention_mask=True,
         tokenizer_padding="longest",
         d_out=proj.weight.shape[0] if proj is not None else None,
-        model_name=getattr(c, "_name_or_path", "") or "transformers-clip",
-        original_architecture=f"transformers.{type(model).__name__}.text",
-        dtype=dtype,
     )
     sd = hf_text_layers_state(text_model, c.num_attention_heads)
     if proj is not None:
         sd["head.W"] = _c(proj.weight.T)
-        sd["head.b"] = _c(proj.bias) if proj.bias is not None else torch.zeros(proj.weight.shape[0], dtype=dtype)
+        sd["head.b"] = _c(proj.bias) if proj.bias is not None else torch.zeros(proj.weight.shape[0], dtype=cfg.dtype)
     return cfg, sd
 
 

@@ -30,25 +30,24 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from sae_lens_multimodal.models.config import HookedViTConfig
 from sae_lens_multimodal.models.conversions import (
     ConvertResult,
     UnsupportedModelError,
     VisionFamily,
     register_vision_family,
 )
-from sae_lens_multimodal.models.conversions._common import _c, fold_layer_scale, ln_state
 from sae_lens_multimodal.models.conversions._hf_common import (
-    act_fn_name,
-    conv_bias,
+    HFBlockNames,
+    hf_vit_tower,
     image_preprocess,
     is_transformers_class,
     load_checkpoint,
-    pre_norm_block_state,
     read_hf_config,
-    single_eps,
+)
+
+_BLOCK = HFBlockNames(
+    "norm1", "norm2", "attention", "o_proj", "num_attention_heads",
+    layer_scale=("layer_scale1.lambda1", "layer_scale2.lambda1"),
 )
 
 
@@ -89,55 +88,22 @@ def convert_hf_dinov2(model: Any) -> ConvertResult:
             f"{where}: SwiGLU feed-forward layers (use_swiglu_ffn=True, e.g. dinov2-giant) are not supported; "
             "HookedViT blocks have a two-layer MLP. Use a DINOv2 model with use_swiglu_ffn=False (small/base/large)."
         )
-    emb, layers = model.embeddings, model.encoder.layer
-    conv = emb.patch_embeddings.projection
+    emb = model.embeddings
     registers = getattr(emb, "register_tokens", None)
-    with_registers = registers is not None
-    l0 = layers[0]
-    n_heads = l0.attention.num_attention_heads
-    lns = [model.layernorm] + [ln for l in layers for ln in (l.norm1, l.norm2)]
-    cfg = HookedViTConfig(
-        n_layers=len(layers),
-        d_model=conv.out_channels,
-        n_heads=n_heads,
-        d_head=l0.attention.head_dim,
-        d_mlp=l0.mlp.fc1.out_features,
+    cfg, sd = hf_vit_tower(
+        model,
+        hidden_act=config.hidden_act,
+        conv=emb.patch_embeddings.projection,
         image_size=emb.patch_embeddings.image_size,
-        patch_size=conv.kernel_size,
-        n_channels=conv.in_channels,
-        act_fn=act_fn_name(config.hidden_act, where),
-        eps=single_eps(lns, where),
-        patch_embed_bias=conv.bias is not None,
-        has_cls_token=True,
-        n_registers=registers.shape[1] if with_registers else 0,
-        n_pos_prefix_tokens=1,
-        pos_embed_interpolation="bicubic_antialias" if with_registers else "bicubic",
-        has_ln_pre=False,
-        has_ln_final=True,
+        pos_embed=emb.position_embeddings,
+        cls_token=emb.cls_token,
+        registers=registers,
+        layers=model.encoder.layer,
+        names=_BLOCK,
+        ln_final=model.layernorm,
         pool_type="cls",
-        head_type="none",
-        model_name=getattr(model, "name_or_path", "") or type(model).__name__,
-        original_architecture=f"transformers.{type(model).__name__}",
-        dtype=conv.weight.dtype,
+        pos_embed_interpolation="bicubic_antialias" if registers is not None else "bicubic",
     )
-    d = cfg.d_model
-    sd: dict[str, torch.Tensor] = {
-        "embed.W_patch": _c(conv.weight),
-        "embed.b_patch": conv_bias(conv),
-        "embed.cls_token": _c(emb.cls_token.reshape(d)),
-        "embed.W_pos": _c(emb.position_embeddings.reshape(-1, d)),
-    }
-    if with_registers:
-        sd["embed.registers"] = _c(registers.reshape(-1, d))
-    for i, layer in enumerate(layers):
-        p = f"blocks.{i}."
-        a = layer.attention
-        sd.update(pre_norm_block_state(
-            p, layer.norm1, layer.norm2, a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.mlp.fc1, layer.mlp.fc2, n_heads
-        ))
-        fold_layer_scale(sd, p + "attn.W_O", p + "attn.b_O", layer.layer_scale1.lambda1)
-        fold_layer_scale(sd, p + "mlp.W_out", p + "mlp.b_out", layer.layer_scale2.lambda1)
-    sd.update(ln_state("ln_final.", model.layernorm))
     return cfg, sd, image_preprocess(model, lambda: _default_processor(cfg.image_size[0]))
 
 

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 
-from sae_lens_multimodal.models.config import HookedViTConfig
 from sae_lens_multimodal.models.conversions import (
     ConvertResult,
     UnsupportedModelError,
@@ -48,13 +47,11 @@ from sae_lens_multimodal.models.conversions._common import (
     mlp_state,
 )
 from sae_lens_multimodal.models.conversions._hf_common import (
-    act_fn_name,
-    conv_bias,
+    CLIP_STYLE_BLOCK,
+    hf_vit_tower,
     image_preprocess,
     is_transformers_class,
     load_checkpoint,
-    pre_norm_block_state,
-    single_eps,
 )
 
 _CLASSES = ("SiglipVisionModel", "SiglipModel")
@@ -98,51 +95,23 @@ def convert_hf_siglip(model: Any) -> ConvertResult:
     where = f"transformers {type(model).__name__}"
     tower = model.vision_model if type(model).__name__ == "SiglipModel" else model
     emb, layers = tower.embeddings, tower.encoder.layers
-    conv = emb.patch_embedding
-    l0 = layers[0]
-    n_heads = l0.self_attn.num_heads
     head = tower.head if getattr(tower, "use_head", False) else None
-    lns = [tower.post_layernorm] + [ln for l in layers for ln in (l.layer_norm1, l.layer_norm2)]
-    lns += [head.layernorm] if head is not None else []
-    if head is not None and head.mlp.fc1.out_features != l0.mlp.fc1.out_features:
+    if head is not None and head.mlp.fc1.out_features != layers[0].mlp.fc1.out_features:
         raise UnsupportedModelError(f"{where}: the pooling head's MLP width differs from the blocks'.")
-    cfg = HookedViTConfig(
-        n_layers=len(layers),
-        d_model=conv.out_channels,
-        n_heads=n_heads,
-        d_head=l0.self_attn.head_dim,
-        d_mlp=l0.mlp.fc1.out_features,
+    cfg, sd = hf_vit_tower(
+        model,
+        hidden_act=tower.config.hidden_act,
+        conv=emb.patch_embedding,
         image_size=emb.image_size,
-        patch_size=conv.kernel_size,
-        n_channels=conv.in_channels,
-        act_fn=act_fn_name(tower.config.hidden_act, where),
-        eps=single_eps(lns, where),
-        patch_embed_bias=conv.bias is not None,
-        has_cls_token=False,
-        n_pos_prefix_tokens=0,
-        pos_embed_interpolation=None,
-        has_ln_pre=False,
-        has_ln_final=True,
+        pos_embed=emb.position_embedding.weight,
+        layers=layers,
+        names=CLIP_STYLE_BLOCK,
+        ln_final=tower.post_layernorm,
+        head_norms=[head.layernorm] if head is not None else [],
         pool_type="attn" if head is not None else "none",
-        head_type="none",
-        model_name=getattr(model, "name_or_path", "") or type(model).__name__,
-        original_architecture=f"transformers.{type(model).__name__}",
-        dtype=conv.weight.dtype,
     )
-    sd: dict[str, torch.Tensor] = {
-        "embed.W_patch": _c(conv.weight),
-        "embed.b_patch": conv_bias(conv),
-        "embed.W_pos": _c(emb.position_embedding.weight),
-    }
-    for i, layer in enumerate(layers):
-        a = layer.self_attn
-        sd.update(pre_norm_block_state(
-            f"blocks.{i}.", layer.layer_norm1, layer.layer_norm2,
-            a.q_proj, a.k_proj, a.v_proj, a.out_proj, layer.mlp.fc1, layer.mlp.fc2, n_heads,
-        ))
-    sd.update(ln_state("ln_final.", tower.post_layernorm))
     if head is not None:
-        sd.update(_map_head_state(head, n_heads))
+        sd.update(_map_head_state(head, cfg.n_heads))
     return cfg, sd, image_preprocess(model, lambda: _default_processor(cfg.image_size[0]))
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from sae_lens_multimodal.models.conversions._common import _c
-from sae_lens_multimodal.models.conversions.hf_clip_text import hf_text_layers_state, hf_tokenizer
+from sae_lens_multimodal.models.conversions.hf_clip_text import hf_text_config, hf_text_layers_state, hf_tokenizer
 from sae_lens_multimodal.models.hooked_text import HookedTextConfig, TextFamily, register_text_family
 
 
@@ -26,29 +26,18 @@ def _is_hf_siglip_text(obj: Any) -> bool:
 
 def convert_hf_siglip_text(model: Any) -> tuple[HookedTextConfig, dict[str, torch.Tensor]]:
     text_model = model.text_model if type(model).__name__ == "SiglipModel" else model
-    c = text_model.config
     head = text_model.head
-    dtype = text_model.embeddings.token_embedding.weight.dtype
-    cfg = HookedTextConfig(
-        n_layers=c.num_hidden_layers,
-        d_model=c.hidden_size,
-        n_heads=c.num_attention_heads,
-        d_mlp=c.intermediate_size,
-        d_vocab=c.vocab_size,
-        n_ctx=c.max_position_embeddings,
-        act_fn=c.hidden_act,
-        eps=c.layer_norm_eps,
+    cfg = hf_text_config(
+        model,
+        text_model,
+        default_name="transformers-siglip",
         causal=False,
         pool_type="last",
-        pad_token_id=c.pad_token_id,
         use_attention_mask=False,
         tokenizer_padding="max_length",
         d_out=head.weight.shape[0],
-        model_name=getattr(c, "_name_or_path", "") or "transformers-siglip",
-        original_architecture=f"transformers.{type(model).__name__}.text",
-        dtype=dtype,
     )
-    sd = hf_text_layers_state(text_model, c.num_attention_heads)
+    sd = hf_text_layers_state(text_model, text_model.config.num_attention_heads)
     sd["head.W"] = _c(head.weight.T)
     sd["head.b"] = _c(head.bias)
     return cfg, sd

@@ -31,26 +31,24 @@ from typing import Any
 
 import torch
 
-from sae_lens_multimodal.models.config import HookedViTConfig
 from sae_lens_multimodal.models.conversions import (
     ConvertResult,
     UnsupportedModelError,
     VisionFamily,
     register_vision_family,
 )
-from sae_lens_multimodal.models.conversions._common import _c, linear_to_matrix, ln_state
+from sae_lens_multimodal.models.conversions._common import linear_to_matrix
 from sae_lens_multimodal.models.conversions._hf_common import (
-    act_fn_name,
-    conv_bias,
+    HFBlockNames,
+    hf_vit_tower,
     image_preprocess,
     is_transformers_class,
     load_checkpoint,
-    pre_norm_block_state,
     read_hf_config,
-    single_eps,
 )
 
 _CLASSES = ("ViTModel", "ViTForImageClassification")
+_BLOCK = HFBlockNames("layernorm_before", "layernorm_after", "attention", "o_proj", "num_attention_heads")
 
 
 def _is_hf_vit(obj: Any) -> bool:
@@ -91,49 +89,21 @@ def convert_hf_vit(model: Any) -> ConvertResult:
         head_type = "linear_tanh" if head is not None else "none"
         if head is not None and vit.config.pooler_act != "tanh":
             raise UnsupportedModelError(f"{where}: pooler activation {vit.config.pooler_act!r} is not supported (tanh is).")
-    emb, layers = vit.embeddings, vit.layers
-    conv = emb.patch_embeddings.projection
-    l0 = layers[0]
-    n_heads = l0.attention.num_attention_heads
-    lns = [vit.layernorm] + [ln for l in layers for ln in (l.layernorm_before, l.layernorm_after)]
-    cfg = HookedViTConfig(
-        n_layers=len(layers),
-        d_model=conv.out_channels,
-        n_heads=n_heads,
-        d_head=l0.attention.head_dim,
-        d_mlp=l0.mlp.fc1.out_features,
+    emb = vit.embeddings
+    cfg, sd = hf_vit_tower(
+        model,
+        hidden_act=vit.config.hidden_act,
+        conv=emb.patch_embeddings.projection,
         image_size=emb.image_size,
-        patch_size=conv.kernel_size,
-        n_channels=conv.in_channels,
-        act_fn=act_fn_name(vit.config.hidden_act, where),
-        eps=single_eps(lns, where),
-        patch_embed_bias=conv.bias is not None,
-        has_cls_token=True,
-        n_pos_prefix_tokens=1,
-        pos_embed_interpolation=None,
-        has_ln_pre=False,
-        has_ln_final=True,
+        pos_embed=emb.position_embeddings,
+        cls_token=emb.cls_token,
+        layers=vit.layers,
+        names=_BLOCK,
+        ln_final=vit.layernorm,
         pool_type="cls",
         head_type=head_type,
         d_out=head.out_features if head is not None else None,
-        model_name=getattr(model, "name_or_path", "") or type(model).__name__,
-        original_architecture=f"transformers.{type(model).__name__}",
-        dtype=conv.weight.dtype,
     )
-    d = cfg.d_model
-    sd: dict[str, torch.Tensor] = {
-        "embed.W_patch": _c(conv.weight),
-        "embed.b_patch": conv_bias(conv),
-        "embed.cls_token": _c(emb.cls_token.reshape(d)),
-        "embed.W_pos": _c(emb.position_embeddings.reshape(-1, d)),
-    }
-    for i, layer in enumerate(layers):
-        a = layer.attention
-        sd.update(pre_norm_block_state(
-            f"blocks.{i}.", layer.layernorm_before, layer.layernorm_after,
-            a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.mlp.fc1, layer.mlp.fc2, n_heads,
-        ))
-    sd.update(ln_state("ln_final.", vit.layernorm))
     if head is not None:
         sd["head.W"], sd["head.b"] = linear_to_matrix(head.weight, head.bias)
     return cfg, sd, image_preprocess(model, lambda: _default_processor(cfg.image_size[0]))

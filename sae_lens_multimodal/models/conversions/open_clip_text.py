@@ -13,14 +13,8 @@ from typing import Any
 import torch
 
 from sae_lens_multimodal.models.conversions import UnsupportedModelError
-from sae_lens_multimodal.models.conversions._common import (
-    _c,
-    fold_layer_scale,
-    fused_qkv_to_heads,
-    linear_to_heads_out,
-    ln_state,
-    mlp_state,
-)
+from sae_lens_multimodal.models.conversions._common import _c, ln_state
+from sae_lens_multimodal.models.conversions._open_clip_common import check_resblocks, resblocks_state
 from sae_lens_multimodal.models.hooked_text import HookedTextConfig, TextFamily, register_text_family
 
 
@@ -63,14 +57,11 @@ def _parts(model: Any) -> dict[str, Any]:
 
 
 def convert_open_clip_text(model: Any) -> tuple[HookedTextConfig, dict[str, torch.Tensor]]:
-    from open_clip.transformer import QuickGELU, ResidualAttentionBlock
+    from open_clip.transformer import QuickGELU
 
     p = _parts(model)
     blocks = p["transformer"].resblocks
-    if not all(type(b) is ResidualAttentionBlock for b in blocks):
-        raise UnsupportedModelError(
-            "open_clip custom attention blocks (qk_norm, scaled cosine attention, scale_heads...) are not supported."
-        )
+    check_resblocks(blocks)
     if p["pool_type"] not in ("argmax", "eos", "last", "first"):
         raise UnsupportedModelError(f"open_clip text pool_type {p['pool_type']!r} is not supported.")
     b0 = blocks[0]
@@ -117,16 +108,7 @@ def convert_open_clip_text(model: Any) -> tuple[HookedTextConfig, dict[str, torc
         "embed.W_E": _c(p["token_embedding"].weight),
         "pos_embed.W_pos": _c(p["positional_embedding"]),
     }
-    for i, blk in enumerate(blocks):
-        pre = f"blocks.{i}."
-        sd.update(ln_state(pre + "ln1.", blk.ln_1))
-        sd.update(ln_state(pre + "ln2.", blk.ln_2))
-        attn = blk.attn
-        sd.update({pre + "attn." + k: v for k, v in fused_qkv_to_heads(attn.in_proj_weight, attn.in_proj_bias, n_heads).items()})
-        sd[pre + "attn.W_O"], sd[pre + "attn.b_O"] = linear_to_heads_out(attn.out_proj.weight, attn.out_proj.bias, n_heads)
-        sd.update(mlp_state(pre + "mlp.", (blk.mlp.c_fc.weight, blk.mlp.c_fc.bias), (blk.mlp.c_proj.weight, blk.mlp.c_proj.bias)))
-        fold_layer_scale(sd, pre + "attn.W_O", pre + "attn.b_O", getattr(blk.ls_1, "gamma", None))
-        fold_layer_scale(sd, pre + "mlp.W_out", pre + "mlp.b_out", getattr(blk.ls_2, "gamma", None))
+    sd.update(resblocks_state(blocks, n_heads))
     sd.update(ln_state("ln_final.", p["ln_final"]))
     if W_head is not None:
         sd["head.W"] = W_head

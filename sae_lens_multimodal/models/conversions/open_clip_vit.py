@@ -19,14 +19,8 @@ from sae_lens_multimodal.models.conversions import (
     VisionFamily,
     register_vision_family,
 )
-from sae_lens_multimodal.models.conversions._common import (
-    _c,
-    fold_layer_scale,
-    fused_qkv_to_heads,
-    linear_to_heads_out,
-    ln_state,
-    mlp_state,
-)
+from sae_lens_multimodal.models.conversions._common import _c, ln_state
+from sae_lens_multimodal.models.conversions._open_clip_common import check_resblocks, resblocks_state
 
 
 def _is_open_clip(obj: Any) -> bool:
@@ -67,7 +61,7 @@ def _preprocess(visual: Any):
 
 
 def convert_open_clip(model: Any) -> ConvertResult:
-    from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
+    from open_clip.transformer import QuickGELU, VisionTransformer
 
     visual = model.visual if hasattr(model, "visual") else model
     if not isinstance(visual, VisionTransformer):
@@ -78,10 +72,7 @@ def convert_open_clip(model: Any) -> ConvertResult:
     if visual.attn_pool is not None:
         raise UnsupportedModelError("open_clip attentional pooling (CoCa) is not supported.")
     blocks = visual.transformer.resblocks
-    if not all(type(b) is ResidualAttentionBlock for b in blocks):
-        raise UnsupportedModelError(
-            "open_clip custom attention blocks (qk_norm, scaled cosine attention, scale_heads...) are not supported."
-        )
+    check_resblocks(blocks)
     if not isinstance(visual.patch_dropout, torch.nn.Identity) and visual.training:
         warnings.warn("patch dropout is active in the source model (training mode); HookedViT has none.")
     b0 = blocks[0]
@@ -117,16 +108,7 @@ def convert_open_clip(model: Any) -> ConvertResult:
     }
     if has_ln_pre:
         sd.update(ln_state("ln_pre.", visual.ln_pre))
-    for i, blk in enumerate(blocks):
-        p = f"blocks.{i}."
-        sd.update(ln_state(p + "ln1.", blk.ln_1))
-        sd.update(ln_state(p + "ln2.", blk.ln_2))
-        attn = blk.attn
-        sd.update({p + "attn." + k: v for k, v in fused_qkv_to_heads(attn.in_proj_weight, attn.in_proj_bias, n_heads).items()})
-        sd[p + "attn.W_O"], sd[p + "attn.b_O"] = linear_to_heads_out(attn.out_proj.weight, attn.out_proj.bias, n_heads)
-        sd.update(mlp_state(p + "mlp.", (blk.mlp.c_fc.weight, blk.mlp.c_fc.bias), (blk.mlp.c_proj.weight, blk.mlp.c_proj.bias)))
-        fold_layer_scale(sd, p + "attn.W_O", p + "attn.b_O", getattr(blk.ls_1, "gamma", None))
-        fold_layer_scale(sd, p + "mlp.W_out", p + "mlp.b_out", getattr(blk.ls_2, "gamma", None))
+    sd.update(resblocks_state(blocks, n_heads))
     sd.update(ln_state("ln_final.", visual.ln_post))
     if visual.proj is not None:
         sd["head.W"] = _c(visual.proj)

@@ -32,7 +32,7 @@ from sae_lens_multimodal.models.conversions import (
 )
 from sae_lens_multimodal.models.conversions._common import (
     _c,
-    fold_layer_scale,
+    block_state,
     fused_qkv_to_heads,
     linear_to_heads_in,
     linear_to_heads_out,
@@ -376,15 +376,12 @@ def convert_timm(model: nn.Module) -> ConvertResult:
     if has_ln_pre:
         sd.update(ln_state("ln_pre.", model.norm_pre))
     for i, blk in enumerate(blocks):
-        p = f"blocks.{i}."
-        sd.update(ln_state(p + "ln1.", blk.norm1))
-        sd.update(ln_state(p + "ln2.", blk.norm2))
         attn = blk.attn
-        sd.update({p + "attn." + k: v for k, v in fused_qkv_to_heads(attn.qkv.weight, attn.qkv.bias, n_heads).items()})
-        sd[p + "attn.W_O"], sd[p + "attn.b_O"] = linear_to_heads_out(attn.proj.weight, attn.proj.bias, n_heads)
-        sd.update(mlp_state(p + "mlp.", (blk.mlp.fc1.weight, blk.mlp.fc1.bias), (blk.mlp.fc2.weight, blk.mlp.fc2.bias)))
-        fold_layer_scale(sd, p + "attn.W_O", p + "attn.b_O", getattr(blk.ls1, "gamma", None))
-        fold_layer_scale(sd, p + "mlp.W_out", p + "mlp.b_out", getattr(blk.ls2, "gamma", None))
+        sd.update(block_state(
+            f"blocks.{i}.", blk.norm1, blk.norm2, fused_qkv_to_heads(attn.qkv.weight, attn.qkv.bias, n_heads),
+            attn.proj, blk.mlp.fc1, blk.mlp.fc2, n_heads,
+            (getattr(blk.ls1, "gamma", None), getattr(blk.ls2, "gamma", None)),
+        ))
     if final_ln is not None:
         sd.update(ln_state("ln_final.", final_ln))
     sd.update(pool_sd)

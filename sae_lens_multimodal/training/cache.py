@@ -134,11 +134,14 @@ class ActivationCacheWriter:
     ``metadata`` describes what produces the activations (see ``docs/activation-cache.md``); when the
     directory already holds a cache, its metadata must match on every identifying key, otherwise
     :class:`CacheMismatchError` (a different model/hook never appends to an existing cache).
+    ``clean_stale`` deletes the temporary files an interrupted writer left; pass False when other
+    processes may be writing shards of this cache at the same time (their temporary files are live).
     """
 
     IDENTIFYING_KEYS = ("kind", "model", "hook_name", "d_in", "dtype", "token_policy", "source", "diffusion")
 
-    def __init__(self, directory: Union[str, os.PathLike], metadata: dict[str, Any], items_per_shard: int):
+    def __init__(self, directory: Union[str, os.PathLike], metadata: dict[str, Any], items_per_shard: int,
+                 *, clean_stale: bool = True):
         if items_per_shard <= 0:
             raise ValueError(f"items_per_shard must be positive, got {items_per_shard}")
         self.directory = Path(directory)
@@ -160,8 +163,9 @@ class ActivationCacheWriter:
             _atomic_write_json(meta_path, wanted)
             self.metadata = wanted
         self.items_per_shard = int(self.metadata["items_per_shard"])
-        for stale in self.directory.glob("*.tmp"):  # leftovers of an interrupted write
-            stale.unlink()
+        if clean_stale:
+            for stale in self.directory.glob("*.tmp"):  # leftovers of an interrupted write (hidden .*.tmp too)
+                stale.unlink(missing_ok=True)
         self.completed = set(_completed_shards(self.directory))
 
     def shard_done(self, index: int) -> bool:

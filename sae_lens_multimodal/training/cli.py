@@ -185,9 +185,20 @@ def _diffusion_options(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------- cache
 def run_cache(args: argparse.Namespace) -> int:
-    from sae_lens_multimodal.training.caching import cache_activations
+    from sae_lens_multimodal.training import distributed
 
-    model, kind = load_cli_model(args, args.device)
+    if not distributed.launched_by_torchrun():
+        return _run_cache(args, args.device)
+    # Under torchrun: every rank runs this same command and writes its share of the shards (docs/distributed.md).
+    with distributed.distributed_session(args.device) as device:
+        return _run_cache(args, str(device))
+
+
+def _run_cache(args: argparse.Namespace, device: Optional[str]) -> int:
+    from sae_lens_multimodal.training.caching import cache_activations
+    from sae_lens_multimodal.training.distributed import rank
+
+    model, kind = load_cli_model(args, device)
     hooks = args.hook if isinstance(args.hook, list) else [args.hook]
     if kind == "diffusion":
         from sae_lens_multimodal.training.diffusion_store import DiffusionActivationStore
@@ -208,7 +219,8 @@ def run_cache(args: argparse.Namespace) -> int:
     readers = cache_activations(store, args.out, items_per_shard=args.items_per_shard,
                                 shard_size_mb=args.shard_size_mb)
     for hook, reader in readers.items():
-        print(f"{hook}: {reader.n_rows} rows in {len(reader.shards)} shards at {reader.directory}")
+        if rank() == 0:  # (under torchrun, one summary)
+            print(f"{hook}: {reader.n_rows} rows in {len(reader.shards)} shards at {reader.directory}")
     return 0
 
 
@@ -217,7 +229,9 @@ def add_cache_command(subparsers: SubParsers) -> None:
         "cache", help="cache a model's activations at some hooks to disk (resumable)",
         description="Run images (ViT / CLIP) or prompts (diffusion) through a model and write the activations at each "
                     "--hook to OUT/<hook>/ (format: docs/activation-cache.md). Re-running the same command resumes an "
-                    "interrupted cache; a directory holding another model's or hook's cache is refused.",
+                    "interrupted cache; a directory holding another model's or hook's cache is refused. Under torchrun "
+                    "(torchrun --nproc-per-node=N -m sae_lens_multimodal cache ...) the ranks share the shards "
+                    "(docs/distributed.md).",
     )
     _add_config(p)
     _model_options(p)

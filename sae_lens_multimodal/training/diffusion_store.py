@@ -24,6 +24,7 @@ from sae_lens_multimodal.core.denoising import (
     current_timestep,
 )
 from sae_lens_multimodal.training.cache import ActivationChunk, dtype_name, model_identity
+from sae_lens_multimodal.training.sources import batch_ranges
 
 __all__ = ["DiffusionActivationStore"]
 
@@ -166,13 +167,17 @@ class DiffusionActivationStore:
         return kwargs
 
     @torch.no_grad()
-    def iter_chunks(self, start_item: int = 0) -> Iterator[tuple[int, int, dict[str, ActivationChunk]]]:
-        """``(item_start, item_end, {hook: chunk})`` per pipeline call, in item order."""
+    def iter_chunks(self, start_item: int = 0, stop_item: Optional[int] = None,
+                    align: Optional[int] = None) -> Iterator[tuple[int, int, dict[str, ActivationChunk]]]:
+        """``(item_start, item_end, {hook: chunk})`` per pipeline call over trajectories
+        ``[start_item, stop_item)`` (``stop_item`` None: to the last prompt), in item order; with ``align``
+        (a cache's items per shard) no call crosses a shard boundary."""
+        end = self.n_items if stop_item is None else min(self.n_items, stop_item)
         bar = tqdm(total=self.n_items, initial=start_item, unit="traj", desc="Caching diffusion activations",
                    disable=not self.progress)
         try:
-            for start in range(start_item, self.n_items, self.batch_size):
-                items = self.prompts[start:start + self.batch_size]
+            for start, stop in batch_ranges(start_item, end, self.batch_size, align):
+                items = self.prompts[start:stop]
                 n = len(items)
                 parts: dict[str, list[ActivationChunk]] = {h: [] for h in self.hook_names}
                 calls = [0]

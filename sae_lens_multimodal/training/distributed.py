@@ -10,7 +10,9 @@ written with them runs unchanged in one process.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any, Optional, Union
 
@@ -23,6 +25,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "destroy_distributed",
+    "distributed_session",
     "init_distributed",
     "is_distributed",
     "launched_by_torchrun",
@@ -33,6 +36,8 @@ __all__ = [
     "rank",
     "world_size",
     "NodeProgressBar",
+    "RankMismatchError",
+    "check_ranks_agree",
 ]
 
 
@@ -110,6 +115,20 @@ def init_distributed(device: Union[str, torch.device, None] = None, *, backend: 
     return wanted
 
 
+@contextlib.contextmanager
+def distributed_session(device: Union[str, torch.device, None] = None, *, backend: Optional[str] = None,
+                        timeout_s: Optional[float] = None) -> Iterator[torch.device]:
+    """``with distributed_session(device) as dev:`` joins the process group (:func:`init_distributed`) and
+    leaves it at the end, unless it was joined before (then whoever joined it leaves it)."""
+    joined_here = launched_by_torchrun() and not _initialized()
+    dev = init_distributed(device, backend=backend, timeout_s=timeout_s)
+    try:
+        yield dev
+    finally:
+        if joined_here:
+            destroy_distributed()
+
+
 def destroy_distributed() -> None:
     """Leave the process group (if this process joined one)."""
     if _initialized():
@@ -138,6 +157,41 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+class RankMismatchError(ValueError):
+    """The ranks of one job were started with different settings (model, hook, dtype, ...)."""
+
+
+def _first_difference(a: Any, b: Any, path: tuple[str, ...] = ()) -> Optional[tuple[tuple[str, ...], Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            found = _first_difference(a.get(key), b.get(key), (*path, str(key)))
+            if found:
+                return found
+        return None
+    return None if a == b else (path, a, b)
+
+
+def check_ranks_agree(settings: Any, what: str = "settings") -> None:
+    """Refuse to go on unless every rank has the same ``settings`` (a picklable dict, nested allowed).
+
+    Gathers every rank's ``settings`` and compares them with rank 0's; if any rank differs, every rank
+    raises the same :class:`RankMismatchError`, naming the first rank that differs and the field (a
+    path of keys). Collective: every rank must call it. Nothing to compare in one process.
+    """
+    gathered = all_gather_object(settings)
+    for other, theirs in enumerate(gathered[1:], start=1):
+        found = _first_difference(gathered[0], theirs)
+        if found:
+            path, ours, different = found
+            field = " / ".join(path) or what
+            others = [r for r, s in enumerate(gathered) if r and _first_difference(gathered[0], s)]
+            raise RankMismatchError(
+                f"Rank {other} disagrees with rank 0 on {field}: rank 0 has {ours!r}, rank {other} has {different!r} "
+                f"(ranks that differ from rank 0: {others}). Every rank must run the same command on the same model, "
+                f"hooks and data; fix the {what} of rank {other} (or of rank 0) and start again."
+            )
 
 
 class NodeProgressBar:

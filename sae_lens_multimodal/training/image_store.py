@@ -163,8 +163,11 @@ class ImageActivationStore:
 
     # ------------------------------------------------------------------ activations
     @torch.no_grad()
-    def iter_chunks(self, start_item: int = 0) -> Iterator[tuple[int, int, dict[str, ActivationChunk]]]:
-        """``(item_start, item_end, {hook: chunk})`` per forward batch, in source order."""
+    def iter_chunks(self, start_item: int = 0, stop_item: Optional[int] = None,
+                    align: Optional[int] = None) -> Iterator[tuple[int, int, dict[str, ActivationChunk]]]:
+        """``(item_start, item_end, {hook: chunk})`` per forward batch of items ``[start_item, stop_item)``
+        (``stop_item`` None: to the end of the source), in source order; with ``align`` (a cache's
+        items per shard) no batch crosses a shard boundary."""
         has_cls = self.vit.cfg.has_cls_token
         captured: dict[str, torch.Tensor] = {}
 
@@ -180,7 +183,7 @@ class ImageActivationStore:
         bar = tqdm(total=self.n_items, initial=start_item, unit="img", desc="Caching activations",
                    disable=not self.progress)
         try:
-            for start, pixels in self.source.batches(self.batch_size, start_item):
+            for start, pixels in self.source.batches(self.batch_size, start_item, stop_item, align):
                 captured.clear()
                 with self.vit.hooks(fwd_hooks=fwd_hooks):
                     self.vit(pixels, return_type=None, stop_at_layer=self.stop_at_layer)

@@ -7,6 +7,7 @@ any item (to resume a cache), and describes itself for cache metadata.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -38,8 +39,27 @@ class ImageSource:
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "n_items": self.n_items}
 
-    def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+    def batches(self, batch_size: int, start: int = 0, stop: Optional[int] = None,
+                align: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(item_start, pixels)`` batches of items ``[start, stop)`` (``stop`` None: to the end); with
+        ``align``, no batch crosses a multiple of ``align`` (a cache shard's boundary), so a shard's
+        batches are the same whichever item a run starts from."""
         raise NotImplementedError
+
+
+def _end(n: int, stop: Optional[int]) -> int:
+    return n if stop is None else min(n, stop)
+
+
+def batch_ranges(start: int, end: int, batch_size: int, align: Optional[int] = None) -> Iterator[tuple[int, int]]:
+    """``[i, j)`` item ranges of at most ``batch_size`` items from ``start`` to ``end``, cut at multiples of ``align``."""
+    i = start
+    while i < end:
+        j = min(i + batch_size, end)
+        if align:
+            j = min(j, (i // align + 1) * align)
+        yield i, j
+        i = j
 
 
 def _needs_preprocess(preprocess: Optional[Preprocess], what: str) -> Preprocess:
@@ -76,9 +96,10 @@ class TensorImages(ImageSource):
             d["fingerprint"] = hashlib.sha256(sample + str(tuple(self.images.shape)).encode()).hexdigest()[:16]
         return d
 
-    def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
-        for i in range(start, len(self.images), batch_size):
-            part = self.images[i:i + batch_size]
+    def batches(self, batch_size: int, start: int = 0, stop: Optional[int] = None,
+                align: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
+        for i, j in batch_ranges(start, _end(len(self.images), stop), batch_size, align):
+            part = self.images[i:j]
             if isinstance(part, torch.Tensor):
                 yield i, part
             else:
@@ -108,12 +129,13 @@ class FolderImages(ImageSource):
         return {**super().describe(), "root": str(self.root.resolve()),
                 "fingerprint": hashlib.sha256(names).hexdigest()[:16]}
 
-    def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+    def batches(self, batch_size: int, start: int = 0, stop: Optional[int] = None,
+                align: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
         from PIL import Image
 
-        for i in range(start, len(self.files), batch_size):
+        for i, j in batch_ranges(start, _end(len(self.files), stop), batch_size, align):
             tensors = []
-            for path in self.files[i:i + batch_size]:
+            for path in self.files[i:j]:
                 with Image.open(path) as im:
                     tensors.append(self.preprocess(im.convert("RGB")))
             yield i, torch.stack(tensors)
@@ -160,24 +182,28 @@ class DatasetImages(ImageSource):
             return value
         return _needs_preprocess(self.preprocess, "Dataset images")(value.convert("RGB") if hasattr(value, "convert") else value)
 
-    def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+    def batches(self, batch_size: int, start: int = 0, stop: Optional[int] = None,
+                align: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
         if hasattr(self.dataset, "__len__") and hasattr(self.dataset, "select"):
-            n = len(self.dataset)
-            for i in range(start, n, batch_size):
-                rows = self.dataset[i:min(i + batch_size, n)][self.image_column]
+            for i, j in batch_ranges(start, _end(len(self.dataset), stop), batch_size, align):
+                rows = self.dataset[i:j][self.image_column]
                 yield i, torch.stack([self._to_tensor(v) for v in rows])
             return
+        # A stream is read from its beginning: skip to item `start` (IterableDataset.skip when it has it).
         if start and hasattr(self.dataset, "skip"):
             stream = iter(self.dataset.skip(start))
         else:
             stream = iter(self.dataset)
             for _ in range(start):
-                next(stream)
+                if next(stream, None) is None:
+                    return
+        if stop is not None:
+            stream = itertools.islice(stream, max(0, stop - start))
         buf: list[torch.Tensor] = []
         i = start
         for row in stream:
             buf.append(self._to_tensor(row[self.image_column]))
-            if len(buf) == batch_size:
+            if len(buf) == batch_size or (align and (i + len(buf)) % align == 0):
                 yield i, torch.stack(buf)
                 i += len(buf)
                 buf = []

@@ -113,8 +113,8 @@ def test_cache_activations_resumes_after_interruption(vit, images, tmp_path, mon
     original = store.source.batches
     calls = []
 
-    def failing(batch_size, start=0):
-        for i, item in enumerate(original(batch_size, start)):
+    def failing(batch_size, start=0, stop=None, align=None):
+        for i, item in enumerate(original(batch_size, start, stop, align)):
             if i == 3:  # after 12 images: shard 0 (items 0..7) complete, shard 1 half done
                 raise KeyboardInterrupt
             calls.append(item[0])
@@ -129,9 +129,9 @@ def test_cache_activations_resumes_after_interruption(vit, images, tmp_path, mon
     store2 = ImageActivationStore(vit, hooks, images, batch_size=4, progress=False)
     orig2 = store2.iter_chunks
 
-    def spy(start_item=0):
+    def spy(start_item=0, stop_item=None, align=None):
         resumed_from.append(start_item)
-        return orig2(start_item)
+        return orig2(start_item, stop_item, align)
 
     monkeypatch.setattr(store2, "iter_chunks", spy)
     part = cache_activations(store2, tmp_path / "part")  # items_per_shard read back from the cache

@@ -214,3 +214,35 @@ def test_ranks_that_disagree_are_refused_before_writing(vit_dir, image_dir, tmp_
     assert f"Rank 1 disagrees with rank 0 on cache of {HOOK} / dtype: rank 0 has 'float32', rank 1 has 'float16'" \
         in res.stderr
     assert not out.exists() or not any(out.rglob("*")), "nothing may be written when the ranks disagree"
+
+
+def test_hugging_face_datasets_split_by_shard(tmp_path):
+    """Map-style (index ranges) and streaming (skipped to each shard; length unknown, so shards are dealt
+    round-robin until the stream ends): two simulated ranks write the one-process cache."""
+    datasets = pytest.importorskip("datasets")
+    import numpy as np
+    from PIL import Image
+
+    from sae_lens_multimodal.training import caching
+    from tests.training.conftest import make_vit
+
+    g = torch.Generator().manual_seed(2)
+    pils = [Image.fromarray((torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(7)]
+    ds = datasets.Dataset.from_dict({"image": pils}, features=datasets.Features({"image": datasets.Image()}))
+
+    def preprocess(im):
+        return torch.from_numpy(np.asarray(im.resize((32, 32)), dtype=np.float32)).permute(2, 0, 1) / 255
+
+    vit = make_vit()
+    for name, source in (("map", ds), ("stream", ds.to_iterable_dataset())):
+        def store():
+            return ImageActivationStore(vit, [HOOK], source, preprocess=preprocess, batch_size=3, progress=False)
+
+        one = cache_activations(store(), tmp_path / name / "one", items_per_shard=2)[HOOK]
+        s = store()
+        for r in (0, 1):  # what each rank of two writes (the collectives are tested under torchrun above)
+            writers = caching._open_writers(s, tmp_path / name / "two", 2, clean_stale=r == 0)
+            caching._write_shards(s, writers, caching.runs_of_rank(set(), s.n_items, 2, r, 2), set(), s.n_items, 2,
+                                  tmp_path / name / "two" / HOOK)
+        assert [sh.items for sh in one.shards] == [(0, 2), (2, 4), (4, 6), (6, 7)]
+        _assert_same_cache(tmp_path / name / "two" / HOOK, one.directory)

@@ -27,13 +27,14 @@ pretrained/bundled.py) are not checked here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import inspect
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from typing import Any, Optional
 
@@ -50,6 +51,7 @@ __all__ = [
     "patch_pretrained_directory",
     "add_directory_extender",
     "patch_load_model",
+    "sae_trainer_progress_bar",
     "apply_patches",
 ]
 
@@ -330,6 +332,27 @@ def patch_load_model(handles: Callable[[str], bool], load: Callable[..., Any]) -
         if getattr(module, "load_model", None) is not None:
             module.load_model = wrapper  # type: ignore[attr-defined]
     return True
+
+
+# --------------------------------------------------------------------------------- trainer progress bar
+@contextlib.contextmanager
+def sae_trainer_progress_bar(factory: Callable[..., Any]) -> Iterator[None]:
+    """While the block runs, ``SAETrainer.fit`` makes its progress bar with ``factory(total=..., initial=...,
+    desc=...)`` instead of tqdm. SAELens has no option for this (fit calls the module-level name ``tqdm`` of
+    ``sae_lens.training.sae_trainer``); data-parallel training needs it to show one bar per machine with the
+    job's global progress instead of one per rank. Warns and changes nothing when that name is missing."""
+    module = importlib.import_module("sae_lens.training.sae_trainer")
+    original = getattr(module, "tqdm", None)
+    if original is None:
+        _warn_unsupported("one progress bar per machine in data-parallel training",
+                          ["sae_lens.training.sae_trainer.tqdm is missing"])
+        yield
+        return
+    module.tqdm = factory  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        module.tqdm = original  # type: ignore[attr-defined]
 
 
 def apply_patches() -> None:

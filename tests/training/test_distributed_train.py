@@ -1,0 +1,168 @@
+"""Distributed SAE training on CPU with gloo: 2 ranks with batch B/2 each train the same SAE as 1 rank with
+batch B; distribute-modules trains each SAE as if alone; a run stopped after k steps and resumed (with
+another number of ranks) ends with the weights of an uninterrupted run.
+
+The two-rank runs happen once, in two processes started with torch.multiprocessing (one start for every
+scenario, since each process start imports torch and SAELens); the one-rank references run here."""
+
+from __future__ import annotations
+
+import json
+import socket
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+
+from sae_lens_multimodal.training.cache import ActivationCacheReader, ActivationCacheWriter, ActivationChunk
+from sae_lens_multimodal.training.parallel_data import GlobalRowOrder, rank_batches
+from sae_lens_multimodal.training.parallel_train import (
+    ModuleJob,
+    TrainingStopped,
+    latest_checkpoint,
+    save_sae_atomically,
+    train_sae_data_parallel,
+    train_saes_distributed,
+)
+
+D_IN, D_SAE = 16, 32
+# 12 steps of 64 rows on a 600-row cache: a second epoch, batches straddling the 200-row shuffle windows,
+# dead-latent masks in play (window 2) and the norm scaling factor estimated from 2 batches
+TRAIN = dict(total_training_samples=12 * 64, batch_size=64, lr=1e-2, dead_feature_window=2,
+             n_batches_for_norm_estimate=2, window_rows=200, seed=3, progress=False)
+STOP_AT = 5
+
+
+def write_cache(directory: Path, seed: int, hook: str = "blocks.0.hook_resid_post", shards: int = 4,
+                rows_per_shard: int = 150) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    meta = {"kind": "image", "model": {"name": "m", "class": "X", "fingerprint": "sha256:abc"}, "hook_name": hook,
+            "d_in": D_IN, "dtype": "float32", "token_policy": "all", "source": {"kind": "tensor"}, "diffusion": None}
+    writer = ActivationCacheWriter(directory, meta, items_per_shard=rows_per_shard)
+    scale = torch.rand(D_IN, generator=gen) * 3
+    for k in range(shards):
+        acts = torch.randn(rows_per_shard, D_IN, generator=gen) * scale + 0.5
+        sample = torch.arange(k * rows_per_shard, (k + 1) * rows_per_shard)
+        writer.write_shard(k, ActivationChunk(acts, sample), (k * rows_per_shard, (k + 1) * rows_per_shard))
+    return directory
+
+
+def make_sae(seed: int) -> TopKTrainingSAE:
+    torch.manual_seed(seed)
+    return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4,
+                                                 normalize_activations="expected_average_only_in"))
+
+
+def weights(sae: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone().contiguous() for k, v in sae.state_dict().items()}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, root: str) -> None:
+    """Every two-rank scenario, in one process per rank (spawned)."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from sae_lens_multimodal.training.distributed import destroy_distributed, init_distributed
+
+    init_distributed("cpu")
+    out = Path(root)
+    try:
+        # data-parallel: each rank starts from a different init; rank 0's is broadcast
+        sae = make_sae(seed=rank)
+        train_sae_data_parallel(sae, out / "a", **TRAIN)
+        if rank == 0:
+            save_file(weights(sae), str(out / "dp.safetensors"))
+        # distribute modules: 3 SAEs over 2 ranks
+        jobs = [ModuleJob(partial(make_sae, i), out / c, out / f"module{i}") for i, c in enumerate(("a", "b", "a"))]
+        mine = train_saes_distributed(jobs, **{**TRAIN, "total_training_samples": 6 * 64})
+        (out / f"modules_rank{rank}.json").write_text(json.dumps([s is not None for s in mine]))
+        # a run stopped after STOP_AT steps (checkpoint every 2 steps, keep 2)
+        with pytest.raises(TrainingStopped):
+            train_sae_data_parallel(make_sae(seed=0), out / "a", checkpoint_dir=out / "ckpt", checkpoint_every=2,
+                                    stop_after_steps=STOP_AT, **TRAIN)
+    finally:
+        destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dist")
+    write_cache(root / "a", seed=0)
+    write_cache(root / "b", seed=1, hook="blocks.1.hook_resid_post", shards=3)
+    mp.spawn(_rank_main, args=(2, _free_port(), str(root)), nprocs=2, join=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_rank_reference(two_rank_run) -> dict[str, torch.Tensor]:
+    sae = make_sae(seed=0)
+    train_sae_data_parallel(sae, two_rank_run / "a", world_size=1, rank=0, **TRAIN)
+    return weights(sae)
+
+
+def test_rank_slices_are_disjoint_and_make_up_the_one_rank_batch(tmp_path):
+    order = GlobalRowOrder(ActivationCacheReader(write_cache(tmp_path / "c", seed=0)), seed=1, window_rows=70)
+    one = list(zip(range(15), rank_batches(order, 40)))  # 600 rows: 15 batches, crossing windows and an epoch
+    halves = [list(zip(range(15), rank_batches(order, 40, rank=r, world_size=2))) for r in (0, 1)]
+    for (_, whole), (_, a), (_, b) in zip(one, *halves):
+        assert len(a) == len(b) == 20
+        assert torch.equal(torch.cat([a.acts, b.acts]), whole.acts)
+        assert not set(a.sample.tolist()) & set(b.sample.tolist())
+    rows = torch.cat([whole.sample for _, whole in one])
+    assert sorted(rows.tolist()) == list(range(600))  # every row once per epoch
+    resumed = next(rank_batches(order, 40, rank=1, world_size=2, start_batch=9))
+    assert torch.equal(resumed.acts, halves[1][9][1].acts)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        next(rank_batches(order, 40, rank=0, world_size=3))
+
+
+def test_two_ranks_with_half_batches_train_the_one_rank_sae(two_rank_run, one_rank_reference):
+    assert_same(load_file(str(two_rank_run / "dp.safetensors")), one_rank_reference)
+    init = weights(make_sae(seed=0))
+    assert not torch.allclose(init["W_enc"], one_rank_reference["W_enc"], atol=1e-3)  # it did train
+
+
+def test_distribute_modules_trains_each_sae_as_alone(two_rank_run, tmp_path):
+    assert json.loads((two_rank_run / "modules_rank0.json").read_text()) == [True, False, True]
+    assert json.loads((two_rank_run / "modules_rank1.json").read_text()) == [False, True, False]
+    for i, cache in enumerate(("a", "b", "a")):
+        alone = make_sae(i)
+        train_sae_data_parallel(alone, two_rank_run / cache, world_size=1, rank=0,
+                                **{**TRAIN, "total_training_samples": 6 * 64})
+        save_sae_atomically(alone, tmp_path / f"alone{i}")
+        got = load_file(str(two_rank_run / f"module{i}" / "sae_weights.safetensors"))
+        assert_same(got, load_file(str(tmp_path / f"alone{i}" / "sae_weights.safetensors")))
+        cfg = json.loads((two_rank_run / f"module{i}" / "cfg.json").read_text())
+        assert cfg["metadata"]["hook_name"] == f"blocks.{1 if cache == 'b' else 0}.hook_resid_post"
+
+
+def test_stopped_run_resumes_to_the_uninterrupted_sae_with_another_rank_count(two_rank_run, one_rank_reference):
+    ckpt = two_rank_run / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_000000004", "step_000000005"]  # keeps the last 2
+    progress = json.loads((latest_checkpoint(ckpt) / "progress.json").read_text())
+    # 2 norm-estimate batches + 5 training batches served
+    assert progress["steps"] == STOP_AT and progress["world_size"] == 2 and progress["data_batches"] == 2 + STOP_AT
+    sae = make_sae(seed=11)  # another init: the weights must come from the checkpoint
+    with pytest.raises(ValueError, match="global_batch_size=64"):
+        train_sae_data_parallel(make_sae(seed=11), two_rank_run / "a", checkpoint_dir=ckpt, resume=True,
+                                world_size=1, rank=0, **{**TRAIN, "batch_size": 32})
+    train_sae_data_parallel(sae, two_rank_run / "a", checkpoint_dir=ckpt, resume=True, world_size=1, rank=0, **TRAIN)
+    assert_same(weights(sae), one_rank_reference)

@@ -12,9 +12,8 @@ from the vision registry; the family modules are ``models/conversions/*_text.py`
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -24,6 +23,7 @@ from transformer_lens.hook_points import HookPoint
 from sae_lens_multimodal.core.contract import HookSpec, norm_specs, transformer_block_specs
 from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule
 from sae_lens_multimodal.models.components import LayerNorm, TransformerBlock
+from sae_lens_multimodal.models.config import TransformerTowerConfig
 
 __all__ = [
     "HookedText",
@@ -41,7 +41,7 @@ ReturnType = Optional[Literal["output", "pooled", "tokens"]]
 
 
 @dataclass
-class HookedTextConfig:
+class HookedTextConfig(TransformerTowerConfig):
     """A pre-norm text transformer: token + learned position embeddings, blocks, final LN, pooling, projection.
 
     ``pool_type`` says which token's final state is the text embedding, exactly as the source does it:
@@ -50,15 +50,8 @@ class HookedTextConfig:
     ``"last"`` (the last position, padding included: SigLIP) or ``"first"``.
     """
 
-    n_layers: int
-    d_model: int
-    n_heads: int
-    d_mlp: int
     d_vocab: int
     n_ctx: int
-    d_head: int = 0  # 0 means d_model // n_heads
-    act_fn: str = "gelu"
-    eps: float = 1e-5
     causal: bool = True
     pool_type: TextPool = "argmax"
     eos_token_id: Optional[int] = None
@@ -70,48 +63,20 @@ class HookedTextConfig:
     use_attention_mask: bool = False
     #: "max_length" pads to n_ctx (what open_clip and SigLIP were trained with); "longest" to the batch.
     tokenizer_padding: Literal["max_length", "longest"] = "max_length"
-    normalization_type: Literal["LN", "LNPre"] = "LN"
     d_out: Optional[int] = None
-    model_name: str = "custom"
-    original_architecture: str = "custom"
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    # Read by TransformerLens utilities.
-    n_key_value_heads: Optional[int] = None
-    attn_only: bool = False
-    positional_embedding_type: str = "standard"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.d_head == 0:
-            if self.d_model % self.n_heads:
-                raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-            self.d_head = self.d_model // self.n_heads
+        super().__post_init__()
         if self.pool_type not in ("argmax", "eos", "last", "first"):
             raise ValueError(f"pool_type={self.pool_type!r}; expected 'argmax', 'eos', 'last' or 'first'")
         if self.pool_type == "eos" and self.eos_token_id is None:
             raise ValueError("pool_type='eos' needs eos_token_id")
         if self.pad_mask_from_tokens and self.pad_token_id is None:
             raise ValueError("pad_mask_from_tokens=True needs pad_token_id")
-        if isinstance(self.dtype, str):
-            self.dtype = getattr(torch, self.dtype.replace("torch.", ""))
 
     @property
     def output_dim(self) -> int:
         return self.d_out or self.d_model
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["dtype"] = str(self.dtype).replace("torch.", "")
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "HookedTextConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"Unknown HookedTextConfig fields {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------------- registry

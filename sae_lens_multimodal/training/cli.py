@@ -310,7 +310,8 @@ def run_train(args: argparse.Namespace) -> int:
     from sae_lens_multimodal.training.cache import ActivationCacheReader
     from sae_lens_multimodal.training.train import train_sae
 
-    reader = ActivationCacheReader(args.cache)
+    caches = args.cache if isinstance(args.cache, list) else [args.cache]
+    readers = [ActivationCacheReader(c) for c in caches]
     model, kind = load_cli_model(args, None) if args.model else (None, None)
     identity = None
     if model is not None:
@@ -319,7 +320,13 @@ def run_train(args: argparse.Namespace) -> int:
 
         target = model.denoiser if kind == "diffusion" else vision_tower(model)
         identity = model_identity(target)
-    reader.check(model=identity, hook_name=args.hook)
+    for reader in readers:
+        reader.check(model=identity, hook_name=args.hook)
+    from sae_lens_multimodal.training.parallel_cli import run_train_distributed, wants_distributed_training
+
+    if wants_distributed_training(args, len(readers)):  # torchrun, several caches, checkpoints to resume
+        return run_train_distributed(args, readers, build_training_sae)
+    reader = readers[0]
     sae = build_training_sae(args, reader)
     train_sae(
         sae, reader, total_training_samples=args.total_training_samples, batch_size=args.batch_size, lr=args.lr,
@@ -342,8 +349,10 @@ def add_train_command(subparsers: SubParsers) -> None:
                     "SAELens's SAETrainer, and save it for SAE.load_from_disk.",
     )
     _add_config(p)
-    _required(p.add_argument("--cache", help="cache directory of one hook (OUT/<hook> of `sae-lens-mm cache`)"))
-    _required(p.add_argument("--out", help="directory to save the trained SAE in"))
+    _required(p.add_argument("--cache", nargs="+", metavar="DIR",
+                             help="cache directory of one hook (OUT/<hook> of `sae-lens-mm cache`); several: one SAE "
+                                  "per cache, saved under --out/<cache folder name>"))
+    _required(p.add_argument("--out", help="directory to save the trained SAE in (with several caches: their parent)"))
     add_model_option(p, required=False,
                      help="optional: model name/directory; the cache is refused if another model made it")
     add_model_kind_option(p)
@@ -391,6 +400,16 @@ def add_train_command(subparsers: SubParsers) -> None:
     add_seed_option(o)
     o.add_argument("--checkpoint-path", help="directory for SAETrainer checkpoints")
     o.add_argument("--n-checkpoints", type=int, default=0, help="intermediate checkpoints to save (default: 0)")
+    d = p.add_argument_group("distributed (torchrun; docs/distributed.md)")
+    d.add_argument("--distribute-modules", action="store_true",
+                   help="with several caches: train their SAEs at the same time, SAE i on rank i mod N (default: "
+                        "each SAE in turn, data-parallel over all ranks)")
+    d.add_argument("--checkpoint-every", type=int, default=0,
+                   help="write a resumable checkpoint (step_<n> under --checkpoint-path) every this many steps")
+    d.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint under --checkpoint-path (any number of ranks)")
+    d.add_argument("--stop-after-steps", type=int,
+                   help="checkpoint and stop after this many steps (e.g. a time-limited job); resume later")
     p.set_defaults(handler=_handler(p, run_train))
 
 

@@ -166,3 +166,31 @@ def test_stopped_run_resumes_to_the_uninterrupted_sae_with_another_rank_count(tw
                                 world_size=1, rank=0, **{**TRAIN, "batch_size": 32})
     train_sae_data_parallel(sae, two_rank_run / "a", checkpoint_dir=ckpt, resume=True, world_size=1, rank=0, **TRAIN)
     assert_same(weights(sae), one_rank_reference)
+
+
+def test_torchrun_train_command_stops_and_resumes_on_one_rank(two_rank_run, tmp_path):
+    """`torchrun --nproc-per-node=2 -m sae_lens_multimodal train ... --stop-after-steps 3`, then the same command
+    with --resume in one process, saves the SAE of an uninterrupted one-process run."""
+    import os
+    import subprocess
+    import sys
+
+    from sae_lens_multimodal.cli import main
+
+    cache = two_rank_run / "a"
+    args = ["train", "--cache", str(cache), "--d-sae", str(D_SAE), "--k", "4", "--total-training-samples", "384",
+            "--batch-size", "64", "--lr", "0.01", "--dead-feature-window", "2", "--seed", "3",
+            "--normalize-activations", "expected_average_only_in", "--checkpoint-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                          f"--master-port={_free_port()}", "-m", "sae_lens_multimodal", *args, "--out",
+                          str(tmp_path / "sae"), "--checkpoint-path", str(tmp_path / "ck"), "--stop-after-steps", "3"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Stopped after 3 steps" in run.stdout and not (tmp_path / "sae").exists()
+    assert "node 0, 2 ranks" in run.stderr  # one bar, on local rank 0, counting both ranks
+    assert json.loads((latest_checkpoint(tmp_path / "ck") / "progress.json").read_text())["world_size"] == 2
+    assert main([*args, "--out", str(tmp_path / "sae"), "--checkpoint-path", str(tmp_path / "ck"), "--resume"]) == 0
+    assert main([*args, "--out", str(tmp_path / "ref"), "--checkpoint-path", str(tmp_path / "ck_ref")]) == 0
+    assert_same(load_file(str(tmp_path / "sae" / "sae_weights.safetensors")),
+                load_file(str(tmp_path / "ref" / "sae_weights.safetensors")))

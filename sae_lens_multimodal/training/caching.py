@@ -75,15 +75,19 @@ def cache_activations(store: Any, out_dir: Union[str, os.PathLike], *, items_per
             writers = _open_writers(store, out_dir, items_per_shard, clean_stale=True)
             opened = ("ok", sorted(set.intersection(*(w.completed for w in writers.values()))))
         except Exception as e:  # told to every rank, so no rank waits for a cache that will not come
-            opened = ("error", isinstance(e, CacheMismatchError), str(e))
-            broadcast_object(opened)
+            kind = CacheMismatchError if isinstance(e, CacheMismatchError) else \
+                ValueError if isinstance(e, ValueError) else RuntimeError
+            broadcast_object(("error", kind.__name__, str(e)))
             raise
     opened = broadcast_object(opened)
     if opened[0] == "error":
-        raise (CacheMismatchError if opened[1] else RuntimeError)(f"Rank 0 could not open the cache: {opened[2]}")
+        kind = {"CacheMismatchError": CacheMismatchError, "ValueError": ValueError}.get(opened[1], RuntimeError)
+        raise kind(f"Rank 0 could not open the cache: {opened[2]}")
     if rank() != 0:
         writers = _open_writers(store, out_dir, items_per_shard, clean_stale=False)
     done = set(opened[1])
+    # A cache on disk keeps the shard size it was created with (the writers read it from metadata.json).
+    items_per_shard = next(iter(writers.values())).items_per_shard
 
     n_items = store.n_items
     runs = runs_of_rank(done, n_items, items_per_shard, rank(), world_size())

@@ -246,3 +246,19 @@ def test_hugging_face_datasets_split_by_shard(tmp_path):
                                   tmp_path / name / "two" / HOOK)
         assert [sh.items for sh in one.shards] == [(0, 2), (2, 4), (4, 6), (6, 7)]
         _assert_same_cache(tmp_path / name / "two" / HOOK, one.directory)
+
+
+def test_resume_keeps_the_shard_size_on_disk(tmp_path):
+    """A rerun asking for another --items-per-shard fills the missing shards with the size on disk."""
+    from tests.training.conftest import make_vit
+
+    vit, images = make_vit(), torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    full = cache_activations(ImageActivationStore(vit, [HOOK], images, batch_size=3, progress=False), tmp_path / "a",
+                             items_per_shard=4)[HOOK]
+    (full.directory / "shard_00001.json").unlink()
+    again = cache_activations(ImageActivationStore(vit, [HOOK], images, batch_size=3, progress=False), tmp_path / "a",
+                              items_per_shard=3)[HOOK]
+    assert [s.items for s in again.shards] == [(0, 4), (4, 8), (8, 10)]
+    ref = cache_activations(ImageActivationStore(vit, [HOOK], images, batch_size=3, progress=False), tmp_path / "b",
+                            items_per_shard=4)[HOOK]
+    _assert_same_cache(again.directory, ref.directory)

@@ -17,7 +17,12 @@ import torch
 
 from sae_lens_multimodal.models.components import ACT_FNS
 from sae_lens_multimodal.models.config import HeadType, HookedViTConfig, PoolType
-from sae_lens_multimodal.models.conversions import UnsupportedModelError
+from sae_lens_multimodal.models.conversions import (
+    ConvertResult,
+    UnsupportedModelError,
+    VisionFamily,
+    register_vision_family,
+)
 from sae_lens_multimodal.models.conversions._common import _c, block_state, ln_state, qkv_to_heads
 
 #: from_pretrained keywords that say where files come from; the image processor is read from the same place.
@@ -29,6 +34,32 @@ def is_transformers_class(obj: Any, module_prefix: str, names: tuple[str, ...]) 
     """``obj`` is an instance of one of ``names`` defined in ``transformers.models.<module_prefix>``."""
     cls = type(obj)
     return cls.__module__.startswith(f"transformers.models.{module_prefix}.") and cls.__name__ in names
+
+
+def register_transformers_family(
+    name: str,
+    classes: dict[str, tuple[str, ...]],
+    model_types: tuple[str, ...],
+    convert: Callable[[Any], ConvertResult],
+    load: Callable[..., Any],
+    tower_note: str = "",
+) -> VisionFamily:
+    """Register a transformers vision family: it converts instances of ``classes`` (``{module under
+    transformers.models: class names}``, recognised without importing transformers) and loads hub repos
+    and local directories whose config.json says one of ``model_types``. The description lists both
+    (``tower_note``, e.g. " (vision tower)", after the class names)."""
+    kinds = " / ".join(repr(t) for t in model_types)
+    return register_vision_family(
+        VisionFamily(
+            name=name,
+            description=f"transformers {' / '.join(n for ns in classes.values() for n in ns)}{tower_note} "
+            f"(hub repo id or local dir with model_type {kinds})",
+            matches=lambda obj: any(is_transformers_class(obj, module, ns) for module, ns in classes.items()),
+            convert=convert,
+            load=load,
+            hf_model_types=model_types,
+        )
+    )
 
 
 def act_fn_name(hidden_act: Any, where: str) -> str:
@@ -156,6 +187,20 @@ class HFBlockNames:
 
 #: CLIP and SigLIP, vision and text towers.
 CLIP_STYLE_BLOCK = HFBlockNames("layer_norm1", "layer_norm2", "self_attn", "out_proj", "num_heads")
+
+
+def clip_style_tower_parts(tower: Any) -> dict[str, Any]:
+    """The :func:`hf_vit_tower` arguments that CLIP and SigLIP vision towers keep under the same names
+    (SigLIP's vision tower is laid out like CLIP's)."""
+    emb = tower.embeddings
+    return dict(
+        hidden_act=tower.config.hidden_act,
+        conv=emb.patch_embedding,
+        image_size=emb.image_size,
+        pos_embed=emb.position_embedding.weight,
+        layers=tower.encoder.layers,
+        names=CLIP_STYLE_BLOCK,
+    )
 
 
 def hf_blocks_state(layers: Sequence[torch.nn.Module], names: HFBlockNames, n_heads: int) -> dict[str, torch.Tensor]:

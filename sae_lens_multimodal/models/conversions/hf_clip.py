@@ -32,22 +32,14 @@ from typing import Any, Optional
 
 import torch
 
-from sae_lens_multimodal.models.conversions import ConvertResult, VisionFamily, register_vision_family
+from sae_lens_multimodal.models.conversions import ConvertResult
 from sae_lens_multimodal.models.conversions._common import linear_to_matrix
 from sae_lens_multimodal.models.conversions._hf_common import (
-    CLIP_STYLE_BLOCK,
-    hf_vit_tower,
-    image_preprocess,
-    is_transformers_class,
-    load_checkpoint,
-    read_hf_config,
+    clip_style_tower_parts, hf_vit_tower, image_preprocess, load_checkpoint, read_hf_config,
+    register_transformers_family,
 )
 
 _CLASSES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
-
-
-def _is_hf_clip(obj: Any) -> bool:
-    return is_transformers_class(obj, "clip", _CLASSES)
 
 
 def load_hf_clip(name_or_dir: str, **kwargs: Any) -> Any:
@@ -80,16 +72,10 @@ def _default_processor(image_size: int) -> Any:
 
 def convert_hf_clip(model: Any) -> ConvertResult:
     tower, projection = _tower_and_projection(model)
-    emb = tower.embeddings
     cfg, sd = hf_vit_tower(
         model,
-        hidden_act=tower.config.hidden_act,
-        conv=emb.patch_embedding,
-        image_size=emb.image_size,
-        pos_embed=emb.position_embedding.weight,
-        cls_token=emb.class_embedding,
-        layers=tower.encoder.layers,
-        names=CLIP_STYLE_BLOCK,
+        **clip_style_tower_parts(tower),
+        cls_token=tower.embeddings.class_embedding,
         ln_pre=tower.pre_layrnorm,
         ln_final=tower.post_layernorm,
         pool_type="cls",
@@ -102,14 +88,6 @@ def convert_hf_clip(model: Any) -> ConvertResult:
     return cfg, sd, image_preprocess(model, lambda: _default_processor(cfg.image_size[0]))
 
 
-register_vision_family(
-    VisionFamily(
-        name="hf_clip",
-        description="transformers CLIPVisionModel / CLIPVisionModelWithProjection / CLIPModel (vision tower) "
-        "(hub repo id or local dir with model_type 'clip' / 'clip_vision_model')",
-        matches=_is_hf_clip,
-        convert=convert_hf_clip,
-        load=load_hf_clip,
-        hf_model_types=("clip", "clip_vision_model"),
-    )
+register_transformers_family(
+    "hf_clip", {"clip": _CLASSES}, ("clip", "clip_vision_model"), convert_hf_clip, load_hf_clip, " (vision tower)"
 )

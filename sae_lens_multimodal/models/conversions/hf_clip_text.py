@@ -14,14 +14,14 @@ from typing import Any, Literal, Optional
 import torch
 
 from sae_lens_multimodal.models.conversions._common import _c, ln_state
-from sae_lens_multimodal.models.conversions._hf_common import CLIP_STYLE_BLOCK, hf_blocks_state
+from sae_lens_multimodal.models.conversions._hf_common import CLIP_STYLE_BLOCK, hf_blocks_state, is_transformers_class
 from sae_lens_multimodal.models.hooked_text import HookedTextConfig, TextFamily, TextPool, register_text_family
 
 _CLASSES = ("CLIPModel", "CLIPTextModel", "CLIPTextModelWithProjection")
 
 
 def _is_hf_clip_text(obj: Any) -> bool:
-    return type(obj).__module__.startswith("transformers.models.clip.") and type(obj).__name__ in _CLASSES
+    return is_transformers_class(obj, "clip", _CLASSES)
 
 
 def _text_model_and_projection(model: Any) -> tuple[Any, Any]:

@@ -30,31 +30,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from sae_lens_multimodal.models.conversions import (
-    ConvertResult,
-    UnsupportedModelError,
-    VisionFamily,
-    register_vision_family,
-)
+from sae_lens_multimodal.models.conversions import ConvertResult, UnsupportedModelError
 from sae_lens_multimodal.models.conversions._hf_common import (
-    HFBlockNames,
-    hf_vit_tower,
-    image_preprocess,
-    is_transformers_class,
-    load_checkpoint,
-    read_hf_config,
+    HFBlockNames, hf_vit_tower, image_preprocess, load_checkpoint, read_hf_config, register_transformers_family,
 )
 
 _BLOCK = HFBlockNames(
     "norm1", "norm2", "attention", "o_proj", "num_attention_heads",
     layer_scale=("layer_scale1.lambda1", "layer_scale2.lambda1"),
 )
-
-
-def _is_hf_dinov2(obj: Any) -> bool:
-    return is_transformers_class(obj, "dinov2", ("Dinov2Model",)) or is_transformers_class(
-        obj, "dinov2_with_registers", ("Dinov2WithRegistersModel",)
-    )
 
 
 def load_hf_dinov2(name_or_dir: str, **kwargs: Any) -> Any:
@@ -107,14 +91,8 @@ def convert_hf_dinov2(model: Any) -> ConvertResult:
     return cfg, sd, image_preprocess(model, lambda: _default_processor(cfg.image_size[0]))
 
 
-register_vision_family(
-    VisionFamily(
-        name="hf_dinov2",
-        description="transformers Dinov2Model / Dinov2WithRegistersModel "
-        "(hub repo id or local dir with model_type 'dinov2' / 'dinov2_with_registers')",
-        matches=_is_hf_dinov2,
-        convert=convert_hf_dinov2,
-        load=load_hf_dinov2,
-        hf_model_types=("dinov2", "dinov2_with_registers"),
-    )
+register_transformers_family(
+    "hf_dinov2",
+    {"dinov2": ("Dinov2Model",), "dinov2_with_registers": ("Dinov2WithRegistersModel",)},
+    ("dinov2", "dinov2_with_registers"), convert_hf_dinov2, load_hf_dinov2,
 )

@@ -33,12 +33,7 @@ from typing import Any
 
 import torch
 
-from sae_lens_multimodal.models.conversions import (
-    ConvertResult,
-    UnsupportedModelError,
-    VisionFamily,
-    register_vision_family,
-)
+from sae_lens_multimodal.models.conversions import ConvertResult, UnsupportedModelError
 from sae_lens_multimodal.models.conversions._common import (
     _c,
     fused_qkv_to_heads,
@@ -47,18 +42,10 @@ from sae_lens_multimodal.models.conversions._common import (
     mlp_state,
 )
 from sae_lens_multimodal.models.conversions._hf_common import (
-    CLIP_STYLE_BLOCK,
-    hf_vit_tower,
-    image_preprocess,
-    is_transformers_class,
-    load_checkpoint,
+    clip_style_tower_parts, hf_vit_tower, image_preprocess, load_checkpoint, register_transformers_family,
 )
 
 _CLASSES = ("SiglipVisionModel", "SiglipModel")
-
-
-def _is_hf_siglip(obj: Any) -> bool:
-    return is_transformers_class(obj, "siglip", _CLASSES)
 
 
 def load_hf_siglip(name_or_dir: str, **kwargs: Any) -> Any:
@@ -94,18 +81,12 @@ def _map_head_state(head: Any, n_heads: int) -> dict[str, torch.Tensor]:
 def convert_hf_siglip(model: Any) -> ConvertResult:
     where = f"transformers {type(model).__name__}"
     tower = model.vision_model if type(model).__name__ == "SiglipModel" else model
-    emb, layers = tower.embeddings, tower.encoder.layers
     head = tower.head if getattr(tower, "use_head", False) else None
-    if head is not None and head.mlp.fc1.out_features != layers[0].mlp.fc1.out_features:
+    if head is not None and head.mlp.fc1.out_features != tower.encoder.layers[0].mlp.fc1.out_features:
         raise UnsupportedModelError(f"{where}: the pooling head's MLP width differs from the blocks'.")
     cfg, sd = hf_vit_tower(
         model,
-        hidden_act=tower.config.hidden_act,
-        conv=emb.patch_embedding,
-        image_size=emb.image_size,
-        pos_embed=emb.position_embedding.weight,
-        layers=layers,
-        names=CLIP_STYLE_BLOCK,
+        **clip_style_tower_parts(tower),
         ln_final=tower.post_layernorm,
         head_norms=[head.layernorm] if head is not None else [],
         pool_type="attn" if head is not None else "none",
@@ -115,14 +96,7 @@ def convert_hf_siglip(model: Any) -> ConvertResult:
     return cfg, sd, image_preprocess(model, lambda: _default_processor(cfg.image_size[0]))
 
 
-register_vision_family(
-    VisionFamily(
-        name="hf_siglip",
-        description="transformers SiglipVisionModel / SiglipModel (vision tower) "
-        "(hub repo id or local dir with model_type 'siglip' / 'siglip_vision_model')",
-        matches=_is_hf_siglip,
-        convert=convert_hf_siglip,
-        load=load_hf_siglip,
-        hf_model_types=("siglip", "siglip_vision_model"),
-    )
+register_transformers_family(
+    "hf_siglip", {"siglip": _CLASSES}, ("siglip", "siglip_vision_model"), convert_hf_siglip, load_hf_siglip,
+    " (vision tower)",
 )

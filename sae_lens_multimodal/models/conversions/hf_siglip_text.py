@@ -13,15 +13,13 @@ from typing import Any
 import torch
 
 from sae_lens_multimodal.models.conversions._common import _c
+from sae_lens_multimodal.models.conversions._hf_common import is_transformers_class
 from sae_lens_multimodal.models.conversions.hf_clip_text import hf_text_config, hf_text_layers_state, hf_tokenizer
 from sae_lens_multimodal.models.hooked_text import HookedTextConfig, TextFamily, register_text_family
 
 
 def _is_hf_siglip_text(obj: Any) -> bool:
-    return type(obj).__module__.startswith("transformers.models.siglip.") and type(obj).__name__ in (
-        "SiglipModel",
-        "SiglipTextModel",
-    )
+    return is_transformers_class(obj, "siglip", ("SiglipModel", "SiglipTextModel"))
 
 
 def convert_hf_siglip_text(model: Any) -> tuple[HookedTextConfig, dict[str, torch.Tensor]]:

@@ -31,28 +31,14 @@ from typing import Any
 
 import torch
 
-from sae_lens_multimodal.models.conversions import (
-    ConvertResult,
-    UnsupportedModelError,
-    VisionFamily,
-    register_vision_family,
-)
+from sae_lens_multimodal.models.conversions import ConvertResult, UnsupportedModelError
 from sae_lens_multimodal.models.conversions._common import linear_to_matrix
 from sae_lens_multimodal.models.conversions._hf_common import (
-    HFBlockNames,
-    hf_vit_tower,
-    image_preprocess,
-    is_transformers_class,
-    load_checkpoint,
-    read_hf_config,
+    HFBlockNames, hf_vit_tower, image_preprocess, load_checkpoint, read_hf_config, register_transformers_family,
 )
 
 _CLASSES = ("ViTModel", "ViTForImageClassification")
 _BLOCK = HFBlockNames("layernorm_before", "layernorm_after", "attention", "o_proj", "num_attention_heads")
-
-
-def _is_hf_vit(obj: Any) -> bool:
-    return is_transformers_class(obj, "vit", _CLASSES)
 
 
 def load_hf_vit(name_or_dir: str, **kwargs: Any) -> Any:
@@ -109,13 +95,4 @@ def convert_hf_vit(model: Any) -> ConvertResult:
     return cfg, sd, image_preprocess(model, lambda: _default_processor(cfg.image_size[0]))
 
 
-register_vision_family(
-    VisionFamily(
-        name="hf_vit",
-        description="transformers ViTModel / ViTForImageClassification (hub repo id or local dir with model_type 'vit')",
-        matches=_is_hf_vit,
-        convert=convert_hf_vit,
-        load=load_hf_vit,
-        hf_model_types=("vit",),
-    )
-)
+register_transformers_family("hf_vit", {"vit": _CLASSES}, ("vit",), convert_hf_vit, load_hf_vit)

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 
+from sae_lens_multimodal.saes import TimestepBucketedTrainingSAE, TimestepBucketedTrainingSAEConfig
 from sae_lens_multimodal.training.cache import ActivationCacheReader, ActivationCacheWriter, ActivationChunk
 from sae_lens_multimodal.training.parallel_data import GlobalRowOrder, rank_batches
 from sae_lens_multimodal.training.parallel_train import (
@@ -49,6 +50,34 @@ def write_cache(directory: Path, seed: int, hook: str = "blocks.0.hook_resid_pos
         sample = torch.arange(k * rows_per_shard, (k + 1) * rows_per_shard)
         writer.write_shard(k, ActivationChunk(acts, sample), (k * rows_per_shard, (k + 1) * rows_per_shard))
     return directory
+
+
+def write_labelled_cache(directory: Path, seed: int = 2, shards: int = 3, rows_per_shard: int = 200) -> Path:
+    """A diffusion-style cache: rows at timesteps 100 / 300 / 700 / 900 whose subspace depends on the timestep."""
+    gen = torch.Generator().manual_seed(seed)
+    meta = {"kind": "diffusion", "model": {"name": "m", "class": "X", "fingerprint": "sha256:abc"},
+            "hook_name": "down.0", "d_in": D_IN, "dtype": "float32", "token_policy": "all",
+            "source": {"kind": "tensor"}, "diffusion": {"num_train_timesteps": 1000}}
+    writer = ActivationCacheWriter(directory, meta, items_per_shard=rows_per_shard)
+    for k in range(shards):
+        # t=700 (the second bucket) is rare: often absent from one rank's half of a batch
+        pick = torch.multinomial(torch.tensor([0.45, 0.3, 0.03, 0.22]), rows_per_shard, replacement=True, generator=gen)
+        t = torch.tensor([100.0, 300.0, 700.0, 900.0])[pick]
+        acts = torch.randn(rows_per_shard, D_IN, generator=gen)
+        acts[t < 500, 8:] = 0
+        acts[t >= 500, :8] = 0
+        writer.write_shard(k, ActivationChunk(acts, torch.arange(k * rows_per_shard, (k + 1) * rows_per_shard), t.double(),
+                                              torch.ones(rows_per_shard, dtype=torch.int8)),
+                           (k * rows_per_shard, (k + 1) * rows_per_shard))
+    return directory
+
+
+def make_bucketed_sae(seed: int) -> TimestepBucketedTrainingSAE:
+    """Two buckets; rows at t=900 are outside both (skipped in training)."""
+    torch.manual_seed(seed)
+    return TimestepBucketedTrainingSAE(TimestepBucketedTrainingSAEConfig(
+        d_in=D_IN, d_sae=D_SAE, inner_architecture="topk", inner_config={"k": 3},
+        timestep_ranges=[[0, 500], [500, 800]], num_train_timesteps=1000))
 
 
 def make_sae(seed: int) -> TopKTrainingSAE:
@@ -90,6 +119,11 @@ def _rank_main(rank: int, world: int, port: int, root: str) -> None:
         train_sae_data_parallel(sae, out / "a", **TRAIN)
         if rank == 0:
             save_file(weights(sae), str(out / "dp.safetensors"))
+        # data-parallel, timestep-bucketed (per-bucket dead-latent counters, rows outside the buckets skipped)
+        sae = make_bucketed_sae(seed=rank)
+        train_sae_data_parallel(sae, out / "t", **{**TRAIN, "normalize_per_bucket": True})
+        if rank == 0:
+            save_file(weights(sae), str(out / "dp_bucketed.safetensors"))
         # distribute modules: 3 SAEs over 2 ranks
         jobs = [ModuleJob(partial(make_sae, i), out / c, out / f"module{i}") for i, c in enumerate(("a", "b", "a"))]
         mine = train_saes_distributed(jobs, **{**TRAIN, "total_training_samples": 6 * 64})
@@ -107,7 +141,14 @@ def two_rank_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist")
     write_cache(root / "a", seed=0)
     write_cache(root / "b", seed=1, hook="blocks.1.hook_resid_post", shards=3)
-    mp.spawn(_rank_main, args=(2, _free_port(), str(root)), nprocs=2, join=True)
+    write_labelled_cache(root / "t")
+    for attempt in range(2):
+        try:
+            mp.spawn(_rank_main, args=(2, _free_port(), str(root)), nprocs=2, join=True)
+            break
+        except mp.ProcessRaisedException as e:  # the free port was taken before rank 0 bound it: once more
+            if attempt or "address already in use" not in str(e).lower():
+                raise
     return root
 
 
@@ -138,6 +179,13 @@ def test_two_ranks_with_half_batches_train_the_one_rank_sae(two_rank_run, one_ra
     assert_same(load_file(str(two_rank_run / "dp.safetensors")), one_rank_reference)
     init = weights(make_sae(seed=0))
     assert not torch.allclose(init["W_enc"], one_rank_reference["W_enc"], atol=1e-3)  # it did train
+
+
+def test_two_ranks_train_the_one_rank_timestep_bucketed_sae(two_rank_run):
+    sae = make_bucketed_sae(seed=0)
+    train_sae_data_parallel(sae, two_rank_run / "t", world_size=1, rank=0, **{**TRAIN, "normalize_per_bucket": True})
+    assert_same(load_file(str(two_rank_run / "dp_bucketed.safetensors")), weights(sae))
+    assert (sae.steps_since_fired > 0).any()  # the per-bucket dead-latent counters were in play
 
 
 def test_distribute_modules_trains_each_sae_as_alone(two_rank_run, tmp_path):

@@ -89,9 +89,71 @@ def bench_caching(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# ---------------------------------------------------------------------- training
+def training_worker(args: argparse.Namespace) -> None:
+    """One rank (or the single process) of a data-parallel training run on the cache ``args.out``; rank 0
+    prints the seconds ``train_sae_data_parallel`` took (from every rank being ready)."""
+    import torch
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    from sae_lens_multimodal.training.distributed import barrier, distributed_session, rank
+    from sae_lens_multimodal.training.parallel_train import train_sae_data_parallel
+
+    torch.set_num_threads(1)
+    with distributed_session("cpu"):
+        torch.manual_seed(0)
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=args.d_in, d_sae=args.d_in * args.expansion, k=32))
+        barrier()
+        t0 = time.perf_counter()
+        train_sae_data_parallel(sae, args.out, total_training_samples=args.train_steps * args.train_batch,
+                                batch_size=args.train_batch, lr=1e-3, seed=0, progress=False)
+        elapsed = time.perf_counter() - t0
+        if rank() == 0:
+            print(json.dumps({"seconds": elapsed}))
+
+
+def bench_training(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from sae_lens_multimodal.training.cache import ActivationCacheWriter, ActivationChunk
+
+    rows = args.train_steps * args.train_batch
+    one, two = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        meta = {"kind": "image", "model": {"name": "bench", "class": "X", "fingerprint": "sha256:0"},
+                "hook_name": "blocks.11.hook_resid_post", "d_in": args.d_in, "dtype": "float32", "token_policy": "all",
+                "source": {"kind": "tensor"}, "diffusion": None}
+        writer = ActivationCacheWriter(cache, meta, items_per_shard=8192)
+        gen = torch.Generator().manual_seed(0)
+        for k, lo in enumerate(range(0, rows, 8192)):
+            n = min(8192, rows - lo)
+            writer.write_shard(k, ActivationChunk(torch.randn(n, args.d_in, generator=gen), torch.arange(lo, lo + n)),
+                               (lo, lo + n))
+        worker = [str(HERE), "--worker", "training", "--out", str(cache), "--d-in", str(args.d_in), "--expansion",
+                  str(args.expansion), "--train-steps", str(args.train_steps), "--train-batch", str(args.train_batch)]
+        for _ in range(args.repeats):
+            for n, times in ((1, one), (2, two)):
+                launcher = [sys.executable] if n == 1 else [
+                    sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+                times.append(_run([*launcher, *worker]))
+    ratios = [a / b for a, b in zip(one, two)]
+    result = {
+        "what": f"data-parallel SAE training samples/s, 2 ranks x 1 thread (batch {args.train_batch // 2} each) / "
+                f"1 process x 1 thread (batch {args.train_batch}), same global batches: TopK SAE d_in={args.d_in}, "
+                f"d_sae={args.d_in * args.expansion}, k=32, {args.train_steps} steps, gloo, CPU, fp32",
+        "one_process_samples_per_s": [round(rows / t) for t in one],
+        "two_ranks_samples_per_s": [round(rows / t) for t in two],
+        "ratio_median": round(statistics.median(ratios), 3),
+        "target": ">= 1.6",
+    }
+    print(json.dumps(result, indent=1))
+    return result
+
+
 #: the parts of the benchmark, in the order they run
-PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"caching": bench_caching}
-WORKERS: dict[str, Callable[[argparse.Namespace], None]] = {"caching": caching_worker}
+PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"caching": bench_caching, "training": bench_training}
+WORKERS: dict[str, Callable[[argparse.Namespace], None]] = {"caching": caching_worker, "training": training_worker}
 
 
 def main() -> None:
@@ -101,6 +163,10 @@ def main() -> None:
     parser.add_argument("--n-images", type=int, default=48, help="caching: images (default: 48)")
     parser.add_argument("--batch-size", type=int, default=8, help="caching: images per forward pass (default: 8)")
     parser.add_argument("--items-per-shard", type=int, default=8, help="caching: images per shard (default: 8)")
+    parser.add_argument("--d-in", type=int, default=384, help="training: SAE input width (default: 384, ViT-S)")
+    parser.add_argument("--expansion", type=int, default=8, help="training: d_sae / d_in (default: 8)")
+    parser.add_argument("--train-steps", type=int, default=12, help="training: steps per run (default: 12)")
+    parser.add_argument("--train-batch", type=int, default=4096, help="training: global batch (default: 4096, as `sae-lens-mm train`)")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -87,8 +87,9 @@ def latest_checkpoint(checkpoint_dir: Union[str, Path]) -> Optional[Path]:
 
 class GradientAverager:
     """``with GradientAverager(sae, world_size):`` averages the SAE's gradients over the ranks at the end of
-    every backward pass of its training loss (one all-reduce per dtype; a parameter without a gradient
-    on any rank keeps ``grad=None``, as it would in one process). Does nothing for one rank."""
+    every backward pass of its training loss (in place, one all-reduce per parameter, all in flight at once;
+    a parameter no rank has a gradient for keeps ``grad=None``, as it would in one process). Does nothing
+    for one rank."""
 
     def __init__(self, sae: torch.nn.Module, world_size: int):
         self.sae = sae
@@ -96,20 +97,21 @@ class GradientAverager:
         self.params = [p for p in sae.parameters() if p.requires_grad]
 
     def average(self) -> None:
-        by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-        for p in self.params:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        for params in by_dtype.values():
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-            has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=flat.device)
-            dist.all_reduce(flat)
-            dist.all_reduce(has)
-            flat /= self.world_size
-            offset = 0
-            for p, present in zip(params, has.tolist()):
-                n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p).clone() if present else None
-                offset += n
+        has = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float32,
+                           device=self.params[0].device if self.params else None)
+        dist.all_reduce(has)
+        works = []
+        for p, present in zip(self.params, has.tolist()):
+            if not present:
+                continue  # no rank has a gradient for it: it stays None everywhere
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+            works.append((p.grad, dist.all_reduce(p.grad, async_op=True)))  # in place, no flat copy
+        for grad, work in works:
+            work.wait()
+            grad.div_(self.world_size)
 
     def __enter__(self) -> "GradientAverager":
         if self.world_size > 1:

@@ -1,5 +1,6 @@
 """Activation stores, the on-disk activation cache, SAE training through SAELens's SAETrainer, and
-evaluation, for image models (HookedViT / HookedCLIP) and diffusion models."""
+evaluation, for image models (HookedViT / HookedCLIP) and diffusion models; data-parallel and per-module
+training on several processes (docs/distributed.md)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ from sae_lens_multimodal.training.evaluate import (
     image_embedding_cosine,
 )
 from sae_lens_multimodal.training.image_store import ImageActivationStore
+from sae_lens_multimodal.training.parallel_train import (
+    ModuleJob,
+    TrainingStopped,
+    train_sae_data_parallel,
+    train_saes_distributed,
+)
 from sae_lens_multimodal.training.providers import ActivationProvider, activation_provider
 from sae_lens_multimodal.training.train import estimate_bucket_scaling_factors, train_sae
 
@@ -30,6 +37,8 @@ __all__ = [
     "CacheMismatchError",
     "DiffusionActivationStore",
     "ImageActivationStore",
+    "ModuleJob",
+    "TrainingStopped",
     "activation_provider",
     "cache_activations",
     "clip_zero_shot",
@@ -39,4 +48,6 @@ __all__ = [
     "image_embedding_cosine",
     "model_identity",
     "train_sae",
+    "train_sae_data_parallel",
+    "train_saes_distributed",
 ]

@@ -45,11 +45,8 @@ def run_train_distributed(args: argparse.Namespace, readers: list[ActivationCach
     if (args.resume or args.checkpoint_every or args.stop_after_steps is not None) and not args.checkpoint_path:
         raise ValueError("--resume / --checkpoint-every / --stop-after-steps need --checkpoint-path (the folder "
                          "of the run's checkpoints).")
-    device = distributed.init_distributed(args.device)
-    try:
+    with distributed.distributed_session(args.device) as device:
         return _train(args, readers, build_sae, device)
-    finally:
-        distributed.destroy_distributed()
 
 
 def _train(args: argparse.Namespace, readers: list[ActivationCacheReader],

@@ -241,6 +241,8 @@ class DataParallelSAETrainer(SAETrainer):
                       and p.name[len(CHECKPOINT_PREFIX):].isdigit()), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
         for stale in old[:-self.keep_checkpoints]:
             shutil.rmtree(stale, ignore_errors=True)
+        for leftover in self.checkpoint_dir.glob(f".{CHECKPOINT_PREFIX}*"):  # hidden folders of a killed write
+            shutil.rmtree(leftover, ignore_errors=True)
         return path
 
     def load_checkpoint(self, path: Union[str, Path]) -> dict[str, Any]:

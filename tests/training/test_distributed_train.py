@@ -205,6 +205,10 @@ def test_distribute_modules_trains_each_sae_as_alone(two_rank_run, tmp_path):
 def test_stopped_run_resumes_to_the_uninterrupted_sae_with_another_rank_count(two_rank_run, one_rank_reference):
     ckpt = two_rank_run / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_000000004", "step_000000005"]  # keeps the last 2
+    half = ckpt / ".step_000000006.new-x"  # what a write killed mid-way leaves: hidden, never picked
+    half.mkdir()
+    (half / "progress.json").write_text("{")
+    assert latest_checkpoint(ckpt).name == "step_000000005"
     progress = json.loads((latest_checkpoint(ckpt) / "progress.json").read_text())
     # 2 norm-estimate batches + 5 training batches served
     assert progress["steps"] == STOP_AT and progress["world_size"] == 2 and progress["data_batches"] == 2 + STOP_AT

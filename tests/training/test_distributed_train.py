@@ -102,6 +102,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name: [state, ppid, ...]."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(_stat(int(entry.name))[1]) == pid:
+                    out.append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return _stat(pid)[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _rank_main(rank: int, world: int, port: int, root: str) -> None:
     """Every two-rank scenario, in one process per rank (spawned)."""
     import os
@@ -243,6 +267,47 @@ def test_torchrun_train_command_stops_and_resumes_on_one_rank(two_rank_run, tmp_
     assert "node 0, 2 ranks" in run.stderr  # one bar, on local rank 0, counting both ranks
     assert json.loads((latest_checkpoint(tmp_path / "ck") / "progress.json").read_text())["world_size"] == 2
     assert main([*args, "--out", str(tmp_path / "sae"), "--checkpoint-path", str(tmp_path / "ck"), "--resume"]) == 0
+    assert main([*args, "--out", str(tmp_path / "ref"), "--checkpoint-path", str(tmp_path / "ck_ref")]) == 0
+    assert_same(load_file(str(tmp_path / "sae" / "sae_weights.safetensors")),
+                load_file(str(tmp_path / "ref" / "sae_weights.safetensors")))
+
+
+def test_sigkilled_torchrun_run_resumes_to_the_uninterrupted_sae(two_rank_run, tmp_path):
+    """SIGKILL a 2-rank `torchrun ... train` that checkpoints every step, at any moment after step 10 (possibly in
+    the middle of a checkpoint write); the same command with --resume in one process ends with the weights of an
+    uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sae_lens_multimodal.cli import main
+
+    args = ["train", "--cache", str(two_rank_run / "a"), "--d-sae", str(D_SAE), "--k", "4", "--total-training-samples",
+            str(300 * 64), "--batch-size", "64", "--lr", "0.01", "--dead-feature-window", "2", "--seed", "3",
+            "--checkpoint-every", "1"]
+    ck = tmp_path / "ck"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                             "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "sae_lens_multimodal",
+                             *args, "--out", str(tmp_path / "sae"), "--checkpoint-path", str(ck)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (latest_checkpoint(ck) and int(latest_checkpoint(ck).name[5:]) >= 10):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    workers = _children(proc.pid)  # torchrun starts its workers in sessions of their own: kill them by pid
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+    while any(_alive(pid) for pid in workers):
+        time.sleep(0.01)
+    assert not (tmp_path / "sae").exists() and int(latest_checkpoint(ck).name[5:]) < 300
+    assert main([*args, "--out", str(tmp_path / "sae"), "--checkpoint-path", str(ck), "--resume"]) == 0
     assert main([*args, "--out", str(tmp_path / "ref"), "--checkpoint-path", str(tmp_path / "ck_ref")]) == 0
     assert_same(load_file(str(tmp_path / "sae" / "sae_weights.safetensors")),
                 load_file(str(tmp_path / "ref" / "sae_weights.safetensors")))

@@ -26,16 +26,6 @@ from tests.models.test_hooked_vlm import images, make_sae, padded_batch, prompt,
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    yield
-    hf_logging.set_verbosity(old)
-
-
 @pytest.fixture(scope="module")
 def eager():
     hf = tiny_random_llava("llava", "llama", seed=11, attn_implementation="eager")

@@ -37,16 +37,6 @@ SMALL_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num
                   max_position_embeddings=16)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    yield
-    hf_logging.set_verbosity(old)
-
-
 # ----------------------------------------------------------------------------------------------- the check
 def shape_problem(spec: HookSpec, t: torch.Tensor, batch: int | None) -> str | None:
     """What is wrong with tensor ``t`` for ``spec`` (None when it matches). ``batch`` None: not checked."""

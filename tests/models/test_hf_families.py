@@ -29,16 +29,6 @@ TOL = 1e-4
 DINO_S = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, image_size=518)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    yield
-    hf_logging.set_verbosity(old)
-
-
 @torch.no_grad()
 def randomise_constant_params(model: torch.nn.Module) -> torch.nn.Module:
     """Replace every parameter transformers initialises to a constant (LayerNorm w/b, layer scale, zero

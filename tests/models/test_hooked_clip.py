@@ -26,16 +26,6 @@ TOL = 1e-4
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True)
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    yield
-    hf_logging.set_verbosity(old)
-
-
 @torch.no_grad()
 def randomise_constants(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every parameter that its library initialises to a constant (LayerNorm w/b, biases, logit

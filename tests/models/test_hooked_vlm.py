@@ -26,16 +26,6 @@ IMG = 255  # tiny_random_llava's image token
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True)
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    yield
-    hf_logging.set_verbosity(old)
-
-
 def prompt(n_image_tokens: int = 16, before=(1, 5, 6), after=(7, 8, 9, 10)) -> torch.Tensor:
     return torch.tensor([list(before) + [IMG] * n_image_tokens + list(after)])
 

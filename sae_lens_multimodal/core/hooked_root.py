@@ -14,7 +14,6 @@ non-language model:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Optional, Union
@@ -26,6 +25,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
 from sae_lens_multimodal import compat
+from sae_lens_multimodal.core.names import unknown_name_message
 from sae_lens_multimodal.core.contract import HookSpec
 
 __all__ = ["MultimodalHookedRootModule", "has_parts", "is_observed", "unknown_hook_error"]
@@ -73,18 +73,13 @@ def _nnsight_watches(hook_point: HookPoint) -> bool:
         return True
 
 
-def unknown_hook_error(name: str, known: Iterable[str], what: str = "hook") -> KeyError:
+def unknown_hook_error(name: str, known: Iterable[str], what: str = "hook", docs: str = "docs/hooks.md") -> KeyError:
+    """The package's error for a hook name the model does not have: close matches, and where the names are
+    documented (``docs``: docs/hooks.md for image models, docs/hooks-diffusion.md for denoisers)."""
     known = list(known)
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
-    if not close:
-        # Fall back to names that share the last component (e.g. 'hook_resid_post').
-        tail = name.rsplit(".", 1)[-1]
-        close = [k for k in known if k.endswith(tail)][:5]
-    hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
-    return KeyError(
-        f"Unknown {what} {name!r}.{hint} See model.hook_dict.keys() for all {len(known)} hook names "
-        f"(documented in docs/hooks.md)."
-    )
+    return KeyError(unknown_name_message(
+        what, name, known, see=f"See model.hook_dict.keys() for all {len(known)} hook names (documented in {docs})."
+    ))
 
 
 def has_parts(model: Any, *parts: str) -> bool:
@@ -108,6 +103,9 @@ class MultimodalHookedRootModule(HookedRootModule):
     #: ActivationCache class returned by run_with_cache (subclasses may refine it).
     activation_cache_class: type[ActivationCache] = ActivationCache
 
+    #: where this kind of model's hook names are documented (quoted by unknown-hook errors)
+    hook_docs: str = "docs/hooks.md"
+
     def __init__(self) -> None:
         super().__init__()
         # State SAELens's splicing methods expect (compat.SPLICING_STATE; see HookedSAETransformer.__init__).
@@ -118,13 +116,13 @@ class MultimodalHookedRootModule(HookedRootModule):
     # ------------------------------------------------------------------ hook-name validation
     def _enable_hook_with_name(self, name: str, hook: Callable, dir: str) -> None:  # type: ignore[override]
         if name not in self.mod_dict:
-            raise unknown_hook_error(name, self.hook_dict.keys())
+            raise unknown_hook_error(name, self.hook_dict.keys(), docs=self.hook_docs)
         super()._enable_hook_with_name(name, hook, dir)  # type: ignore[arg-type]
 
     def add_hook(self, name: Any, hook: Callable, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         # TransformerLens indexes mod_dict directly here, which gives a bare KeyError.
         if isinstance(name, str) and name not in self.mod_dict:
-            raise unknown_hook_error(name, self.hook_dict.keys())
+            raise unknown_hook_error(name, self.hook_dict.keys(), docs=self.hook_docs)
         super().add_hook(name, hook, *args, **kwargs)
 
     def _check_names_filter(self, names_filter: Any) -> None:
@@ -132,7 +130,7 @@ class MultimodalHookedRootModule(HookedRootModule):
         if isinstance(names, (list, tuple, set)):
             for name in names:
                 if name not in self.hook_dict:
-                    raise unknown_hook_error(name, self.hook_dict.keys())
+                    raise unknown_hook_error(name, self.hook_dict.keys(), docs=self.hook_docs)
 
     @contextmanager
     def hooks(self, *args: Any, **kwargs: Any) -> Iterator["MultimodalHookedRootModule"]:  # type: ignore[override]
@@ -199,7 +197,7 @@ class MultimodalHookedRootModule(HookedRootModule):
         return name
 
     def _unknown_hook(self, name: str, what: str = "hook") -> KeyError:
-        return unknown_hook_error(name, self._specs().keys(), what=what)
+        return unknown_hook_error(name, self._specs().keys(), what=what, docs=self.hook_docs)
 
     def hook_spec(self, name: str, *, what: str = "hook") -> HookSpec:
         """The spec of hook ``name``; an unknown name raises a KeyError listing the closest real ones."""

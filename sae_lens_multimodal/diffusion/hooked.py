@@ -215,6 +215,8 @@ class HookedDenoiser(MultimodalHookedRootModule):
 
     _supported: dict[str, str] = {}
 
+    hook_docs = "docs/hooks-diffusion.md"
+
     def __init__(self, denoiser: nn.Module) -> None:
         family = _family(denoiser, self._supported)
         if family is None:
@@ -350,7 +352,7 @@ class HookedDenoiser(MultimodalHookedRootModule):
 
     def _unknown(self, given: str, what: str = "hook") -> KeyError:
         canonical = self.canonical_hook_name(given)
-        err = unknown_hook_error(canonical, self.hook_dict.keys(), what=what)
+        err = unknown_hook_error(canonical, self.hook_dict.keys(), what=what, docs=self.hook_docs)
         if canonical == given:
             return err
         return KeyError(f"{given!r} is an alias of {canonical!r}, which does not exist. {err.args[0]}")

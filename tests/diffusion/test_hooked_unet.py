@@ -210,8 +210,11 @@ def test_aliases_resolve_everywhere():
     hooked.run_with_hooks(*args, fwd_hooks=[("up.1.1.transformer_blocks.0.attn2.hook_pattern",
                                              lambda a, hook: seen.append(hook.name))], **kwargs)
     assert seen == ["up_blocks.1.attentions.1.transformer_blocks.0.attn2.hook_pattern"]
-    with pytest.raises(KeyError, match="up_blocks.1.attentions.1.hook_out"):
+    with pytest.raises(KeyError, match="up_blocks.1.attentions.1.hook_out") as err:
         hooked.run_with_cache(*args, names_filter=["up.1.1.hook_outt"], **kwargs)
+    assert "docs/hooks-diffusion.md" in str(err.value)  # the denoisers' hook document, not the ViT one
+    with pytest.raises(KeyError, match="docs/hooks-diffusion.md"):
+        hooked.hook_spec("down_blocks.9.hook_out")
     with pytest.raises(KeyError, match="alias of 'up_blocks.7.attentions.0.hook_out'"):
         hooked.run_with_hooks(*args, fwd_hooks=[("up.7.0.hook_out", lambda a, hook: a)], **kwargs)
 

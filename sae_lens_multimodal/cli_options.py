@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from sae_lens_multimodal.core.denoising import CFG_BRANCHES
@@ -34,6 +36,13 @@ __all__ = [
     "add_cfg_branch_option",
     "add_seed_option",
     "add_no_progress_option",
+    "positive_int",
+    "non_negative_int",
+    "positive_float",
+    "non_negative_float",
+    "ARTEFACTS",
+    "artefacts_in",
+    "check_output_dir",
 ]
 
 Group = Union[argparse.ArgumentParser, "argparse._ArgumentGroup"]
@@ -126,3 +135,132 @@ def add_seed_option(group: Group, *, default: Optional[int] = 0, help: str = "ra
 
 def add_no_progress_option(group: Group) -> argparse.Action:
     return group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+# ---------------------------------------------------------------------- value checks (argparse ``type=``)
+# Each takes the text argparse gives (or a YAML value) and raises ArgumentTypeError naming the value and
+# the fix; argparse turns that into one ``error: argument --x: ...`` line, exit status 2.
+def _number(value: Any, kind: type) -> Union[int, float]:
+    if isinstance(value, bool):  # a YAML ``true`` is no count
+        raise ValueError(value)
+    if kind is int:
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        return int(str(value).strip())
+    number = float(str(value).strip()) if not isinstance(value, (int, float)) else float(value)
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError(value)
+    return number
+
+
+def _checked(value: Any, kind: type, ok: Any, wanted: str, fix: str) -> Any:
+    try:
+        number = _number(value, kind)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not {wanted}: {fix}") from None
+    if not ok(number):
+        raise argparse.ArgumentTypeError(f"{value!r} is not {wanted}: {fix}")
+    return number
+
+
+def positive_int(value: Any) -> int:
+    """A whole number >= 1 (sizes, counts, batch sizes)."""
+    return _checked(value, int, lambda n: n >= 1, "a positive integer", "give a whole number of 1 or more")
+
+
+def non_negative_int(value: Any) -> int:
+    """A whole number >= 0 (offsets, warm-up steps, 'how many extra')."""
+    return _checked(value, int, lambda n: n >= 0, "a non-negative integer", "give a whole number of 0 or more")
+
+
+def positive_float(value: Any) -> float:
+    """A finite number > 0 (learning rates, sizes in MiB, scales)."""
+    return _checked(value, float, lambda n: n > 0, "a positive number", "give a finite number greater than 0")
+
+
+def non_negative_float(value: Any) -> float:
+    """A finite number >= 0 (coefficients, thresholds)."""
+    return _checked(value, float, lambda n: n >= 0, "a non-negative number", "give a finite number of 0 or more")
+
+
+# ---------------------------------------------------------------------- output directories
+# How each artefact a command writes is recognised in a folder. The cache format name is
+# training.cache.FORMAT_NAME, spelled here so that building a parser does not import torch.
+_CACHE_FORMAT = "sae-lens-multimodal/activation-cache"
+ARTEFACTS = {
+    "cache": "an activation cache (metadata.json)",
+    "sae": "a saved SAE (cfg.json / sae_weights.safetensors)",
+    "report": "an HTML report (report.html / index.html)",
+}
+
+
+def _is_cache(folder: Path) -> bool:
+    meta = folder / "metadata.json"
+    if not meta.is_file():
+        return False
+    try:
+        return _CACHE_FORMAT in meta.read_text(errors="replace")[:10_000]
+    except OSError:
+        return False
+
+
+def _holds(folder: Path) -> set[str]:
+    """The artefacts ``folder`` itself is (no look into sub-folders)."""
+    found = set()
+    if _is_cache(folder):
+        found.add("cache")
+    if (folder / "cfg.json").is_file() or (folder / "sae_weights.safetensors").is_file():
+        found.add("sae")
+    if (folder / "report.html").is_file() or (folder / "index.html").is_file():
+        found.add("report")
+    return found
+
+
+def artefacts_in(folder: Union[str, Path]) -> set[str]:
+    """The artefacts (keys of :data:`ARTEFACTS`) ``folder`` holds, itself or in its direct sub-folders
+    (``cache --out`` holds one cache per hook, ``train`` with several caches one SAE per cache)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return set()
+    found = _holds(folder)
+    try:
+        children = [c for c in folder.iterdir() if c.is_dir()]
+    except OSError:
+        return found
+    for child in children:
+        found |= _holds(child) - {"report"}  # (a report's own sub-pages are no separate artefact)
+    return found
+
+
+def check_output_dir(path: Union[str, Path], artefact: str, *, forbid_inside: Sequence[Union[str, Path]] = ()) -> Path:
+    """Refuse (ValueError naming the path and the fix) an output folder that would mix ``artefact`` with
+    something else: an existing file, a folder that is or holds another artefact (see
+    :data:`ARTEFACTS`), a folder inside another artefact, or a folder inside one of ``forbid_inside``
+    (e.g. the cache ``train`` reads). A folder already holding the same artefact is accepted (caches
+    resume, SAEs are replaced). Returns the path."""
+    if artefact not in ARTEFACTS:
+        raise ValueError(f"Unknown artefact {artefact!r}; known: {sorted(ARTEFACTS)}.")
+    out = Path(path)
+    what = ARTEFACTS[artefact]
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"Output path {out} is an existing file, not a folder: give a new folder (or one holding "
+                         f"{what}) for --out.")
+    resolved = out.resolve()
+    for inside in forbid_inside:
+        other = Path(inside).resolve()
+        if resolved == other or other in resolved.parents:
+            raise ValueError(f"Output folder {out} lies inside {inside}, which this command reads: give --out a "
+                             f"folder outside it.")
+    others = artefacts_in(out) - {artefact}
+    if others:
+        kinds = " and ".join(ARTEFACTS[o] for o in sorted(others))
+        raise ValueError(f"Output folder {out} already holds {kinds}; writing {what} there would mix them: give "
+                         f"--out a new or empty folder.")
+    for parent in resolved.parents:
+        held = _holds(parent) - {artefact}
+        if held:
+            raise ValueError(f"Output folder {out} lies inside {parent}, which holds "
+                             f"{ARTEFACTS[sorted(held)[0]]}: give --out a folder outside it.")
+    return out

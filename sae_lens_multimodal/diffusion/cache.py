@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from sae_lens_multimodal.core.atomic import atomic_save, atomic_write_bytes
+from sae_lens_multimodal.core.files import load_safetensors
 
 __all__ = ["DiffusionCache"]
 
@@ -101,7 +102,7 @@ class DiffusionCache:
     @staticmethod
     def _materialise(value: torch.Tensor | Path) -> torch.Tensor:
         if isinstance(value, Path):
-            return load_file(str(value))["activation"]
+            return load_safetensors(value, what="activation cache entry")["activation"]
         return value
 
     @property

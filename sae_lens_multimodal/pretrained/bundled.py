@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file
 from sae_lens import SAE
 from sae_lens import __version__ as sae_lens_version
 from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
 
 import sae_lens_multimodal.saes  # noqa: F401  (registers the timestep-aware architectures a bundled SAE may use)
+from sae_lens_multimodal.core.files import UnreadableFileError, load_safetensors
 from sae_lens_multimodal.core.sae_metadata import normalize_sae_metadata
 from sae_lens_multimodal.pretrained._common import ReleaseFormatError
 from sae_lens_multimodal.pretrained._formats import register_format_loader
@@ -167,12 +167,9 @@ def load_sae(
     if not weights.is_file():
         raise BundledFileError(f"Bundled SAE file {weights} is missing. {_regenerate_hint(entry)}")
     try:
-        state = load_file(str(weights), device="cpu")
-    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on a damaged file
-        raise ReleaseFormatError(
-            f"Bundled SAE file {weights} cannot be read as safetensors ({type(e).__name__}: {e}). "
-            f"{_regenerate_hint(entry)}"
-        ) from e
+        state = load_safetensors(weights, what=f"Bundled SAE file {weights}")
+    except UnreadableFileError as e:
+        raise ReleaseFormatError(f"{e} {_regenerate_hint(entry)}") from None
     _check_state(cfg, state, weights, entry)
     dtype = getattr(torch, str(cfg.get("dtype", "float32")).replace("torch.", ""), torch.float32)
     return cfg, {k: v.to(device=device, dtype=dtype) for k, v in state.items()}, None

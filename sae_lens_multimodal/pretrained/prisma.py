@@ -25,7 +25,8 @@ import torch
 from sae_lens_multimodal.core.sae_metadata import HOOK_INPUT_KINDS, INPUT_KINDS, input_kind_of_hook
 from sae_lens_multimodal.pretrained._common import ReleaseFormatError, build_cfg_dict, check_state_dict, join_path
 from sae_lens_multimodal.pretrained._formats import register_format_loader
-from sae_lens_multimodal.pretrained._hub import PickledConfigStub, fetch_file, read_json, safe_torch_load
+from sae_lens_multimodal.core.files import PickledConfigStub, load_torch_weights
+from sae_lens_multimodal.pretrained._hub import fetch_file, read_json
 from sae_lens_multimodal.pretrained.registry import resolve
 from sae_lens_multimodal.pretrained.releases import ReleaseSae
 
@@ -42,7 +43,7 @@ _INFERENCE_KEYS = (
 
 def read_prisma_weights(path: Any, what: str) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:
     """(state dict, embedded config dict or None) from a Prisma weights pickle, loaded safely."""
-    obj = safe_torch_load(path, what=what, allow_configs=(PRISMA_CONFIG_CLASS,))
+    obj = load_torch_weights(path, what=what, allow_configs=(PRISMA_CONFIG_CLASS,))
     if isinstance(obj, Mapping) and "state_dict" in obj:
         cfg = obj.get("cfg")
         if isinstance(cfg, PickledConfigStub):

@@ -27,7 +27,8 @@ import torch
 
 from sae_lens_multimodal.pretrained._common import ReleaseFormatError, build_cfg_dict, check_state_dict
 from sae_lens_multimodal.pretrained._formats import register_format_loader
-from sae_lens_multimodal.pretrained._hub import fetch_file, read_json, safe_torch_load
+from sae_lens_multimodal.core.files import load_torch_weights
+from sae_lens_multimodal.pretrained._hub import fetch_file, read_json
 from sae_lens_multimodal.pretrained.registry import registered_releases, resolve
 from sae_lens_multimodal.pretrained.releases import Release, ReleaseSae, read_manifest
 
@@ -129,7 +130,7 @@ def read_saev_file(data: Union[bytes, str], what: str = "sae.pt") -> tuple[dict[
         raise ReleaseFormatError(f"{what}: the first line is not a JSON header ({e}).") from e
     if not isinstance(header, dict):
         raise ReleaseFormatError(f"{what}: the header line must be a JSON object.")
-    state = safe_torch_load(data[newline + 1:], what=what)
+    state = load_torch_weights(data[newline + 1:], what=what)
     if not isinstance(state, Mapping):
         raise ReleaseFormatError(f"{what}: expected a state dict after the header, got {type(state).__name__}.")
     return header, dict(state)

@@ -23,7 +23,8 @@ import torch
 
 from sae_lens_multimodal.pretrained._common import ReleaseFormatError, build_cfg_dict, check_state_dict, join_path
 from sae_lens_multimodal.pretrained._formats import register_format_loader
-from sae_lens_multimodal.pretrained._hub import fetch_file, read_json, safe_torch_load
+from sae_lens_multimodal.core.files import load_torch_weights
+from sae_lens_multimodal.pretrained._hub import fetch_file, read_json
 from sae_lens_multimodal.pretrained.registry import resolve
 from sae_lens_multimodal.pretrained.releases import ReleaseSae
 
@@ -112,8 +113,8 @@ def load_sae(
     cfg_file = join_path(hub_path, "config.json")
     config = read_json(fetch_file(hub_repo, cfg_file, force_download=force_download), f"{hub_repo}/{cfg_file}")
     weights_file = join_path(hub_path, "state_dict.pth")
-    checkpoint = safe_torch_load(fetch_file(hub_repo, weights_file, force_download=force_download),
-                                 what=f"{hub_repo}/{weights_file}")
+    checkpoint = load_torch_weights(fetch_file(hub_repo, weights_file, force_download=force_download),
+                                    what=f"{hub_repo}/{weights_file}")
     fields, sae_state, facts = convert_sdxl_unbox(config, checkpoint, what=what)
     stats: dict[str, Any] = {}
     for name in _STAT_FILES:
@@ -121,7 +122,7 @@ def load_sae(
         local = fetch_file(hub_repo, path, force_download=force_download, required=False)
         if local is None:
             continue
-        tensor = safe_torch_load(local, what=f"{hub_repo}/{path}")
+        tensor = load_torch_weights(local, what=f"{hub_repo}/{path}")
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != (fields["d_sae"],):
             raise ReleaseFormatError(
                 f"{hub_repo}/{path} should be a tensor of shape ({fields['d_sae']},) (one value per latent), got "
@@ -149,7 +150,7 @@ def load_latent_stats(sae: Any) -> dict[str, torch.Tensor]:
     out = {}
     for name, path in info["files"].items():
         local = fetch_file(info["repo_id"], path)
-        out[name] = safe_torch_load(local, what=f"{info['repo_id']}/{path}")
+        out[name] = load_torch_weights(local, what=f"{info['repo_id']}/{path}")
     return out
 
 

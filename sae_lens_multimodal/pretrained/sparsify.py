@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file
 
+from sae_lens_multimodal.core.files import load_safetensors
 from sae_lens_multimodal.pretrained._common import ReleaseFormatError, build_cfg_dict, check_state_dict, join_path
 from sae_lens_multimodal.pretrained._formats import register_format_loader
 from sae_lens_multimodal.pretrained._hub import fetch_file, read_json
@@ -147,7 +147,8 @@ def load_sae(
     cfg_file = join_path(hub_path, "cfg.json")
     config = read_json(fetch_file(hub_repo, cfg_file, force_download=force_download), f"{hub_repo}/{cfg_file}")
     weights_file = join_path(hub_path, "sae.safetensors")
-    state = load_file(fetch_file(hub_repo, weights_file, force_download=force_download), device="cpu")
+    state = load_safetensors(fetch_file(hub_repo, weights_file, force_download=force_download),
+                             what=f"SAE weights {hub_repo}/{weights_file}")
     fields, sae_state, facts = convert_sparsify(config, state, what=f"{hub_repo}/{weights_file}")
     training_file = join_path(_parent(hub_path), "config.json")
     training_local = fetch_file(hub_repo, training_file, force_download=force_download, required=False)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from sae_lens_multimodal.core.atomic import atomic_save, atomic_write_json
+from sae_lens_multimodal.core.files import load_npy
 
 __all__ = [
     "FORMAT_NAME",
@@ -354,7 +355,7 @@ class ActivationCacheReader:
 
     # ------------------------------------------------------------------ access
     def _acts(self, shard: Shard) -> np.ndarray:
-        return np.load(shard.paths["acts"], mmap_mode="r")
+        return load_npy(shard.paths["acts"], mmap_mode="r", what="activation cache shard")
 
     def _to_torch(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.array(arr))  # copies out of the memory map
@@ -364,7 +365,7 @@ class ActivationCacheReader:
         def col(name: str) -> Optional[torch.Tensor]:
             if name not in shard.paths:
                 return None
-            arr = np.load(shard.paths[name], mmap_mode="r")
+            arr = load_npy(shard.paths[name], mmap_mode="r", what="activation cache shard")
             return torch.from_numpy(np.array(arr if rows is None else arr[rows]))
 
         acts = self._acts(shard)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from sae_lens.training.prefetch import PrefetchingIterator
 
+from sae_lens_multimodal.core.files import load_npy
 from sae_lens_multimodal.training.cache import ActivationCacheReader, ActivationChunk
 from sae_lens_multimodal.training.providers import ActivationProvider, coverage_filter
 
@@ -54,7 +55,7 @@ class GlobalRowOrder:
         for k in np.unique(shard_pos):
             at = np.nonzero(shard_pos == k)[0]
             shard = self.reader.shards[int(k)]
-            labels = {name: torch.from_numpy(np.array(np.load(shard.paths[name], mmap_mode="r")[rows[at]]))
+            labels = {name: torch.from_numpy(np.array(load_npy(shard.paths[name], mmap_mode="r")[rows[at]]))
                       for name in ("timestep", "branch") if name in shard.paths}
             probe = ActivationChunk(torch.zeros(len(at), 0), torch.from_numpy(rows[at]),
                                     labels.get("timestep"), labels.get("branch"))

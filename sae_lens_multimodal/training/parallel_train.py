@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from sae_lens.config import SAETrainerConfig
 from sae_lens.constants import ACTIVATION_SCALER_CFG_FILENAME, TRAINER_STATE_FILENAME
 from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
@@ -41,6 +41,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_multimodal.compat import sae_trainer_progress_bar
 from sae_lens_multimodal.core.atomic import atomic_directory, atomic_write_json
+from sae_lens_multimodal.core.files import load_safetensors, load_torch_weights
 from sae_lens_multimodal.training import distributed
 from sae_lens_multimodal.training.cache import ActivationCacheReader
 from sae_lens_multimodal.training.parallel_data import data_parallel_provider
@@ -256,9 +257,9 @@ class DataParallelSAETrainer(SAETrainer):
                     f"{key}={value!r}. Resume with the same settings, or start over in another checkpoint directory."
                 )
         device = self.cfg.device
-        self.sae.load_state_dict(load_file(str(path / _WEIGHTS), device=str(device)))
+        self.sae.load_state_dict(load_safetensors(path / _WEIGHTS, what="checkpoint SAE weights", device=device))
         self.activation_scaler.load(path / ACTIVATION_SCALER_CFG_FILENAME)
-        state = torch.load(path / TRAINER_STATE_FILENAME, map_location=device, weights_only=True)
+        state = load_torch_weights(path / TRAINER_STATE_FILENAME, what="checkpoint trainer state", device=device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.act_freq_scores = state["act_freq_scores"]
@@ -267,7 +268,7 @@ class DataParallelSAETrainer(SAETrainer):
         self.started_fine_tuning = state["started_fine_tuning"]
         for name, scheduler_state in state["coefficient_schedulers"].items():
             self.coefficient_schedulers[name].load_state_dict(scheduler_state)
-        run = torch.load(path / _RUN_STATE, weights_only=True)
+        run = load_torch_weights(path / _RUN_STATE, what="checkpoint run state")
         torch.set_rng_state(run["rng"])
         counters = self._bucket_counters()
         if counters is not None and run["bucket_steps_since_fired"] is not None:

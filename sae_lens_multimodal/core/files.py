@@ -1,0 +1,244 @@
+"""The one way this package reads weight and array files, so a damaged file always fails the same way.
+
+* :func:`load_safetensors`: a ``.safetensors`` file as a dict of tensors. A truncated, empty or garbage file
+  raises :class:`UnreadableFileError` naming the file, saying it is incomplete or not a safetensors file,
+  and how to fix it (re-download / re-save), instead of safetensors' bare "incomplete metadata".
+* :func:`load_npy`: a ``.npy`` array (optionally memory-mapped), never unpickling; a damaged header or
+  an object array fails naming the file.
+* :func:`load_torch_weights`: a torch pickle through ``torch.load(weights_only=True)`` only. Classes a
+  known release format pickles (ViT-Prisma's config) are mapped to inert stand-ins; anything else that
+  would run code is refused with :class:`UnsafePickleError` (nothing from the file is executed).
+* :func:`require_complete`: the check every model loader makes after loading a state dict: missing
+  weights are an error naming the file, never a silently random-initialised model.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, BinaryIO, Optional, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "IncompleteCheckpointError",
+    "PickledConfigStub",
+    "UnreadableFileError",
+    "UnsafePickleError",
+    "load_npy",
+    "load_safetensors",
+    "load_torch_weights",
+    "require_complete",
+]
+
+PathLike = Union[str, os.PathLike]
+
+
+class UnreadableFileError(ValueError):
+    """A file exists but cannot be read as the format it should have (truncated, empty, garbage)."""
+
+
+class IncompleteCheckpointError(ValueError):
+    """A checkpoint was read but lacks weights the model needs: loading it would leave them random."""
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle references code we refuse to run (or classes we do not know); nothing was executed."""
+
+
+def _describe(path: PathLike, what: Optional[str]) -> str:
+    return f"{what} ({path})" if what and str(path) not in what else (what or f"file {path}")
+
+
+def _require_file(path: PathLike, what: Optional[str]) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{_describe(p, what)} is a directory, not a file. Pass the file inside it.")
+    if not p.is_file():
+        raise FileNotFoundError(f"{_describe(p, what)} does not exist. Check the path, or re-download / re-save it.")
+    return p
+
+
+# ------------------------------------------------------------------------------------ safetensors
+def load_safetensors(
+    path: PathLike, *, what: Optional[str] = None, device: Union[str, torch.device] = "cpu"
+) -> dict[str, torch.Tensor]:
+    """All tensors of the safetensors file ``path`` (on ``device``); ``what`` names the file in errors
+    (e.g. ``"SAE weights"``)."""
+    from safetensors.torch import load_file
+
+    p = _require_file(path, what)
+    try:
+        return load_file(str(p), device=str(device))
+    except Exception as e:  # safetensors raises its own SafetensorError (not exported everywhere) or OSError
+        size = p.stat().st_size
+        raise UnreadableFileError(
+            f"{_describe(p, what)} is incomplete or not a safetensors file ({size} bytes; safetensors says: {e}). "
+            "It was probably cut short by an interrupted download or save, or is another format under this name: "
+            "re-download it, or re-save it with safetensors.torch.save_file."
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------- numpy
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_npy(path: PathLike, mmap_mode: Optional[str] = None, *, what: Optional[str] = None) -> np.ndarray:
+    """The array in the ``.npy`` file ``path`` (``mmap_mode`` as for ``np.load``). Never unpickles: a file
+    holding Python objects, a damaged header or a truncated body raises :class:`UnreadableFileError`."""
+    p = _require_file(path, what)
+    with open(p, "rb") as f:
+        head = f.read(len(_NPY_MAGIC))
+    fix = "Re-create it (re-run the command that wrote it) or restore it from a good copy."
+    if head != _NPY_MAGIC:
+        raise UnreadableFileError(
+            f"{_describe(p, what)} is not a .npy file (it does not start with the NumPy magic bytes; "
+            f"{p.stat().st_size} bytes). {fix}"
+        )
+    try:
+        return np.load(p, mmap_mode=mmap_mode, allow_pickle=False)
+    except Exception as e:  # a damaged header raises SyntaxError / tokenize errors, a short body ValueError
+        reason = str(e) or type(e).__name__
+        if "allow_pickle" in reason or "Python objects" in reason or "pickled" in reason:
+            reason = "it holds Python objects (pickled data), which are never loaded"
+        raise UnreadableFileError(f"{_describe(p, what)} is damaged or incomplete ({reason}). {fix}") from None
+
+
+# ----------------------------------------------------------------------------------------- pickles
+class PickledConfigStub:
+    """Inert stand-in for a config object found in a pickle: keeps the pickled attributes as a dict.
+
+    It runs no code of the original class; ``state`` is whatever the pickle's BUILD step provided
+    (for a dataclass, its ``__dict__``).
+    """
+
+    pickled_class = "unknown"
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
+            merged = dict(state[0] or {})
+            merged.update(state[1] or {})
+            state = merged
+        self.state = dict(state) if isinstance(state, dict) else {"state": state}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.state)
+
+    def __repr__(self) -> str:
+        return f"PickledConfigStub({self.pickled_class}, {len(self.state)} fields)"
+
+
+def _stub_for(qualified_name: str) -> type:
+    return type(
+        "PickledConfigStub_" + qualified_name.replace(".", "_"),
+        (PickledConfigStub,),
+        {"pickled_class": qualified_name},
+    )
+
+
+#: Classes that known release formats pickle, mapped to stubs (qualified name -> stub class).
+KNOWN_PICKLED_CONFIGS: dict[str, type] = {
+    name: _stub_for(name)
+    for name in (
+        "vit_prisma.sae.config.VisionModelSAERunnerConfig",
+    )
+}
+
+# Phrases of torch's weights-only refusal (as opposed to a damaged file, which fails differently).
+_REFUSAL_MARKERS = ("Weights only load failed", "Unsupported global", "weights_only", "was not an allowed global")
+
+
+def load_torch_weights(
+    source: Union[PathLike, bytes, BinaryIO],
+    *,
+    what: str,
+    allow_configs: tuple[str, ...] = (),
+    device: Union[str, torch.device] = "cpu",
+) -> Any:
+    """``torch.load(weights_only=True)`` onto ``device``, with known config classes mapped to inert stubs.
+
+    ``what`` names the file in errors. ``allow_configs`` lists qualified class names (keys of
+    :data:`KNOWN_PICKLED_CONFIGS`) this format may contain. A pickle that would run any other code is
+    refused with :class:`UnsafePickleError` (nothing from it runs); a truncated or garbage file raises
+    :class:`UnreadableFileError`.
+    """
+    stubs = []
+    for name in allow_configs:
+        if name not in KNOWN_PICKLED_CONFIGS:
+            raise KeyError(f"No stub registered for pickled class {name!r}; known: {sorted(KNOWN_PICKLED_CONFIGS)}")
+        stubs.append((KNOWN_PICKLED_CONFIGS[name], name))
+    if isinstance(source, (str, os.PathLike)):
+        _require_file(source, what)
+        what = _describe(source, what)
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    try:
+        with torch.serialization.safe_globals(stubs):
+            return torch.load(source, map_location=device, weights_only=True)
+    except Exception as e:
+        if any(m in str(e) for m in _REFUSAL_MARKERS):
+            raise UnsafePickleError(_refusal_message(source, what, e)) from None
+        raise UnreadableFileError(
+            f"{what} is incomplete or not a torch checkpoint ({type(e).__name__}: {_first_line(e)}). It was probably "
+            "cut short by an interrupted download or save: re-download it, or re-save it with torch.save (or, "
+            "better, as safetensors)."
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else "no detail"
+    return first.split(". ")[0][:200]  # torch appends paragraphs of generic advice after the first sentence
+
+
+def _refusal_message(source: Any, what: str, error: Exception) -> str:
+    # Quote only torch's reason: its message starts with advice we do not give (loading without the allow-list).
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    reason = next((ln for ln in lines if any(w in ln for w in ("Unpickler error", "Unsupported", "unsupported", "blocked",
+                                                                 "Can only", "unrecognized"))), "")
+    detail = reason.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "").rstrip(".")
+    detail = detail or "not a plain state dict"
+    unsafe: list[str] = []
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
+        elif hasattr(source, "seek"):
+            source.seek(0)
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
+    except Exception:  # the listing is a courtesy; the refusal stands without it
+        unsafe = []
+    unknown = [u for u in unsafe if u not in KNOWN_PICKLED_CONFIGS]
+    listed = f" It references {', '.join(unknown)}." if unknown else ""
+    return (
+        f"Refused to load {what}: the file holds code (pickled references to functions or classes outside the "
+        f"tensor allow-list: {detail}), and loading it would run that code.{listed} Nothing from the file was "
+        f"executed. Only plain state dicts (and the known config classes of supported formats) are loaded. If you "
+        f"trust the file's source, convert it in an environment that has its library: load it there and re-save "
+        f"the tensors with safetensors.torch.save_file (or torch.save of the plain state dict) and the config as JSON."
+    )
+
+
+# -------------------------------------------------------------------------------- completeness
+def require_complete(
+    missing: Iterable[str],
+    *,
+    what: str,
+    fix: str = "Re-download or re-save the checkpoint, or point at the right directory.",
+) -> None:
+    """Raise :class:`IncompleteCheckpointError` when a loaded checkpoint lacks any of ``missing`` keys,
+    naming up to ten of them and ``what`` (the file or directory)."""
+    missing = sorted(dict.fromkeys(str(m) for m in missing))
+    if not missing:
+        return
+    shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+    raise IncompleteCheckpointError(
+        f"{what} does not hold all the model's weights: missing {shown}. Loading it would leave them randomly "
+        f"initialised, so it was refused. {fix}"
+    )

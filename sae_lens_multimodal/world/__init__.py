@@ -1,7 +1,7 @@
 """The shapes world: procedurally drawn images with known ground truth, and the small models trained on it.
 
 Importing this package registers its models (``"shapes-clip"``, ``"shapes-clip-typographic"``,
-``"shapes-diffusion"``) with :mod:`sae_lens_multimodal.models.registry` and its pipeline class with
+``"shapes-diffusion"``, ``"shapes-vlm"``) with :mod:`sae_lens_multimodal.models.registry` and its pipeline class with
 :mod:`sae_lens_multimodal.diffusion.pipeline_classes` and its factor world (captions, factor values, prompt
 sets and judge of factor-dict prompts) with :mod:`sae_lens_multimodal.analysis.factor_worlds`, the registries
 any other package uses; the model registry imports this package on the first lookup of a ``shapes-`` name. The scripts that trained the shipped
@@ -13,7 +13,12 @@ from sae_lens_multimodal.diffusion.pipeline_classes import register_pipeline_cla
 from sae_lens_multimodal.models.registry import register_model
 from sae_lens_multimodal.world.causal import SHAPES_FACTOR_WORLD
 from sae_lens_multimodal.world.clip import load_shapes_clip, typographic_attack, zero_shot_accuracy
-from sae_lens_multimodal.world.paths import SHAPES_CLIP_DIR, SHAPES_CLIP_TYPOGRAPHIC_DIR, SHAPES_DIFFUSION_DIR
+from sae_lens_multimodal.world.paths import (
+    SHAPES_CLIP_DIR,
+    SHAPES_CLIP_TYPOGRAPHIC_DIR,
+    SHAPES_DIFFUSION_DIR,
+    SHAPES_VLM_DIR,
+)
 from sae_lens_multimodal.world.shapes import (
     ShapesDataset,
     ShapesWorld,
@@ -63,6 +68,14 @@ register_model(
     "pixels, conditioned on the shapes-clip text tower) trained on the shapes world; "
     "see sae_lens_multimodal/world/README.md.",
     kind="diffusion",
+)
+register_model(
+    "shapes-vlm",
+    str(SHAPES_VLM_DIR),
+    "Small transformers LLaVA (LlavaForConditionalGeneration: the shapes-clip vision tower, frozen; a GELU "
+    "projector; a 3-layer width-128 Llama) trained to answer questions about a shapes-world image's colour, "
+    "shape, position, size and texture; see sae_lens_multimodal/world/README.md.",
+    kind="vlm",
 )
 # Batches [uncond, cond] like StableDiffusionPipeline; imported (with diffusers) only when a saved one is loaded.
 register_pipeline_class("ShapesDiffusionPipeline", "sae_lens_multimodal.world.diffusion:ShapesDiffusionPipeline",

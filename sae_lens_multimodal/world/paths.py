@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["WEIGHTS_DIR", "SHAPES_CLIP_DIR", "SHAPES_CLIP_TYPOGRAPHIC_DIR", "SHAPES_DIFFUSION_DIR", "BUNDLED_SAES_DIR"]
+__all__ = ["WEIGHTS_DIR", "SHAPES_CLIP_DIR", "SHAPES_CLIP_TYPOGRAPHIC_DIR", "SHAPES_DIFFUSION_DIR", "SHAPES_VLM_DIR",
+           "BUNDLED_SAES_DIR"]
 
 WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
 #: The shapes CLIP (open_clip local-dir layout). Registered name: "shapes-clip".
@@ -15,5 +16,8 @@ SHAPES_CLIP_TYPOGRAPHIC_DIR: Path = WEIGHTS_DIR / "shapes_clip_typographic"
 #: The text-to-image pipeline (diffusers layout: model_index.json + one folder per component).
 #: Registered name: "shapes-diffusion".
 SHAPES_DIFFUSION_DIR: Path = WEIGHTS_DIR / "shapes_diffusion"
+#: The shapes VLM (transformers LLaVA layout: config.json, model.safetensors, processor files).
+#: Registered name: "shapes-vlm".
+SHAPES_VLM_DIR: Path = WEIGHTS_DIR / "shapes_vlm"
 #: The bundled SAEs, one folder per release and SAE id (loaded through the "bundled" release format).
 BUNDLED_SAES_DIR: Path = WEIGHTS_DIR / "saes"

@@ -6,7 +6,8 @@ from typing import Any, Optional
 
 import torch
 
-from sae_lens_multimodal.models.conversions._hf_common import _HUB_KWARGS, read_hf_config
+from sae_lens_multimodal.models.conversions._hf_common import _HUB_KWARGS, load_checkpoint, read_hf_config
+from sae_lens_multimodal.models.registry import resolve_model_name
 
 __all__ = ["VLM_CLASSES"]
 
@@ -30,9 +31,11 @@ def _generation_ids(model: Any) -> dict[str, Any]:
 
 
 def _load_vlm_source(name: str, dtype: Optional[torch.dtype] = None, **kwargs: Any) -> tuple[Any, Any]:
-    """The transformers LLaVA model and processor (or None) a hub repo id / local directory holds."""
+    """The transformers LLaVA model and processor (or None) a registered name (``"shapes-vlm"``), hub repo id
+    or local directory holds."""
     import transformers  # optional heavy dependency
 
+    name = resolve_model_name(name)
     try:
         config = read_hf_config(name, **kwargs)
     except (OSError, ValueError) as err:
@@ -50,7 +53,7 @@ def _load_vlm_source(name: str, dtype: Optional[torch.dtype] = None, **kwargs: A
         )
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = classes[model_type].from_pretrained(name, **kwargs).eval()
+    model, _ = load_checkpoint(classes[model_type], name, **kwargs)  # refuses missing / damaged weights
     hub = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
     try:
         processor = transformers.AutoProcessor.from_pretrained(name, **hub)

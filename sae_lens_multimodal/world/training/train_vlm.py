@@ -1,0 +1,178 @@
+"""Train the shapes-world VLM (``"shapes-vlm"``, ``weights/shapes_vlm/``).
+
+    python -m sae_lens_multimodal.world.training.train_vlm                   # overwrites weights/shapes_vlm/
+    python -m sae_lens_multimodal.world.training.train_vlm --out /tmp/vlm --seed 1 --steps 600
+
+The model is :func:`sae_lens_multimodal.world.vlm.build_shapes_vlm`: the shipped shapes CLIP's vision tower
+(frozen), a GELU projector and a small Llama, a transformers ``LlavaForConditionalGeneration``. Every step
+draws fresh world images (a quarter carry a written word, as for the CLIP), asks each image about one factor
+(colour, shape, position, size or texture, uniformly, with a phrasing drawn from ``QUESTIONS``) and trains the
+projector and language model with cross-entropy on the answer tokens and end-of-text only. AdamW, linear
+warm-up then cosine decay, gradient clipping at 1. Held-out accuracy is measured at the end by greedy
+generation through ``HookedVLM`` on fresh images of another seed, per factor, without and with written words;
+the figures, settings and timings go to ``training.json`` beside the weights. The folder is replaced only
+once complete. One thread (``torch.set_num_threads(1)``): the same seed gives the same model on the same
+torch build and CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from sae_lens_multimodal.core.atomic import atomic_directory
+from sae_lens_multimodal.world.paths import SHAPES_VLM_DIR
+
+__all__ = ["VLMRecipe", "training_batch", "train_vlm", "main"]
+
+REGENERATE = "python -m sae_lens_multimodal.world.training.train_vlm"
+
+
+@dataclass
+class VLMRecipe:
+    """Settings of the shapes VLM (the defaults made the shipped one)."""
+
+    seed: int = 0
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    d_model: int = 128
+    n_layers: int = 3
+    n_heads: int = 4
+    d_mlp: int = 384
+    text_prob: float = 0.25  # share of training images with a written word
+    log_every: int = 50
+    eval_images: int = 1000  # held-out images per evaluation (each factor asked about 1/5 of them)
+    eval_seed: int = 10_000  # the held-out images' seed; training draws from seed .. (never this one)
+
+
+def training_batch(processor: Any, world: Any, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:
+    """One batch: fresh images, one question each, the answer and end-of-text appended; ``labels`` is -100
+    everywhere but the answer and end-of-text tokens (right padding)."""
+    from sae_lens_multimodal.world.vlm import ASKED_FACTORS, EOS, QUESTIONS, answer_of, prompt
+
+    images, truth = world.sample(batch_size)
+    asked = [ASKED_FACTORS[i] for i in rng.integers(len(ASKED_FACTORS), size=batch_size)]
+    questions = [QUESTIONS[f][rng.integers(len(QUESTIONS[f]))] for f in asked]
+    prompts = [prompt(q) for q in questions]
+    full = [f"{p} {answer_of(t, f)}{EOS}" for p, t, f in zip(prompts, truth, asked)]
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    try:
+        batch = processor(images=list(images), text=full, return_tensors="pt", padding=True)
+        prompt_lengths = [len(ids) for ids in processor(images=list(images), text=prompts)["input_ids"]]
+    finally:
+        tokenizer.padding_side = side
+    labels = batch["input_ids"].clone()
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    for row, n in enumerate(prompt_lengths):
+        keep[row, n:] = True
+    labels[~keep | (batch["attention_mask"] == 0)] = -100
+    batch["labels"] = labels
+    return dict(batch)
+
+
+def _lr_factor(step: int, recipe: VLMRecipe) -> float:
+    if step < recipe.warmup_steps:
+        return (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def evaluate(model: Any, processor: Any, recipe: VLMRecipe) -> dict[str, Any]:
+    """Held-out accuracy by greedy generation through HookedVLM, without and with written words."""
+    from sae_lens_multimodal.models.vlm import HookedVLM
+    from sae_lens_multimodal.world.vlm import vlm_accuracy
+
+    hooked = HookedVLM.from_pretrained(model, processor=processor)
+    out = {}
+    for name, text_prob in (("clean", 0.0), ("with_words", 1.0)):
+        acc = vlm_accuracy(hooked, recipe.eval_images, seed=recipe.eval_seed, text_prob=text_prob)
+        print(f"held-out accuracy, {name}: {acc}", flush=True)
+        out[name] = {"overall": acc.overall, "per_factor": acc.per_factor, "n": acc.n}
+    return out
+
+
+def train_vlm(recipe: VLMRecipe, out: Optional[Path] = SHAPES_VLM_DIR) -> dict[str, Any]:
+    """Build, train, evaluate and (unless ``out`` is None) save the VLM; returns the figures."""
+    from sae_lens_multimodal.world.shapes import ShapesWorld
+    from sae_lens_multimodal.world.vlm import build_shapes_vlm
+
+    torch.set_num_threads(1)
+    model, processor = build_shapes_vlm(d_model=recipe.d_model, n_layers=recipe.n_layers, n_heads=recipe.n_heads,
+                                        d_mlp=recipe.d_mlp, seed=recipe.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    print(f"trainable parameters: {sum(p.numel() for p in params):,} (vision tower frozen)", flush=True)
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, recipe))
+    world = ShapesWorld(image_size=32, seed=recipe.seed, text_prob=recipe.text_prob)
+    rng = np.random.default_rng(recipe.seed + 1)
+    history = []
+    start, cpu_start = time.perf_counter(), time.process_time()
+    model.train()
+    model.model.vision_tower.eval()
+    running = None
+    for step in range(recipe.steps):
+        batch = training_batch(processor, world, rng, recipe.batch_size)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        if (step + 1) % recipe.log_every == 0 or step == recipe.steps - 1:
+            seconds = time.perf_counter() - start
+            history.append({"step": step + 1, "loss": round(running, 5), "seconds": round(seconds, 1)})
+            print(f"step {step + 1}/{recipe.steps} loss {running:.4f} ({seconds:.0f} s)", flush=True)
+    train_seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    model.eval()
+    eval_start = time.perf_counter()
+    accuracy = evaluate(model, processor, recipe)
+    figures = {
+        "recipe": dataclasses.asdict(recipe),
+        "held_out_accuracy": accuracy,
+        "train_seconds_wall": round(train_seconds, 1),
+        "train_seconds_cpu": round(cpu_seconds, 1),
+        "eval_seconds_wall": round(time.perf_counter() - eval_start, 1),
+        "history": history,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "regenerate": REGENERATE,
+    }
+    if out is not None:
+        with atomic_directory(Path(out).resolve()) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            processor.save_pretrained(tmp)
+            (tmp / "training.json").write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+            for path in tmp.iterdir():  # transformers writes the weights private (0600); shipped files are shared
+                path.chmod(0o644)
+        print(f"saved to {out}", flush=True)
+    return figures
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(VLMRecipe):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    parser.add_argument("--out", type=Path, default=SHAPES_VLM_DIR, help="output directory (default: the shipped model)")
+    parser.add_argument("--no-save", action="store_true", help="train and evaluate only")
+    args = parser.parse_args(argv)
+    recipe = VLMRecipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(VLMRecipe)})
+    train_vlm(recipe, None if args.no_save else args.out)
+
+
+if __name__ == "__main__":
+    main()

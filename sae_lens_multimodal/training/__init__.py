@@ -20,6 +20,7 @@ from sae_lens_multimodal.training.evaluate import (
     image_embedding_cosine,
 )
 from sae_lens_multimodal.training.image_store import ImageActivationStore
+from sae_lens_multimodal.training.parallel_modules import HookSAE, train_saes_on_the_fly
 from sae_lens_multimodal.training.parallel_train import (
     ModuleJob,
     TrainingStopped,
@@ -36,6 +37,7 @@ __all__ = [
     "ActivationProvider",
     "CacheMismatchError",
     "DiffusionActivationStore",
+    "HookSAE",
     "ImageActivationStore",
     "ModuleJob",
     "TrainingStopped",
@@ -50,4 +52,5 @@ __all__ = [
     "train_sae",
     "train_sae_data_parallel",
     "train_saes_distributed",
+    "train_saes_on_the_fly",
 ]

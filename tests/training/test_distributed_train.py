@@ -19,8 +19,10 @@ from safetensors.torch import load_file, save_file
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 
 from sae_lens_multimodal.saes import TimestepBucketedTrainingSAE, TimestepBucketedTrainingSAEConfig
+from sae_lens_multimodal.training.image_store import ImageActivationStore
 from sae_lens_multimodal.training.cache import ActivationCacheReader, ActivationCacheWriter, ActivationChunk
 from sae_lens_multimodal.training.parallel_data import GlobalRowOrder, rank_batches
+from sae_lens_multimodal.training.parallel_modules import HookSAE, RowMixer, train_saes_on_the_fly
 from sae_lens_multimodal.training.parallel_train import (
     ModuleJob,
     TrainingStopped,
@@ -29,6 +31,7 @@ from sae_lens_multimodal.training.parallel_train import (
     train_sae_data_parallel,
     train_saes_distributed,
 )
+from tests.training.conftest import make_vit
 
 D_IN, D_SAE = 16, 32
 # 12 steps of 64 rows on a 600-row cache: a second epoch, batches straddling the 200-row shuffle windows,
@@ -36,6 +39,12 @@ D_IN, D_SAE = 16, 32
 TRAIN = dict(total_training_samples=12 * 64, batch_size=64, lr=1e-2, dead_feature_window=2,
              n_batches_for_norm_estimate=2, window_rows=200, seed=3, progress=False)
 STOP_AT = 5
+# on the fly: 3 SAEs (hook, SAE seed) on 2 hooks of a tiny ViT (17 tokens of width 32 per image), 20 images,
+# 8 per global step (a short last step of 4 per epoch), a second epoch, scaling factor from 2 batches
+OTF_HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+OTF_JOBS = [(OTF_HOOKS[0], 20), (OTF_HOOKS[1], 21), (OTF_HOOKS[1], 22)]
+OTF_TRAIN = dict(total_training_samples=6 * 64, batch_size=64, buffer_rows=128, images_per_step=8, lr=1e-2,
+                 dead_feature_window=2, n_batches_for_norm_estimate=2, seed=5, progress=False)
 
 
 def write_cache(directory: Path, seed: int, hook: str = "blocks.0.hook_resid_post", shards: int = 4,
@@ -84,6 +93,25 @@ def make_sae(seed: int) -> TopKTrainingSAE:
     torch.manual_seed(seed)
     return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4,
                                                  normalize_activations="expected_average_only_in"))
+
+
+def otf_images() -> torch.Tensor:
+    return torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+def otf_sae(seed: int) -> TopKTrainingSAE:
+    torch.manual_seed(seed)
+    return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=32, d_sae=64, k=4, normalize_activations="expected_average_only_in"))
+
+
+def otf_run(root, rank: int, world: int) -> tuple[list, list[int]]:
+    """The on-the-fly jobs on ``world`` ranks; returns this rank's SAEs and the batch size of every model forward."""
+    vit = make_vit()
+    forwards: list[int] = []
+    vit.register_forward_pre_hook(lambda module, args: forwards.append(args[0].shape[0]))
+    store = ImageActivationStore(vit, OTF_HOOKS, otf_images(), batch_size=8 // world, progress=False)
+    jobs = [HookSAE(h, partial(otf_sae, s), None if root is None else root / f"otf{i}") for i, (h, s) in enumerate(OTF_JOBS)]
+    return train_saes_on_the_fly(store, jobs, rank=rank, world_size=world, **OTF_TRAIN), forwards
 
 
 def weights(sae: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -152,6 +180,10 @@ def _rank_main(rank: int, world: int, port: int, root: str) -> None:
         jobs = [ModuleJob(partial(make_sae, i), out / c, out / f"module{i}") for i, c in enumerate(("a", "b", "a"))]
         mine = train_saes_distributed(jobs, **{**TRAIN, "total_training_samples": 6 * 64})
         (out / f"modules_rank{rank}.json").write_text(json.dumps([s is not None for s in mine]))
+        # distribute modules on the fly: one shared forward per step, rows gathered to each SAE's rank
+        mine, forwards = otf_run(out, rank, world)
+        (out / f"otf_rank{rank}.json").write_text(json.dumps({"mine": [s is not None for s in mine],
+                                                               "forwards": forwards}))
         # a run stopped after STOP_AT steps (checkpoint every 2 steps, keep 2)
         with pytest.raises(TrainingStopped):
             train_sae_data_parallel(make_sae(seed=0), out / "a", checkpoint_dir=out / "ckpt", checkpoint_every=2,
@@ -224,6 +256,49 @@ def test_distribute_modules_trains_each_sae_as_alone(two_rank_run, tmp_path):
         assert_same(got, load_file(str(tmp_path / f"alone{i}" / "sae_weights.safetensors")))
         cfg = json.loads((two_rank_run / f"module{i}" / "cfg.json").read_text())
         assert cfg["metadata"]["hook_name"] == f"blocks.{1 if cache == 'b' else 0}.hook_resid_post"
+
+
+def test_distribute_modules_on_the_fly_one_forward_per_step_equals_one_process(two_rank_run, tmp_path):
+    ref, ref_forwards = otf_run(None, 0, 1)
+    ranks = [json.loads((two_rank_run / f"otf_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["mine"] == [True, False, True] and ranks[1]["mine"] == [False, True, False]  # round-robin
+    # one forward per global step on each rank, of its half of the step's images (8, 8, 4 per epoch)
+    assert len(ref_forwards) >= 4 and ref_forwards[:4] == [8, 8, 4, 8]
+    assert ranks[0]["forwards"] == ranks[1]["forwards"] == [n // 2 for n in ref_forwards]
+    for i, sae in enumerate(ref):
+        save_sae_atomically(sae, tmp_path / f"ref{i}")
+        assert_same(load_file(str(two_rank_run / f"otf{i}" / "sae_weights.safetensors")),
+                    load_file(str(tmp_path / f"ref{i}" / "sae_weights.safetensors")))
+        cfg = json.loads((two_rank_run / f"otf{i}" / "cfg.json").read_text())
+        assert cfg["metadata"]["hook_name"] == OTF_JOBS[i][0]
+    trained_alike = load_file(str(tmp_path / "ref2" / "sae_weights.safetensors"))["W_enc"]
+    assert not torch.allclose(load_file(str(tmp_path / "ref1" / "sae_weights.safetensors"))["W_enc"], trained_alike)
+
+
+def test_on_the_fly_training_is_sae_lens_fit_on_run_with_cache_rows(two_rank_run, tmp_path):
+    """The one-process reference itself: SAELens's SAETrainer.fit on the rows run_with_cache gives for the same
+    images per step, mixed by the same seeded buffer, trains the SAE the on-the-fly path trains (job 1)."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    vit, images, hook = make_vit(), otf_images(), OTF_JOBS[1][0]
+
+    def provider():
+        mixer = RowMixer(64, 128, generator=torch.Generator().manual_seed(OTF_TRAIN["seed"] * 1_000_003 + 1))
+        for step in range(10_000):
+            lo = (step % 3) * 8
+            _, cache = vit.run_with_cache(images[lo:lo + 8], names_filter=[hook])
+            rows = cache[hook].reshape(-1, 32)
+            yield from (b.acts for b in mixer.add(ActivationChunk(rows, torch.zeros(len(rows), dtype=torch.long))))
+
+    sae = otf_sae(OTF_JOBS[1][1])
+    cfg = SAETrainerConfig(total_training_samples=6 * 64, train_batch_size_samples=64, lr=1e-2, lr_end=1e-2,
+                           device="cpu", dead_feature_window=2, feature_sampling_window=2000,
+                           n_batches_for_norm_estimate=2)
+    SAETrainer(cfg=cfg, sae=sae, data_provider=provider()).fit()
+    save_sae_atomically(sae, tmp_path / "fit")
+    assert_same(load_file(str(two_rank_run / "otf1" / "sae_weights.safetensors")),
+                load_file(str(tmp_path / "fit" / "sae_weights.safetensors")))
 
 
 def test_stopped_run_resumes_to_the_uninterrupted_sae_with_another_rank_count(two_rank_run, one_rank_reference):

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from sae_lens_multimodal.analysis.diffusion_patching import as_hooked_pipeline, unet_blocks
 from sae_lens_multimodal.analysis.factor_worlds import FactorWorld, factor_world_for
 from sae_lens_multimodal.analysis.plotting import PathLike, blank_figure, heatmap, save_figure
+from sae_lens_multimodal.core.arguments import check_guidance_scale, positive_int
 from sae_lens_multimodal.core.denoising import CFG_BATCH_ORDER, cfg_row_split, current_denoising_state
 from sae_lens_multimodal.core.images import to_uint8
 
@@ -91,6 +92,8 @@ def head_components(hooked: Any, modules: Optional[Sequence[str]] = None, heads:
         attn = hooked.denoiser.get_submodule(m)
         n_heads = int(attn.heads)
         for h in heads if heads is not None else range(n_heads):
+            if isinstance(h, bool) or not isinstance(h, (int, np.integer)):
+                raise TypeError(f"heads must be integer head indices; got {type(h).__name__} {h!r}.")
             if not 0 <= h < n_heads:
                 raise ValueError(f"{m} has {n_heads} heads; got head {h}.")
             out.append(Component(m, int(h)))
@@ -236,6 +239,12 @@ def ablate_components(
     """
     if method not in ABLATION_METHODS:
         raise ValueError(f"method must be one of {ABLATION_METHODS}; got {method!r}.")
+    positive_int(num_inference_steps, "num_inference_steps")
+    check_guidance_scale(guidance_scale)
+    if at_timesteps is not None:
+        from sae_lens_multimodal.diffusion.pipeline import TimestepSelector  # diffusers: diffusion models only
+
+        TimestepSelector(at_timesteps)  # an empty window, negative or non-numeric timesteps raise here
     if not prompts or not all(isinstance(p, dict) for p in prompts):
         raise ValueError("prompts must be a non-empty list of factor dicts ({'color': ..., 'shape': ..., 'position': ...}).")
     hooked = as_hooked_pipeline(pipe)

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from sae_lens_multimodal.analysis.factor_worlds import FactorWorld, captions, factor_world_for
 from sae_lens_multimodal.analysis.plotting import PathLike, blank_figure, heatmap, save_figure, to_numpy
-from sae_lens_multimodal.core.denoising import CFG_BATCH_ORDER, current_denoising_state
+from sae_lens_multimodal.core.arguments import check_guidance_scale, check_prompts, check_timesteps, positive_int
+from sae_lens_multimodal.core.denoising import CFG_BATCH_ORDER, check_cfg_branch, current_denoising_state
 from sae_lens_multimodal.core.images import to_uint8
 
 __all__ = [
@@ -236,6 +237,16 @@ def diffusion_patching(
         num_inference_steps / guidance_scale / seed / pipe_kwargs: the pipeline's arguments; both runs
             use a generator seeded with ``seed``, hence the same initial noise.
     """
+    positive_int(num_inference_steps, "num_inference_steps")
+    check_guidance_scale(guidance_scale)
+    check_cfg_branch(cfg_branch, allow_both=False)
+    check_prompts(list(source), "source")
+    check_prompts(list(target), "target")
+    for window in [] if timesteps is None else list(timesteps):
+        if isinstance(window, range) and len(window) == 0:
+            raise ValueError(f"The timestep window {window!r} is empty (start >= end); write range(end, start) for "
+                             "the steps between them, or a list of the schedule's timesteps.")
+        check_timesteps(list(window) if isinstance(window, (list, tuple, range)) else [window], "timesteps")
     hooked = as_hooked_pipeline(pipe)
     if len(source) != len(target) or not len(source):
         raise ValueError(f"source and target must be non-empty and pair up; got {len(source)} and {len(target)} prompts.")

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from sae_lens_multimodal.analysis.diffusion_patching import as_hooked_pipeline
 from sae_lens_multimodal.analysis.factor_worlds import FactorWorld, captions, factor_world_for
 from sae_lens_multimodal.analysis.plotting import PathLike, blank_figure, save_figure, to_numpy
+from sae_lens_multimodal.core.arguments import as_feature_indices, check_guidance_scale, check_prompts, hook_with_layout, positive_int
 from sae_lens_multimodal.core.denoising import check_cfg_branch, timestep_context
 
 __all__ = [
@@ -251,6 +252,9 @@ def feature_timecourse(
     """
     if (sae is None) == (direction is None):
         raise ValueError("Pass exactly one of sae=... (with optional features=[...]) and direction=...")
+    check_prompts(prompts, "prompts")
+    positive_int(num_inference_steps, "num_inference_steps")
+    check_guidance_scale(guidance_scale)
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}; got {reduce!r}.")
     check_cfg_branch(cfg_branch, allow_both=False, allow_none=False)
@@ -259,11 +263,15 @@ def feature_timecourse(
         if hook_name is None:
             raise ValueError("Pass hook_name (the SAE records none in cfg.metadata.hook_name).")
     hooked = as_hooked_pipeline(pipe)
-    spec = hooked.locate(hook_name)  # aliases resolve; an unknown name raises with close matches
+    # Aliases resolve; an unknown name raises with close matches; a hook without a feature axis is refused.
+    spec = hook_with_layout(hooked, hook_name, purpose="feature_timecourse")
     name, width = spec.name, spec.width
     if direction is not None:
         direction = torch.as_tensor(direction, dtype=torch.float32)
         direction = direction[None] if direction.ndim == 1 else direction
+        if direction.ndim != 2 or direction.numel() == 0 or not bool(torch.isfinite(direction).all()):
+            raise ValueError(f"direction must be finite directions [d] or [k, d]; got shape {tuple(direction.shape)}"
+                             + ("" if direction.numel() == 0 or bool(torch.isfinite(direction).all()) else " with NaN/inf entries") + ".")
         if width is not None and direction.shape[-1] != width:
             raise ValueError(f"direction has width {direction.shape[-1]} but {name} has width {width}.")
         labels: list[Union[int, str]] = [f"direction {i}" for i in range(direction.shape[0])]
@@ -272,10 +280,7 @@ def feature_timecourse(
         if width is not None and d_in != width:
             raise ValueError(f"The SAE's d_in is {d_in} but {name} has width {width}; pick the hook it was trained on.")
         n_latents = int(sae.cfg.d_sae)
-        feats = list(range(n_latents)) if features is None else [int(f) for f in features]
-        bad = [f for f in feats if not 0 <= f < n_latents]
-        if bad:
-            raise ValueError(f"Features {bad} are out of range for an SAE with {n_latents} latents.")
+        feats = list(range(n_latents)) if features is None else as_feature_indices(features, n_latents, what="features")
         features = feats
         labels = list(feats)
     text = captions(prompts, hooked, world)
@@ -465,6 +470,9 @@ def timestep_probes(
     training runs, mean inputs cannot locate the shape).
     """
     check_cfg_branch(cfg_branch, allow_both=False, allow_none=False)
+    positive_int(num_inference_steps, "num_inference_steps")
+    check_guidance_scale(guidance_scale)
+    n_train, n_test = positive_int(n_train, "n_train"), positive_int(n_test, "n_test")
     hooked = as_hooked_pipeline(pipe)
     world = world or factor_world_for(hooked)
     values = world.factor_values
@@ -476,7 +484,7 @@ def timestep_probes(
         raise ValueError(f"pooling must be 'auto' or one of {POOLINGS}; got {pooling!r}.")
     if min(n_train, n_test) < 2:
         raise ValueError("n_train and n_test must be at least 2.")
-    name = hooked.locate(hook_name).name  # aliases resolve; an unknown name raises with close matches
+    name = hook_with_layout(hooked, hook_name, purpose="timestep_probes").name  # aliases resolve; close matches
     train_prompts = world.sample_prompts(n_train, train_seed)
     test_prompts = world.sample_prompts(n_test, test_seed)
     poolings = {_factor_pooling(pooling, f) for f in factors}

@@ -23,6 +23,14 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
+from sae_lens_multimodal.core.arguments import (
+    as_feature_index,
+    as_indices,
+    as_layer_indices,
+    check_latent_value,
+    finite_float,
+)
+
 __all__ = [
     "ImageAttention",
     "ImageLogitLens",
@@ -115,7 +123,8 @@ def text_to_image_attention(
         after_image = image_mask.long().cumsum(-1) > 0
         query_mask = after_image & ~image_mask & mask.bool()
     query_mask = query_mask.to(ids.device).bool()
-    layer_ids = list(range(model.lm.cfg.n_layers)) if layers is None else [int(l) for l in layers]
+    layer_ids = list(range(model.lm.cfg.n_layers)) if layers is None else as_layer_indices(
+        layers, model.lm.cfg.n_layers, model="the language model")
     mass: dict[int, torch.Tensor] = {}
     to_tokens: dict[int, torch.Tensor] = {}
     w = query_mask.float()
@@ -193,10 +202,9 @@ def image_logit_lens(
     if image_pos.shape[1] == 0:
         raise ValueError(f"input_ids hold no image tokens (id {model.cfg.image_token_id}).")
     n_layers = model.lm.cfg.n_layers
-    sel = list(range(n_layers + 1)) if layers is None else [int(l) for l in layers]
-    bad = [l for l in sel if not 0 <= l <= n_layers]
-    if bad:
-        raise ValueError(f"layers must be residual-stream indices 0..{n_layers}; got {bad}.")
+    # residual-stream indices 0..n_layers (n_layers: after the last block)
+    sel = list(range(n_layers + 1)) if layers is None else as_indices(
+        layers, n_layers + 1, what="layers", noun="layer", owner=f"residual-stream indices run 0..{n_layers}")
     resid: dict[int, torch.Tensor] = {}
     index = image_pos[..., None]
 
@@ -301,7 +309,8 @@ def patch_image_tokens(
     n_img = image_pos.shape[1]
     if n_img == 0:
         raise ValueError(f"input_ids hold no image tokens (id {model.cfg.image_token_id}).")
-    layer_ids = list(range(model.lm.cfg.n_layers)) if layers is None else [int(l) for l in layers]
+    layer_ids = list(range(model.lm.cfg.n_layers)) if layers is None else as_layer_indices(
+        layers, model.lm.cfg.n_layers, model="the language model")
     names = {l: f"lm.blocks.{l}.hook_{hook}" for l in layer_ids}
     kw = dict(attention_mask=attention_mask, image_sizes=image_sizes)
     clean_acts: dict[int, torch.Tensor] = {}
@@ -430,8 +439,11 @@ def steer_vision_feature(
     location = model.locate(sae).name
     if not location.startswith("vision."):
         raise ValueError(f"steer_vision_feature steers the vision tower; this SAE splices at {location!r}.")
-    if not 0 <= feature < sae.cfg.d_sae:
-        raise ValueError(f"feature must be in [0, {sae.cfg.d_sae}), got {feature}.")
+    feature = as_feature_index(feature, int(sae.cfg.d_sae), what="feature")
+    value = finite_float(value, "value")
+    check_latent_value(sae, "clamp", torch.tensor([value]))
+    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
+        raise ValueError(f"n_random is a number of random baseline directions, an int >= 0; got {n_random!r}.")
     ids, mask = _inputs(model, input_ids, attention_mask)
     batch = ids.shape[0]
     answers = _per_row(answer_tokens, batch, ids.device, "answer_tokens")

@@ -26,7 +26,7 @@ from transformer_lens.HookedRootModule import HookedRootModule
 
 from sae_lens_multimodal import compat
 from sae_lens_multimodal.core.names import unknown_name_message
-from sae_lens_multimodal.core.contract import HookSpec
+from sae_lens_multimodal.core.contract import LAYOUTS, HookSpec
 
 __all__ = ["MultimodalHookedRootModule", "has_parts", "is_observed", "unknown_hook_error"]
 
@@ -265,6 +265,12 @@ class MultimodalHookedRootModule(HookedRootModule):
         """Refuse an SAE whose ``d_in`` does not fit the hook (``reshape_activations="hook_z"`` SAEs read the
         heads flattened)."""
         expected = spec.width
+        if spec.layout in ("pattern", "scale", "pooled_scale"):  # no feature axis (core/arguments.FEATURE_LAYOUTS)
+            raise ValueError(
+                f"Hook {spec.name!r} has layout {spec.layout!r} ({LAYOUTS[spec.layout]}): its last dimension is not a "
+                "feature dimension, so an SAE cannot read it. Attach the SAE to a hook with a feature axis (a "
+                "residual-stream, attention-output or MLP hook; see model.hook_specs())."
+            )
         if getattr(sae.cfg, "reshape_activations", "none") == "hook_z":
             if spec.layout != "heads":
                 raise ValueError(

@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from sae_lens_multimodal.core.arguments import check_generation_args, check_guidance_scale, check_timesteps, positive_int
 from sae_lens_multimodal.core.denoising import (
     CFG_BATCH_ORDER,
     DenoisingState,
@@ -60,16 +62,25 @@ class TimestepSelector:
         self.predicate: Callable[[Any], bool] | None = None
         if spec is None:
             return
+        if isinstance(spec, range) and len(spec) == 0:
+            fix = f"range({spec.stop}, {spec.start})" if spec.step > 0 else f"range({spec.stop}, {spec.start}, 1)"
+            raise ValueError(
+                f"The timestep window {spec!r} is empty (start {'>=' if spec.step > 0 else '<='} end). For the "
+                f"window between {min(spec.start, spec.stop)} and {max(spec.start, spec.stop)} write {fix}."
+            )
         if isinstance(spec, range) and abs(spec.step) == 1:
             self.interval = (spec.start, spec.stop, spec.step < 0)
+            check_timesteps([spec.start, spec.stop - spec.step], "timesteps")
         elif callable(spec) and not isinstance(spec, (range, torch.Tensor)):
             self.predicate = spec
-        elif isinstance(spec, (int, float)):
-            self.values = [spec]
-        elif isinstance(spec, torch.Tensor):
-            self.values = spec.flatten().tolist()
+        elif isinstance(spec, (str, bytes)):
+            raise TypeError(f"timesteps must be None, a range, numbers or a predicate; got the string {spec!r}.")
+        elif isinstance(spec, (torch.Tensor, np.ndarray)):
+            self.values = check_timesteps(spec.flatten().tolist(), "timesteps")
         elif isinstance(spec, Iterable):
-            self.values = list(spec)
+            self.values = check_timesteps(list(spec), "timesteps")
+        elif isinstance(spec, (int, float)) or hasattr(spec, "__float__"):
+            self.values = check_timesteps([spec], "timesteps")
         else:
             raise TypeError(f"timesteps must be None, a range, numbers or a predicate; got {type(spec).__name__}")
 
@@ -140,6 +151,8 @@ class DenoisingLoop:
                  num_inference_steps: int = 20, guidance_scale: float = 1.0, latents: torch.Tensor | None = None,
                  height: int | None = None, width: int | None = None, generator: torch.Generator | None = None,
                  added_cond_kwargs: dict | None = None) -> LoopOutput:
+        num_inference_steps = positive_int(num_inference_steps, "num_inference_steps")
+        check_guidance_scale(guidance_scale)
         cfg = self.unet.config
         param = next(self.unet.parameters())
         batch = prompt_embeds.shape[0]
@@ -294,6 +307,7 @@ class HookedDiffusionPipeline(HookedDenoiser):
         return self._call(args, kwargs, [])
 
     def _call(self, args: tuple, kwargs: dict, selectors: list[TimestepSelector]) -> Any:
+        check_generation_args(self.pipe.__call__, args, kwargs)
         if self._run is not None:
             raise RuntimeError("This HookedDiffusionPipeline is already running (re-entrant call).")
         inst = self._installation
@@ -311,6 +325,7 @@ class HookedDiffusionPipeline(HookedDenoiser):
 
     def _check_branch(self, cfg_branch: str | None, args: tuple, kwargs: dict) -> str:
         check_cfg_branch(cfg_branch)
+        check_generation_args(self.pipe.__call__, args, kwargs)
         mode = self.cfg_mode(*args, **kwargs)
         if mode == "none" and cfg_branch in ("uncond", "both"):
             raise ValueError(

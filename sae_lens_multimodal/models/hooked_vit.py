@@ -15,12 +15,14 @@ from transformer_lens.hook_points import HookPoint
 
 from sae_lens_multimodal.core.contract import HookSpec, norm_specs, transformer_block_specs
 from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule
+from sae_lens_multimodal.core.images import as_image_batch, check_finite_pixels
 from sae_lens_multimodal.models.components import AttentionPoolHead, LayerNorm, TransformerBlock
 from sae_lens_multimodal.models.config import HookedViTConfig
 
 __all__ = ["HookedViT", "ViTActivationCache", "ImageInput"]
 
-ImageInput = Union[torch.Tensor, Any, Sequence[Any]]  # tensor (B, C, H, W), a PIL image or a list of them
+# a preprocessed float tensor / array (B, C, H, W), a PIL image, a uint8 (H, W, C) / (N, H, W, C) array, or a list
+ImageInput = Union[torch.Tensor, Any, Sequence[Any]]
 ReturnType = Optional[Literal["output", "pooled", "tokens"]]
 
 
@@ -239,24 +241,10 @@ class HookedViT(MultimodalHookedRootModule):
 
     # ------------------------------------------------------------------ forward
     def to_pixels(self, images: ImageInput) -> torch.Tensor:
-        """Validate and batch an input: a (B, C, H, W) tensor, or PIL image(s) through ``preprocess``."""
+        """Validate and batch an input: a preprocessed float (B, C, H, W) tensor or array, or PIL images /
+        uint8 (H, W, C) arrays through ``preprocess`` (core/images.py ``as_image_batch``)."""
         cfg = self.cfg
-        if not isinstance(images, torch.Tensor):
-            items = list(images) if isinstance(images, (list, tuple)) else [images]
-            if not items or isinstance(items[0], torch.Tensor):
-                if items and all(isinstance(i, torch.Tensor) for i in items):
-                    images = torch.stack(items)
-                else:
-                    raise ValueError("Got an empty list of images.")
-            else:
-                if self.preprocess is None:
-                    raise TypeError(
-                        f"Got {type(items[0]).__name__} input but this HookedViT has no preprocess function. "
-                        "Pass a preprocessed (B, C, H, W) tensor, or set model.preprocess (from_pretrained "
-                        "sets it from the source model)."
-                    )
-                images = torch.stack([self.preprocess(i) for i in items])
-        x = images
+        x = as_image_batch(images, cfg.n_channels, self.preprocess, owner="this HookedViT")
         if x.ndim == 3 and x.shape[0] == cfg.n_channels:
             raise ValueError(
                 f"Expected a batch of images (B, {cfg.n_channels}, H, W), got one image of shape "
@@ -279,6 +267,7 @@ class HookedViT(MultimodalHookedRootModule):
                     else f"Sizes other than {expected} must be multiples of the patch size {ph}x{pw}."
                 )
             )
+        check_finite_pixels(x)
         return x.to(device=self.embed.W_patch.device, dtype=self.embed.W_patch.dtype)
 
     def forward(

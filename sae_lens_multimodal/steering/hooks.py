@@ -8,6 +8,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from sae_lens_multimodal.core.arguments import FEATURE_LAYOUTS, check_layout
 from sae_lens_multimodal.core.denoising import cfg_row_labels, current_denoising_state
 from sae_lens_multimodal.core.positions import _resample, token_mask
 from sae_lens_multimodal.steering.specs import DirectionSteer, FeatureSteer, Steer
@@ -34,7 +35,8 @@ class _Steerer:
         self.diffusion = diffusion
         self.via_splice_hook = False  # set by steer(): whether a later splice of the SAE is steered via its hook
         self.splice_fired = False  # whether that happened
-        self.spec = _resolve_location(model, steer)
+        # Unknown hooks: the model's KeyError with close matches; hooks without a feature axis are refused.
+        self.spec = check_layout(model, _resolve_location(model, steer), FEATURE_LAYOUTS, purpose="steering")
         self.location = self.spec.name
         pos = steer.positions
         if isinstance(pos, str) and pos in ("cls", "patches"):

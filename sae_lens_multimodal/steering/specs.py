@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
+from sae_lens_multimodal.core.arguments import as_feature_indices, check_latent_value, finite_float, finite_values
 from sae_lens_multimodal.core.denoising import check_cfg_branch
 from sae_lens_multimodal.core.positions import Positions
 
@@ -27,6 +28,8 @@ MODES: dict[str, str] = {
 def _check_common(mode: str, value: Any, positions: Any, cfg_branch: Any) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)} ({'; '.join(f'{k}: {v}' for k, v in MODES.items())}); got {mode!r}.")
+    if mode == "ablate" and value is not None:
+        raise ValueError("mode='ablate' sets the feature to 0 and takes no value=; drop value, or use mode='clamp'.")
     if mode != "ablate" and value is None:
         raise ValueError(f"mode={mode!r} needs value= ({MODES[mode]}).")
     check_cfg_branch(cfg_branch, allow_both=False)  # None: both branches
@@ -69,18 +72,14 @@ class FeatureSteer:
 
     def __post_init__(self) -> None:
         _check_common(self.mode, self.value, self.positions, self.cfg_branch)
-        d_sae = int(self.sae.cfg.d_sae)
-        feats = [self.features] if isinstance(self.features, int) else [int(f) for f in self.features]
-        if not feats:
-            raise ValueError("features is empty: pass at least one SAE latent index.")
-        bad = [f for f in feats if not 0 <= f < d_sae]
-        if bad:
-            raise IndexError(f"Feature index {bad[0]} is out of range: this SAE has d_sae={d_sae} latents (indices 0..{d_sae - 1}).")
-        self.feature_ids: list[int] = feats
+        self.feature_ids: list[int] = as_feature_indices(self.features, int(self.sae.cfg.d_sae), what="features")
         if self.value is not None:
-            v = torch.as_tensor(self.value, dtype=torch.float32).flatten()
-            if v.numel() not in (1, len(feats)):
-                raise ValueError(f"value has {v.numel()} entries for {len(feats)} features; pass one number or one per feature.")
+            v = finite_values(self.value, "value")
+            if v.numel() not in (1, len(self.feature_ids)):
+                raise ValueError(
+                    f"value has {v.numel()} entries for {len(self.feature_ids)} features; pass one number or one per feature."
+                )
+            check_latent_value(self.sae, self.mode, v)
 
 
 @dataclass
@@ -113,8 +112,10 @@ class DirectionSteer:
         if not torch.isfinite(d).all() or float(d.norm()) == 0.0:
             raise ValueError("direction must be a finite, non-zero vector.")
         self.direction = d.detach()
-        if self.value is not None and torch.as_tensor(self.value).numel() != 1:
-            raise ValueError("value of a DirectionSteer is one number.")
+        if self.value is not None:
+            if isinstance(self.value, (list, tuple)) or (isinstance(self.value, torch.Tensor) and self.value.numel() != 1):
+                raise ValueError("value of a DirectionSteer is one number.")
+            self.value = finite_float(self.value, "value")
 
 
 Steer = Union[FeatureSteer, DirectionSteer]

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from sae_lens_multimodal.analysis.vocabulary import load_vocabulary
 from sae_lens_multimodal.analysis.zero_shot import class_text_embeddings
+from sae_lens_multimodal.core.arguments import as_feature_indices, check_latent_value, finite_float, finite_values, positive_int
 from sae_lens_multimodal.core.atomic import atomic_save
 from sae_lens_multimodal.core.contract import HookSpec
 from sae_lens_multimodal.core.hooked_root import has_parts
@@ -275,11 +276,15 @@ def steerability(
     """
     from tqdm.auto import tqdm
 
-    if not 0 < quantile < 1:
+    if not 0 < finite_float(quantile, "quantile") < 1:
         raise ValueError(f"quantile must be in (0, 1); got {quantile}.")
-    strengths = [float(s) for s in strengths]
-    if not strengths:
-        raise ValueError("strengths is empty.")
+    strengths = finite_values(strengths, "strengths").tolist()
+    # Strength s clamps a feature to s * its largest activation: a negative one sets non-negative latents < 0.
+    check_latent_value(sae, "clamp", torch.tensor(strengths), what="strengths")
+    if feature_ids is not None:
+        feature_ids = as_feature_indices(feature_ids, int(sae.cfg.d_sae), what="feature_ids")
+    if max_features is not None:
+        max_features = positive_int(max_features, "max_features")
     spec = _vision_hook(model, sae)
     hook = spec.local_name
     vision = model.part("vision")
@@ -310,10 +315,7 @@ def steerability(
         order = alive[max_act[alive].argsort(descending=True)]
         ids = order.tolist()[:max_features] if max_features else order.tolist()
     else:
-        ids = [int(i) for i in feature_ids]
-        bad = [i for i in ids if not 0 <= i < d_sae]
-        if bad:
-            raise IndexError(f"Feature index {bad[0]} is out of range: this SAE has d_sae={d_sae} latents.")
+        ids = list(feature_ids)
         dead = [i for i in ids if float(max_act[i]) <= 0]
         if dead:
             raise ValueError(f"Features {dead[:10]} never activate on these images; their clamp strength is undefined.")

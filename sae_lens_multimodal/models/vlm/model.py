@@ -215,6 +215,12 @@ class HookedVLM(VLMGenerationMixin, NestedSAEHostMixin, MultimodalHookedRootModu
         embeds = self.lm.hook_embed(self.lm.embed(input_ids))
         if pixel_values is None:
             return embeds
+        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.dtype.is_floating_point:
+            raise TypeError(
+                f"pixel_values must be the float tensor the model's processor returns (processor(images=..., "
+                f"text=..., return_tensors='pt')['pixel_values']); got {type(pixel_values).__name__}"
+                + (f" of dtype {pixel_values.dtype}" if hasattr(pixel_values, "dtype") else "") + "."
+            )
         features = self.encode_images(pixel_values.to(self.vision.cfg.dtype), image_sizes)
         mask = self.image_token_mask(input_ids)
         n_tokens, n_features = int(mask.sum()), features.shape[0]

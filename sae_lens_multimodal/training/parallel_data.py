@@ -147,14 +147,17 @@ def rank_batches(order: GlobalRowOrder, batch_size: int, rank: int = 0, world_si
 def data_parallel_provider(data: Union[str, Any], batch_size: int, *, rank: int = 0, world_size: int = 1,
                            sae: Any = None, seed: int = 0, window_rows: Optional[int] = None,
                            start_batch: int = 0, prefetch: int = 2,
-                           device: Optional[Union[str, torch.device]] = None) -> ActivationProvider:
+                           device: Optional[Union[str, torch.device]] = None,
+                           row_filter: Optional[Callable[[ActivationChunk], ActivationChunk]] = None,
+                           ) -> ActivationProvider:
     """``SAETrainer`` data provider of this rank's rows of every global batch of ``batch_size`` (module
     docstring). ``data``: a cache directory or ``ActivationCacheReader``. ``window_rows`` (default
     ``64 * batch_size``) is the shuffle window. ``start_batch`` resumes after that many global batches.
     The position of the provider is ``start_batch + provider.rows_served // (batch_size // world_size)``.
+    ``row_filter`` (default: the rows a timestep-aware ``sae`` covers) keeps only some rows, from their labels.
     """
     reader = data if isinstance(data, ActivationCacheReader) else ActivationCacheReader(data)
-    order = GlobalRowOrder(reader, seed=seed, window_rows=window_rows or 64 * batch_size, keep=coverage_filter(sae))
+    order = GlobalRowOrder(reader, seed=seed, window_rows=window_rows or 64 * batch_size, keep=row_filter or coverage_filter(sae))
     stream = rank_batches(order, batch_size, rank, world_size, start_batch)
     prefetcher = PrefetchingIterator(stream, prefetch=prefetch) if prefetch else None
     return ActivationProvider(prefetcher or stream, sae=sae, device=device,

@@ -33,12 +33,17 @@ from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_multimodal.training import distributed
-from sae_lens_multimodal.training.cache import ActivationChunk
-from sae_lens_multimodal.training.parallel_train import save_sae_atomically
+from sae_lens_multimodal.training.cache import ActivationCacheReader, ActivationChunk
+from sae_lens_multimodal.training.parallel_train import (
+    TrainingStopped,
+    _broadcast_sae,
+    save_sae_atomically,
+    train_sae_data_parallel,
+)
 from sae_lens_multimodal.training.providers import coverage_filter
-from sae_lens_multimodal.training.train import _data_facts
+from sae_lens_multimodal.training.train import _data_facts, estimate_bucket_scaling_factors
 
-__all__ = ["HookSAE", "RowMixer", "item_slices", "train_saes_on_the_fly"]
+__all__ = ["HookSAE", "RowMixer", "bucket_rows", "item_slices", "train_buckets_distributed", "train_saes_on_the_fly"]
 
 
 @dataclass
@@ -103,8 +108,8 @@ class _OwnedSAE:
         if facts["d_in"] != self.sae.cfg.d_in:
             raise ValueError(f"The SAE of job {index} has d_in={self.sae.cfg.d_in} but hook {job.hook!r} gives "
                              f"activations of width {facts['d_in']}.")
-        for key in ("hook_name", "model_name"):  # as train_sae: filled in from the data when unset
-            if self.sae.cfg.metadata.get(key) is None:
+        for key in ("hook_name", "model_name", "model_fingerprint"):  # as train_sae: from the data when unset
+            if self.sae.cfg.metadata.get(key) is None and facts.get(key):
                 self.sae.cfg.metadata[key] = facts[key]
         self.sae.to(cfg.device)
         self.trainer: SAETrainer[Any, Any] = SAETrainer(cfg=cfg, sae=self.sae, data_provider=iter(()))
@@ -345,3 +350,93 @@ def train_saes_on_the_fly(
             save_sae_atomically(o.sae, o.job.out)
     distributed.barrier()
     return out
+
+
+def bucket_rows(sae: Any, bucket: int) -> Callable[[ActivationChunk], ActivationChunk]:
+    """A row filter keeping the rows of bucket ``bucket`` of a timestep-bucketed SAE (from their labels)."""
+
+    def keep(chunk: ActivationChunk) -> ActivationChunk:
+        if chunk.timestep is None:
+            raise ValueError("Training the buckets of a timestep-bucketed SAE needs timestep-labelled rows: train "
+                             "on a diffusion activation cache.")
+        plan = sae.plan_rows(chunk.timestep.shape, chunk.timestep.device, labels=(chunk.timestep, chunk.branch),
+                             out_of_range="passthrough")
+        return chunk.select(plan.bucket == bucket)
+
+    return keep
+
+
+def train_buckets_distributed(
+    sae: Any,
+    data: Union[str, Path, ActivationCacheReader],
+    *,
+    out: Optional[Union[str, Path]] = None,
+    checkpoint_dir: Optional[Union[str, Path]] = None,
+    normalize_per_bucket: bool = False,
+    n_batches_for_norm_estimate: int = 100,
+    batch_size: int = 4096,
+    seed: int = 0,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    **train_kwargs: Any,
+) -> Any:
+    """Train the buckets of a timestep-bucketed SAE as modules: bucket ``b`` on rank ``b mod N``, each as its own
+    SAELens SAE (its own batches of ``batch_size`` rows of its timesteps, optimizer and dead-latent window, as
+    :func:`train_sae_data_parallel` alone), from the diffusion cache ``data``. Then every rank receives every
+    bucket's weights from its rank, and rank 0 saves the assembled SAE atomically to ``out``.
+
+    Normalisation ends folded into each bucket: ``normalize_activations="expected_average_only_in"`` estimates
+    one factor per bucket from its own rows; ``bucket_scaling_factors`` (or ``normalize_per_bucket``, estimated
+    by rank 0) are used as each bucket's fixed factor. The assembled SAE has neither left to apply. Returns
+    the SAE (assembled, on every rank). ``checkpoint_dir``: one ``bucket_<b>`` folder of checkpoints per bucket.
+    """
+    if not hasattr(sae, "buckets") or not hasattr(sae, "plan_rows"):
+        raise TypeError(f"{type(sae).__name__} has no timestep buckets; train it with train_sae_data_parallel.")
+    rank = distributed.rank() if rank is None else rank
+    world = distributed.world_size() if world_size is None else world_size
+    if world > 1 and not distributed.is_distributed():
+        raise RuntimeError("world_size > 1 needs a process group: launch with torchrun and call init_distributed().")
+    reader = data if isinstance(data, ActivationCacheReader) else ActivationCacheReader(data)
+    device = train_kwargs.get("device") or "cpu"
+    sae.to(device)
+    if world > 1:
+        _broadcast_sae(sae)  # every rank assembles into the same SAE
+    if normalize_per_bucket:
+        factors = None
+        if rank == 0:
+            factors = estimate_bucket_scaling_factors(sae, reader, n_rows=n_batches_for_norm_estimate * batch_size,
+                                                      seed=seed)
+        sae.cfg.bucket_scaling_factors = distributed.broadcast_object(factors) if world > 1 else factors
+    factors = sae.cfg.bucket_scaling_factors
+    per_bucket_estimate = sae.cfg.normalize_activations == "expected_average_only_in"
+    stopped: Optional[TrainingStopped] = None
+    for b in range(sae.n_buckets):
+        if b % world != rank:
+            continue
+        inner = sae.bucket_sae(b)
+        if factors is None and per_bucket_estimate:
+            inner.cfg.normalize_activations = "expected_average_only_in"
+        try:
+            train_sae_data_parallel(
+                inner, reader, rank=0, world_size=1, row_filter=bucket_rows(sae, b), batch_size=batch_size, seed=seed,
+                scaling_factor=None if factors is None else factors[b], n_batches_for_norm_estimate=n_batches_for_norm_estimate,
+                checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / f"bucket_{b}", **train_kwargs)
+        except TrainingStopped as e:
+            stopped = e
+            break
+        finally:
+            inner.cfg.normalize_activations = "none"  # folded into its weights by SAETrainer.fit
+    if any(distributed.all_gather_object(stopped is not None) if world > 1 else [stopped is not None]):
+        raise stopped or TrainingStopped(-1, None)  # no rank assembles a half-trained SAE
+    if world > 1:
+        with torch.no_grad():
+            for b in range(sae.n_buckets):
+                for t in sae.bucket_sae(b).state_dict().values():
+                    dist.broadcast(t, src=b % world)
+    sae.cfg.bucket_scaling_factors = None
+    sae.cfg.metadata.bucket_scaling_factors = None
+    sae.cfg.normalize_activations = "none"
+    if out is not None and rank == 0:
+        save_sae_atomically(sae, out)
+    distributed.barrier()
+    return sae

@@ -43,7 +43,7 @@ from sae_lens_multimodal.compat import sae_trainer_progress_bar
 from sae_lens_multimodal.core.atomic import atomic_directory, atomic_write_json
 from sae_lens_multimodal.core.files import load_safetensors, load_torch_weights
 from sae_lens_multimodal.training import distributed
-from sae_lens_multimodal.training.cache import ActivationCacheReader
+from sae_lens_multimodal.training.cache import ActivationCacheReader, ActivationChunk
 from sae_lens_multimodal.training.parallel_data import data_parallel_provider
 from sae_lens_multimodal.training.train import _data_facts, estimate_bucket_scaling_factors
 
@@ -341,6 +341,8 @@ def train_sae_data_parallel(
     progress: bool = True,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
+    row_filter: Optional[Callable[[ActivationChunk], ActivationChunk]] = None,
+    scaling_factor: Optional[float] = None,
 ) -> TrainingSAE[Any]:
     """Train ``sae`` on an activation cache with SAELens's ``SAETrainer``, data-parallel over the ranks of
     the running process group (torchrun; one process without it). ``batch_size`` is the GLOBAL batch: each
@@ -351,6 +353,8 @@ def train_sae_data_parallel(
     optimizer and schedulers, statistics, data position; also with another N). ``stop_after_steps``
     checkpoints and raises :class:`TrainingStopped` after that many steps (time-limited jobs).
     ``rank`` / ``world_size`` default to the process group's; ``world_size=1`` trains alone.
+    ``row_filter`` trains on some rows only, chosen from their labels (the buckets of training/parallel_modules.py);
+    ``scaling_factor`` is a fixed input scale (instead of an estimate), folded into the SAE at the end.
     """
     rank = distributed.rank() if rank is None else rank
     world_size = distributed.world_size() if world_size is None else world_size
@@ -371,8 +375,8 @@ def train_sae_data_parallel(
     facts = _data_facts(reader, None)
     if facts["d_in"] != sae.cfg.d_in:
         raise ValueError(f"The SAE has d_in={sae.cfg.d_in} but the activations have width {facts['d_in']}.")
-    for key in ("hook_name", "model_name"):
-        if sae.cfg.metadata.get(key) is None:
+    for key in ("hook_name", "model_name", "model_fingerprint"):
+        if sae.cfg.metadata.get(key) is None and facts.get(key):
             sae.cfg.metadata[key] = facts[key]
     timestep_aware = hasattr(sae, "set_row_timesteps")
     if timestep_aware and hasattr(sae.cfg, "dead_feature_window"):
@@ -402,7 +406,8 @@ def train_sae_data_parallel(
                 "architecture": sae.cfg.architecture(), "d_sae": sae.cfg.d_sae}
     start = json.loads((found / _PROGRESS).read_text())["data_batches"] if found is not None else 0
     provider = data_parallel_provider(reader, batch_size, rank=rank, world_size=world_size, sae=sae, seed=seed,
-                                      window_rows=window_rows, start_batch=start, prefetch=prefetch, device=device)
+                                      window_rows=window_rows, start_batch=start, prefetch=prefetch, device=device,
+                                      row_filter=row_filter)
     local = batch_size // world_size
     trainer = DataParallelSAETrainer(
         cfg, sae, provider, world_size=world_size, rank=rank, global_batch_size=batch_size,
@@ -412,6 +417,8 @@ def train_sae_data_parallel(
     )
     if found is not None:
         trainer.load_checkpoint(found)
+    elif scaling_factor is not None:
+        trainer.activation_scaler.scaling_factor = scaling_factor
     if sae.cfg.normalize_activations == "expected_average_only_in" and trainer.activation_scaler.scaling_factor is None:
         trainer.estimate_scaling_factor(n_batches_for_norm_estimate)
     n_steps = math.ceil(total_training_samples / batch_size)

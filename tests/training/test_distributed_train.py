@@ -22,7 +22,12 @@ from sae_lens_multimodal.saes import TimestepBucketedTrainingSAE, TimestepBucket
 from sae_lens_multimodal.training.image_store import ImageActivationStore
 from sae_lens_multimodal.training.cache import ActivationCacheReader, ActivationCacheWriter, ActivationChunk
 from sae_lens_multimodal.training.parallel_data import GlobalRowOrder, rank_batches
-from sae_lens_multimodal.training.parallel_modules import HookSAE, RowMixer, train_saes_on_the_fly
+from sae_lens_multimodal.training.parallel_modules import (
+    HookSAE,
+    RowMixer,
+    train_buckets_distributed,
+    train_saes_on_the_fly,
+)
 from sae_lens_multimodal.training.parallel_train import (
     ModuleJob,
     TrainingStopped,
@@ -87,6 +92,18 @@ def make_bucketed_sae(seed: int) -> TimestepBucketedTrainingSAE:
     return TimestepBucketedTrainingSAE(TimestepBucketedTrainingSAEConfig(
         d_in=D_IN, d_sae=D_SAE, inner_architecture="topk", inner_config={"k": 3},
         timestep_ranges=[[0, 500], [500, 800]], num_train_timesteps=1000))
+
+
+def make_three_bucket_sae(seed: int) -> TimestepBucketedTrainingSAE:
+    """Buckets of t=100, t=300 and t=900 (rows at t=700 are in none), one scaling factor per bucket."""
+    torch.manual_seed(seed)
+    return TimestepBucketedTrainingSAE(TimestepBucketedTrainingSAEConfig(
+        d_in=D_IN, d_sae=D_SAE, inner_architecture="topk", inner_config={"k": 3},
+        timestep_ranges=[[0, 200], [200, 500], [800, 1000]], num_train_timesteps=1000,
+        normalize_activations="expected_average_only_in"))
+
+
+BUCKETS_TRAIN = {**TRAIN, "total_training_samples": 6 * 64}
 
 
 def make_sae(seed: int) -> TopKTrainingSAE:
@@ -180,6 +197,8 @@ def _rank_main(rank: int, world: int, port: int, root: str) -> None:
         jobs = [ModuleJob(partial(make_sae, i), out / c, out / f"module{i}") for i, c in enumerate(("a", "b", "a"))]
         mine = train_saes_distributed(jobs, **{**TRAIN, "total_training_samples": 6 * 64})
         (out / f"modules_rank{rank}.json").write_text(json.dumps([s is not None for s in mine]))
+        # the buckets of a timestep-bucketed SAE as modules: 3 buckets over 2 ranks, assembled and saved by rank 0
+        train_buckets_distributed(make_three_bucket_sae(seed=rank), out / "t", out=out / "buckets", **BUCKETS_TRAIN)
         # distribute modules on the fly: one shared forward per step, rows gathered to each SAE's rank
         mine, forwards = otf_run(out, rank, world)
         (out / f"otf_rank{rank}.json").write_text(json.dumps({"mine": [s is not None for s in mine],
@@ -299,6 +318,27 @@ def test_on_the_fly_training_is_sae_lens_fit_on_run_with_cache_rows(two_rank_run
     save_sae_atomically(sae, tmp_path / "fit")
     assert_same(load_file(str(two_rank_run / "otf1" / "sae_weights.safetensors")),
                 load_file(str(tmp_path / "fit" / "sae_weights.safetensors")))
+
+
+def test_buckets_as_modules_equal_one_process_training_of_the_buckets(two_rank_run, tmp_path):
+    from sae_lens import SAE
+
+    train_buckets_distributed(make_three_bucket_sae(seed=0), two_rank_run / "t", out=tmp_path / "ref", world_size=1,
+                              rank=0, **BUCKETS_TRAIN)
+    got = load_file(str(two_rank_run / "buckets" / "sae_weights.safetensors"))
+    assert_same(got, load_file(str(tmp_path / "ref" / "sae_weights.safetensors")))
+    # bucket 1 is a TopK SAE with its initial weights trained alone on the rows at t=300, its own norm factor folded
+    alone = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=3,
+                                                  normalize_activations="expected_average_only_in"))
+    alone.load_state_dict(make_three_bucket_sae(seed=0).bucket_sae(1).state_dict())
+    train_sae_data_parallel(alone, two_rank_run / "t", world_size=1, rank=0,
+                            row_filter=lambda chunk: chunk.select(chunk.timestep == 300), **BUCKETS_TRAIN)
+    save_sae_atomically(alone, tmp_path / "alone")
+    assert_same({k[len("buckets.1."):]: v for k, v in got.items() if k.startswith("buckets.1.")},
+                load_file(str(tmp_path / "alone" / "sae_weights.safetensors")))
+    assembled = SAE.load_from_disk(str(two_rank_run / "buckets"))
+    assert assembled.cfg.normalize_activations == "none" and assembled.cfg.bucket_scaling_factors is None
+    assert not torch.allclose(got["buckets.0.W_enc"], got["buckets.2.W_enc"])
 
 
 def test_stopped_run_resumes_to_the_uninterrupted_sae_with_another_rank_count(two_rank_run, one_rank_reference):

@@ -16,7 +16,6 @@ place with ``os.replace``; the manifest goes last.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,7 +28,8 @@ import numpy as np
 import torch
 
 from sae_lens_multimodal.core.atomic import atomic_save, atomic_write_json
-from sae_lens_multimodal.core.files import load_npy
+from sae_lens_multimodal.core.files import UnreadableFileError, load_npy
+from sae_lens_multimodal.core.sae_metadata import model_identity  # defined with the SAE metadata it fills
 
 __all__ = [
     "FORMAT_NAME",
@@ -38,7 +38,9 @@ __all__ = [
     "ActivationCacheReader",
     "ActivationCacheWriter",
     "CacheMismatchError",
+    "IncompleteCacheError",
     "model_identity",
+    "same_hook",
 ]
 
 FORMAT_NAME = "sae-lens-multimodal/activation-cache"
@@ -51,6 +53,42 @@ _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.ui
 
 class CacheMismatchError(ValueError):
     """The cache on disk was made by a different model / hook / setting than the one asked for."""
+
+
+class IncompleteCacheError(ValueError):
+    """Shards of the cache are missing (an interrupted run, or files deleted): reading it would silently use
+    fewer rows. Re-running the command that made the cache computes only the missing shards."""
+
+
+# The short UNet block aliases of HookedDiffusionPipeline.canonical_hook_name (``up.0.1.hook_out`` ->
+# ``up_blocks.0.attentions.1.hook_out``), spelled here so that matching a cache's hook needs no model.
+_UNET_ALIAS = re.compile(r"^(?:(down|up)\.(\d+)\.(\d+)|mid\.(\d+))(?=\.|$)")
+
+
+def _unet_canonical(name: str) -> str:
+    m = _UNET_ALIAS.match(name)
+    if m is None:
+        return name
+    kind, block, index, mid = m.groups()
+    prefix = f"mid_block.attentions.{mid}" if mid is not None else f"{kind}_blocks.{block}.attentions.{index}"
+    return prefix + name[m.end():]
+
+
+def same_hook(metadata: dict[str, Any], name: str) -> bool:
+    """Whether hook ``name`` (canonical or an alias) is the hook the cache ``metadata`` records: its
+    ``hook_name`` or ``hook_alias`` (the spelling it was cached under), or, for diffusion caches, the same
+    UNet block after resolving short aliases (caches written before the canonical name was recorded)."""
+    recorded = {metadata.get("hook_name"), metadata.get("hook_alias")} - {None}
+    if name in recorded:
+        return True
+    return metadata.get("kind") == "diffusion" and _unet_canonical(name) in {_unet_canonical(str(r)) for r in recorded}
+
+
+def _read_json(path: Path, what: str, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UnreadableFileError(f"{what} {path} is damaged (not valid JSON: {e}). {fix}") from None
 
 
 @dataclass
@@ -85,25 +123,6 @@ class ActivationChunk:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def model_identity(model: torch.nn.Module, name: Optional[str] = None) -> dict[str, str]:
-    """Name, class and a weight fingerprint of a model: what a cache is checked against on read.
-
-    The fingerprint hashes every parameter's name, shape, dtype and first values, so two random-init
-    models of the same architecture (same ``model_name``) still differ.
-    """
-    h = hashlib.sha256()
-    for pname, p in model.state_dict().items():
-        h.update(f"{pname}:{tuple(p.shape)}:{p.dtype};".encode())
-        if p.numel():
-            h.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
-    cfg = getattr(model, "cfg", None)
-    return {
-        "name": name or str(getattr(cfg, "model_name", None) or type(model).__name__),
-        "class": type(model).__name__,
-        "fingerprint": "sha256:" + h.hexdigest()[:32],
-    }
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
@@ -151,9 +170,12 @@ class ActivationCacheWriter:
         wanted = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "items_per_shard": items_per_shard,
                   **metadata}
         if meta_path.exists():
-            existing = json.loads(meta_path.read_text())
+            existing = _read_json(meta_path, "The cache metadata", _DAMAGED_METADATA_FIX)
             _check_format(existing, self.directory)
             for key in self.IDENTIFYING_KEYS:
+                if key == "hook_name" and (same_hook(existing, wanted["hook_name"])
+                                           or ("hook_alias" in wanted and same_hook(existing, wanted["hook_alias"]))):
+                    continue  # (a cache written before canonical names were recorded holds the alias)
                 if existing.get(key) != wanted.get(key):
                     raise CacheMismatchError(
                         f"{self.directory} already holds a cache with {key}={existing.get(key)!r}, but this run "
@@ -259,6 +281,30 @@ def write_activation_caches(
 
 
 # ---------------------------------------------------------------------- reading
+_DAMAGED_METADATA_FIX = ("Restore it from a copy, or delete the cache folder and run the `sae-lens-mm cache` command "
+                         "again.")
+
+
+def _rerun_fix(manifest: Path) -> str:
+    return (f"Delete {manifest.name} (the shard's manifest) and run the same `sae-lens-mm cache` command (or "
+            "cache_activations call) again: it resumes and recomputes only the missing shards.")
+
+
+def _check_npy_header(path: Path, shape: Optional[list[int]], manifest: Path) -> None:
+    """The ``.npy`` header of a shard file reads and agrees with its manifest (the file is opened, not loaded)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            found, _, _ = read_header(f)
+    except Exception as e:  # numpy raises ValueError / SyntaxError / EOFError on a damaged header
+        raise UnreadableFileError(f"Cache shard file {path} is damaged (its .npy header does not read: "
+                                  f"{str(e) or type(e).__name__}). {_rerun_fix(manifest)}") from None
+    if shape is not None and list(found) != list(shape):
+        raise UnreadableFileError(f"Cache shard file {path} holds an array of shape {list(found)}, but its manifest "
+                                  f"says {list(shape)}. {_rerun_fix(manifest)}")
+
+
 def _check_format(meta: dict[str, Any], directory: Path) -> None:
     if meta.get("format") != FORMAT_NAME:
         raise CacheMismatchError(f"{directory} is not an activation cache (metadata.json format={meta.get('format')!r}).")
@@ -298,16 +344,22 @@ class ActivationCacheReader:
                 f"No activation cache at {self.directory} (no metadata.json). Create one with "
                 "`sae-lens-mm cache` or sae_lens_multimodal.training.cache_activations."
             )
-        self.metadata: dict[str, Any] = json.loads(meta_path.read_text())
+        self.metadata: dict[str, Any] = _read_json(meta_path, "The cache metadata", _DAMAGED_METADATA_FIX)
         _check_format(self.metadata, self.directory)
         self.shards: list[Shard] = []
         for k in _completed_shards(self.directory):
-            manifest = json.loads((self.directory / f"shard_{k:05d}.json").read_text())
+            manifest_path = self.directory / f"shard_{k:05d}.json"
+            manifest = _read_json(manifest_path, "Cache shard manifest", _rerun_fix(manifest_path))
             paths = {}
             for name, info in manifest["files"].items():
                 path = self.directory / f"shard_{k:05d}.{name}.npy"
-                if not path.exists() or path.stat().st_size != info["bytes"]:
-                    raise ValueError(f"Shard file {path} is missing or truncated (expected {info['bytes']} bytes).")
+                if not path.exists():
+                    raise FileNotFoundError(f"Shard file {path} is missing (shard {k}, items {manifest['items']}). "
+                                            f"{_rerun_fix(manifest_path)}")
+                if path.stat().st_size != info["bytes"]:
+                    raise ValueError(f"Shard file {path} is truncated (expected {info['bytes']} bytes, found "
+                                     f"{path.stat().st_size}). {_rerun_fix(manifest_path)}")
+                _check_npy_header(path, info.get("shape"), manifest_path)
                 paths[name] = path
             self.shards.append(Shard(k, int(manifest["rows"]), tuple(manifest["items"]), paths,  # type: ignore[arg-type]
                                      manifest.get("timesteps")))
@@ -316,7 +368,50 @@ class ActivationCacheReader:
     # ------------------------------------------------------------------ facts
     @property
     def hook_name(self) -> str:
+        """The hook's canonical name (caches written before canonical names were recorded: as given)."""
         return self.metadata["hook_name"]
+
+    @property
+    def n_items(self) -> Optional[int]:
+        """Source items (images / trajectories) the cache covers when complete (None: a stream of unknown length)."""
+        n = (self.metadata.get("source") or {}).get("n_items")
+        return None if n is None else int(n)
+
+    def missing_shards(self) -> list[int]:
+        """Indices of the shards not on disk. For a source of unknown length only the holes before the last
+        shard on disk can be seen."""
+        per_shard = int(self.metadata["items_per_shard"])
+        present = {s.index for s in self.shards}
+        n = self.n_items
+        expected = -(-n // per_shard) if n is not None else (max(present) + 1 if present else 0)
+        return [k for k in range(expected) if k not in present]
+
+    def missing_item_ranges(self) -> list[tuple[int, int]]:
+        """The source items ``[start, end)`` of the missing shards, consecutive shards merged."""
+        per_shard, n = int(self.metadata["items_per_shard"]), self.n_items
+        ranges: list[tuple[int, int]] = []
+        for k in self.missing_shards():
+            lo, hi = k * per_shard, (k + 1) * per_shard if n is None else min((k + 1) * per_shard, n)
+            if ranges and ranges[-1][1] == lo:
+                ranges[-1] = (ranges[-1][0], hi)
+            else:
+                ranges.append((lo, hi))
+        return ranges
+
+    def require_complete(self) -> "ActivationCacheReader":
+        """Refuse (:class:`IncompleteCacheError`) a cache with missing shards, naming the missing item ranges."""
+        missing = self.missing_shards()
+        if not missing:
+            return self
+        ranges = self.missing_item_ranges()
+        shown = ", ".join(f"[{lo}, {hi})" for lo, hi in ranges[:8]) + (f" and {len(ranges) - 8} more" if len(ranges) > 8 else "")
+        of = f" of {self.n_items}" if self.n_items is not None else ""
+        raise IncompleteCacheError(
+            f"The activation cache at {self.directory} is incomplete: {len(missing)} shard(s) missing, items {shown}"
+            f"{of} (shard files or manifests deleted, or an interrupted run); reading it would silently use "
+            f"{self.n_rows} rows from the other shards only. Run the same `sae-lens-mm cache` command (or "
+            "cache_activations call) that made it again: it resumes and computes only the missing shards."
+        )
 
     @property
     def d_in(self) -> int:
@@ -346,7 +441,12 @@ class ActivationCacheReader:
                     f"({made['model']['fingerprint']}), not by this {ident.get('name')!r} "
                     f"({ident.get('fingerprint')}). Cache this model's activations first."
                 )
-        for key, want in (("hook_name", hook_name), ("token_policy", token_policy), ("d_in", d_in)):
+        if hook_name is not None and not same_hook(made, hook_name):
+            raise CacheMismatchError(
+                f"The cache at {self.directory} has hook_name={made.get('hook_name')!r}, but {hook_name!r} was asked "
+                "for. Use the cache of that hook (sae-lens-mm cache --hook ...), or the SAE trained for this one."
+            )
+        for key, want in (("token_policy", token_policy), ("d_in", d_in)):
             if want is not None and made.get(key) != want:
                 raise CacheMismatchError(
                     f"The cache at {self.directory} has {key}={made.get(key)!r}, but {want!r} was asked for."
@@ -373,14 +473,20 @@ class ActivationCacheReader:
                                col("timestep"), col("branch"))
 
     def read_all(self) -> ActivationChunk:
+        """Every row on disk, in shard order. Also reads an incomplete cache (the shards it has): check
+        :meth:`require_complete` first where every row matters; :meth:`iter_chunks` does."""
         if not self.shards:
             raise ValueError(f"The cache at {self.directory} has no complete shard yet.")
         return ActivationChunk.cat([self.shard_chunk(s) for s in self.shards])
 
-    def iter_chunks(self, shuffle: bool = True, seed: int = 0, epochs: Optional[int] = 1) -> Iterator[ActivationChunk]:
-        """Whole shards (memory-mapped, copied to memory one at a time), in random order per epoch."""
+    def iter_chunks(self, shuffle: bool = True, seed: int = 0, epochs: Optional[int] = 1,
+                    allow_missing: bool = False) -> Iterator[ActivationChunk]:
+        """Whole shards (memory-mapped, copied to memory one at a time), in random order per epoch. A cache
+        with missing shards is refused (:class:`IncompleteCacheError`) unless ``allow_missing``."""
         if not self.shards:
             raise ValueError(f"The cache at {self.directory} has no complete shard yet.")
+        if not allow_missing:
+            self.require_complete()
         rng = np.random.default_rng(seed)
         epoch = 0
         while epochs is None or epoch < epochs:

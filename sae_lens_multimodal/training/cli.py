@@ -18,6 +18,11 @@ from sae_lens_multimodal.cli_options import (
     add_num_inference_steps_option,
     add_sae_options,
     add_seed_option,
+    check_output_dir,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
 )
 from sae_lens_multimodal.core.sae_metadata import INPUT_KINDS, TOKEN_POLICIES
 
@@ -56,7 +61,10 @@ def _handler(parser: argparse.ArgumentParser, run: Any) -> Any:
         if getattr(args, "config", None):
             import yaml
 
-            data = yaml.safe_load(Path(args.config).read_text()) or {}
+            try:
+                data = yaml.safe_load(Path(args.config).read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{args.config} is not valid YAML ({str(e).splitlines()[0]}); fix the file.") from None
             if not isinstance(data, dict):
                 raise ValueError(f"{args.config} must hold a mapping of option names to values.")
             for key, value in data.items():
@@ -73,8 +81,14 @@ def _handler(parser: argparse.ArgumentParser, run: Any) -> Any:
                 if a.dest in config:
                     if isinstance(a, argparse._AppendAction) and not isinstance(value, list):
                         value = [value]
-                    if a.type is not None and value is not None and not isinstance(value, list):
-                        value = a.type(value)  # before the choices check, as argparse does
+                    option = f"{a.dest.replace('_', '-')} in {args.config}"
+                    if a.nargs == 0 and not isinstance(value, bool):  # a flag (store_true)
+                        raise ValueError(f"{option}: {value!r} is not true or false; write 'true' or 'false'.")
+                    if a.type is not None and value is not None:
+                        try:  # before the choices check, as argparse does
+                            value = [a.type(v) for v in value] if isinstance(value, list) else a.type(value)
+                        except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+                            raise ValueError(f"{option}: {e}") from None
                     if a.choices is not None and value is not None and value not in a.choices:
                         raise ValueError(f"{a.dest.replace('_', '-')}: {value!r} is not one of {list(a.choices)}")
             setattr(args, a.dest, value)
@@ -100,8 +114,9 @@ def load_cli_model(args: argparse.Namespace, device: Optional[str]) -> tuple[Any
     return model, model_kind_of(model)
 
 
-def load_images(args: argparse.Namespace) -> Any:
-    """An image folder, a dataset saved with ``save_to_disk``, or a Hugging Face dataset by name."""
+def load_images(args: argparse.Namespace, preprocess: Any = None) -> Any:
+    """An image folder (its files checked first: training/sources.py FolderImages), a dataset saved with
+    ``save_to_disk``, or a Hugging Face dataset by name; at most ``--max-images`` of them."""
     if args.dataset:
         import datasets
 
@@ -117,7 +132,9 @@ def load_images(args: argparse.Namespace) -> Any:
             if args.streaming:
                 ds = ds.to_iterable_dataset()
         else:
-            ds = str(path)
+            from sae_lens_multimodal.training.sources import FolderImages
+
+            return FolderImages(path, preprocess, limit=args.max_images)
     else:
         raise ValueError("Give the images: --images <folder or saved dataset> or --dataset <name>.")
     if args.max_images is not None and not isinstance(ds, str):
@@ -134,8 +151,11 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _pipeline_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kw: dict[str, Any] = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale}
+def _pipeline_kwargs(args: argparse.Namespace, guidance_scale: Optional[float] = None) -> dict[str, Any]:
+    kw: dict[str, Any] = {"num_inference_steps": args.num_inference_steps}
+    scale = args.guidance_scale if args.guidance_scale is not None else guidance_scale
+    if scale is not None:  # else the pipeline's own default (recorded in the cache's metadata)
+        kw["guidance_scale"] = scale
     if args.height:
         kw["height"] = args.height
     if args.width:
@@ -145,8 +165,22 @@ def _pipeline_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def _floats(text: Optional[str]) -> Optional[list[float]]:
-    return None if text in (None, "") else [float(v) for v in str(text).split(",") if v.strip()]
+def _floats(text: Optional[str], option: str = "--timesteps") -> Optional[list[float]]:
+    if text in (None, ""):
+        return None
+    try:
+        return [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected comma-separated numbers (scheduler timesteps), e.g. "
+                         "'999,500,1'.") from None
+
+
+def _fraction(value: Any) -> float:
+    """A number in [0, 1] (argparse ``type=``)."""
+    number = non_negative_float(value)
+    if number > 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a fraction: give a number from 0 to 1")
+    return number
 
 
 # ---------------------------------------------------------------------- shared options
@@ -165,7 +199,7 @@ def _image_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="train", help="dataset split (default: train)")
     g.add_argument("--image-column", help="dataset column holding the images (default: the Image-typed column)")
     g.add_argument("--streaming", action="store_true", help="stream the dataset instead of loading it")
-    g.add_argument("--max-images", type=int, help="use at most this many images")
+    g.add_argument("--max-images", type=positive_int, help="use at most this many images")
     g.add_argument("--token-policy", choices=TOKEN_POLICIES, default="all",
                    help="which tokens become rows: all, the CLS token only, or patch tokens only (default: all)")
 
@@ -174,11 +208,14 @@ def _diffusion_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("diffusion")
     g.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     g.add_argument("--prompts", metavar="FILE", help="text file with one prompt per line")
-    g.add_argument("--seed-offset", type=int, default=0, help="prompt i is generated with seed SEED_OFFSET + i (default: 0)")
-    add_num_inference_steps_option(g, default=20)
-    g.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    g.add_argument("--height", type=int, help="image height in pixels (default: the pipeline's)")
-    g.add_argument("--width", type=int, help="image width in pixels (default: the pipeline's)")
+    g.add_argument("--seed-offset", type=non_negative_int, default=0,
+                   help="prompt i is generated with seed SEED_OFFSET + i (default: 0)")
+    add_num_inference_steps_option(g, default=20, type=positive_int)
+    g.add_argument("--guidance-scale", type=non_negative_float, default=None,
+                   help="classifier-free guidance scale (default: the pipeline's own, e.g. 2 for shapes-diffusion, "
+                        "7.5 for Stable Diffusion; cache records the value used, evaluate reuses a --cache's)")
+    g.add_argument("--height", type=positive_int, help="image height in pixels (default: the pipeline's)")
+    g.add_argument("--width", type=positive_int, help="image width in pixels (default: the pipeline's)")
     g.add_argument("--output-type", default=None,
                    help="pipeline output_type, e.g. 'latent' to skip VAE decoding (default: the pipeline's)")
 
@@ -198,6 +235,7 @@ def _run_cache(args: argparse.Namespace, device: Optional[str]) -> int:
     from sae_lens_multimodal.training.caching import cache_activations
     from sae_lens_multimodal.training.distributed import rank
 
+    check_output_dir(args.out, "cache", forbid_inside=[args.images] if args.images else [])
     model, kind = load_cli_model(args, device)
     hooks = args.hook if isinstance(args.hook, list) else [args.hook]
     if kind == "diffusion":
@@ -210,10 +248,11 @@ def _run_cache(args: argparse.Namespace, device: Optional[str]) -> int:
             model_name=args.model,
         )
     else:
-        from sae_lens_multimodal.training.image_store import ImageActivationStore
+        from sae_lens_multimodal.training.image_store import ImageActivationStore, vision_tower
 
         store = ImageActivationStore(
-            model, hooks, load_images(args), token_policy=args.token_policy, batch_size=args.batch_size,
+            model, hooks, load_images(args, vision_tower(model).preprocess), token_policy=args.token_policy,
+            batch_size=args.batch_size,
             image_column=args.image_column, dtype=args.dtype, progress=not args.no_progress, model_name=args.model,
         )
     readers = cache_activations(store, args.out, items_per_shard=args.items_per_shard,
@@ -237,20 +276,20 @@ def add_cache_command(subparsers: SubParsers) -> None:
     _model_options(p)
     _required(p.add_argument("--hook", action="append", help="hook name to record (repeat for several)"))
     _required(p.add_argument("--out", help="output directory (one cache per hook under it)"))
-    p.add_argument("--batch-size", type=int, default=32,
+    p.add_argument("--batch-size", type=positive_int, default=32,
                    help="images per forward pass, or prompts per pipeline call (default: 32)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="storage dtype of the activations (default: float32)")
-    p.add_argument("--items-per-shard", type=int,
+    p.add_argument("--items-per-shard", type=positive_int,
                    help="images / trajectories per shard (default: shards of about --shard-size-mb)")
-    p.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size in MiB (default: 256)")
+    p.add_argument("--shard-size-mb", type=positive_float, default=256.0, help="target shard size in MiB (default: 256)")
     add_no_progress_option(p)
     _image_options(p)
     _diffusion_options(p)
     g = p._action_groups[-1]
     g.add_argument("--timesteps", help="comma-separated scheduler timesteps to record (default: all)")
     add_cfg_branch_option(g, "record one CFG branch only, or both (default: both)")
-    g.add_argument("--tokens-per-sample", type=int,
+    g.add_argument("--tokens-per-sample", type=positive_int,
                    help="keep this many random spatial positions per sample and timestep (default: all)")
     p.set_defaults(handler=_handler(p, run_cache))
 
@@ -263,7 +302,13 @@ def _ranges(args: argparse.Namespace, reader: Any, n_train: int) -> list[list[fl
         out = []
         for part in str(args.timestep_ranges).split(","):
             lo, _, hi = part.partition(":")
-            out.append([float(lo), float(hi)])
+            try:
+                out.append([float(lo), float(hi)])
+            except ValueError:
+                raise ValueError(f"--timestep-ranges {args.timestep_ranges!r}: {part!r} is not START:END; give "
+                                 "comma-separated ranges in scheduler units, e.g. '0:500,500:1000'.") from None
+            if not out[-1][0] < out[-1][1]:
+                raise ValueError(f"--timestep-ranges: the range {part!r} is empty; give START < END.")
         return out
     if args.per_timestep:
         return TimestepBuckets.per_timestep(reader.timesteps(), n_train).to_list()
@@ -276,8 +321,20 @@ def build_training_sae(args: argparse.Namespace, reader: Any) -> Any:
 
     d_in = reader.d_in
     d_sae = args.d_sae or int(args.expansion_factor * d_in)
-    inner: dict[str, Any] = json.loads(args.inner_config) if args.inner_config else {}
+    if d_sae < 1:
+        raise ValueError(f"--expansion-factor {args.expansion_factor} x d_in {d_in} gives no latents; give a larger "
+                         "--expansion-factor or --d-sae.")
+    try:
+        inner: dict[str, Any] = json.loads(args.inner_config) if args.inner_config else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--inner-config is not valid JSON ({e}); give an object, e.g. "
+                         "'{\"aux_loss_coefficient\": 0.5}'.") from None
+    if not isinstance(inner, dict):
+        raise ValueError(f"--inner-config must be a JSON object of settings, got {args.inner_config!r}.")
     if args.k is not None:
+        if args.k > d_sae:
+            raise ValueError(f"--k {args.k:g} is more than the SAE's {d_sae} latents; give a --k of at most "
+                             "--d-sae.")
         inner["k"] = int(args.k) if float(args.k).is_integer() else float(args.k)
     if args.l1_coefficient is not None:
         inner["l1_coefficient"] = args.l1_coefficient
@@ -308,10 +365,13 @@ def build_training_sae(args: argparse.Namespace, reader: Any) -> Any:
 
 def run_train(args: argparse.Namespace) -> int:
     from sae_lens_multimodal.training.cache import ActivationCacheReader
-    from sae_lens_multimodal.training.train import train_sae
+    from sae_lens_multimodal.training.train import final_metrics_line, train_sae
 
     caches = args.cache if isinstance(args.cache, list) else [args.cache]
-    readers = [ActivationCacheReader(c) for c in caches]
+    check_output_dir(args.out, "sae", forbid_inside=caches)
+    if args.checkpoint_path:
+        check_output_dir(args.checkpoint_path, "sae", forbid_inside=caches)
+    readers = [ActivationCacheReader(c).require_complete() for c in caches]
     model, kind = load_cli_model(args, None) if args.model else (None, None)
     identity = None
     if model is not None:
@@ -333,8 +393,9 @@ def run_train(args: argparse.Namespace) -> int:
         lr_end=args.lr_end, lr_scheduler_name=args.lr_scheduler, lr_warm_up_steps=args.lr_warm_up_steps,
         lr_decay_steps=args.lr_decay_steps, device=args.device or "cpu", dead_feature_window=args.dead_feature_window,
         normalize_per_bucket=args.normalize_per_bucket, seed=args.seed, checkpoint_path=args.checkpoint_path,
-        n_checkpoints=args.n_checkpoints,
+        n_checkpoints=args.n_checkpoints, progress=not args.no_progress,
     )
+    print(final_metrics_line(sae, reader, batch_size=args.batch_size))
     sae.save_inference_model(args.out)
     print(f"Saved the trained {sae.cfg.architecture()} SAE to {args.out} "
           f"(load with sae_lens.SAE.load_from_disk({str(args.out)!r}))")
@@ -364,20 +425,21 @@ def add_train_command(subparsers: SubParsers) -> None:
     g.add_argument("--inner-architecture", default="topk",
                    help="architecture inside each bucket / of the shared dictionary of a timestep-aware SAE "
                         "(default: topk)")
-    g.add_argument("--d-sae", type=int, help="number of latents (default: expansion factor x d_in)")
-    g.add_argument("--expansion-factor", type=float, default=8.0, help="d_sae / d_in when --d-sae is not given (default: 8)")
-    g.add_argument("--k", type=float, help="k of topk / batchtopk architectures")
-    g.add_argument("--l1-coefficient", type=float, help="L1 coefficient of the standard architecture")
-    g.add_argument("--l0-coefficient", type=float, help="L0 coefficient of the jumprelu architecture")
+    g.add_argument("--d-sae", type=positive_int, help="number of latents (default: expansion factor x d_in)")
+    g.add_argument("--expansion-factor", type=positive_float, default=8.0,
+                   help="d_sae / d_in when --d-sae is not given (default: 8)")
+    g.add_argument("--k", type=positive_float, help="k of topk / batchtopk architectures")
+    g.add_argument("--l1-coefficient", type=non_negative_float, help="L1 coefficient of the standard architecture")
+    g.add_argument("--l0-coefficient", type=non_negative_float, help="L0 coefficient of the jumprelu architecture")
     g.add_argument("--inner-config", help="JSON object of further architecture settings, e.g. '{\"aux_loss_coefficient\": 0.5}'")
     g.add_argument("--normalize-activations", default="none",
                    choices=("none", "expected_average_only_in", "layer_norm", "constant_norm_rescale"),
                    help="SAELens activation normalisation (default: none)")
     t = p.add_argument_group("timesteps (timestep_bucketed / timestep_conditioned)")
     t.add_argument("--timestep-ranges", help="comma-separated START:END ranges in scheduler units, e.g. '0:500,500:1000'")
-    t.add_argument("--n-buckets", type=int, default=1, help="equal-width buckets when no ranges are given (default: 1 = pooled)")
+    t.add_argument("--n-buckets", type=positive_int, default=1, help="equal-width buckets when no ranges are given (default: 1 = pooled)")
     t.add_argument("--per-timestep", action="store_true", help="one bucket per timestep present in the cache")
-    t.add_argument("--num-train-timesteps", type=int, help="scheduler num_train_timesteps (default: from the cache)")
+    t.add_argument("--num-train-timesteps", type=positive_int, help="scheduler num_train_timesteps (default: from the cache)")
     t.add_argument("--out-of-range", choices=("error", "passthrough"), default="error",
                    help="what a spliced SAE does at a timestep outside every range (default: error)")
     add_cfg_branch_option(t, "CFG branch the SAE applies to (recorded in metadata; rows of the other branch pass "
@@ -388,27 +450,31 @@ def add_train_command(subparsers: SubParsers) -> None:
     t.add_argument("--normalize-per-bucket", action="store_true",
                    help="scale each bucket's inputs to norm sqrt(d_in) on average (factors saved in the config)")
     o = p.add_argument_group("optimisation (SAELens SAETrainerConfig)")
-    _required(o.add_argument("--total-training-samples", type=int, help="activation rows to train on"))
-    o.add_argument("--batch-size", type=int, default=4096, help="rows per training step (default: 4096)")
-    o.add_argument("--lr", type=float, default=3e-4, help="learning rate (default: 3e-4)")
-    o.add_argument("--lr-end", type=float, help="final learning rate of decaying schedules (default: --lr)")
+    _required(o.add_argument("--total-training-samples", type=positive_int, help="activation rows to train on"))
+    o.add_argument("--batch-size", type=positive_int, default=4096, help="rows per training step (default: 4096)")
+    o.add_argument("--lr", type=positive_float, default=3e-4, help="learning rate (default: 3e-4)")
+    o.add_argument("--lr-end", type=non_negative_float,
+                   help="final learning rate of decaying schedules (default: --lr)")
     o.add_argument("--lr-scheduler", default="constant", help="SAELens lr scheduler name (default: constant)")
-    o.add_argument("--lr-warm-up-steps", type=int, default=0, help="learning-rate warm-up steps (default: 0)")
-    o.add_argument("--lr-decay-steps", type=int, default=0, help="learning-rate decay steps (default: 0)")
-    o.add_argument("--dead-feature-window", type=int, default=1000,
+    o.add_argument("--lr-warm-up-steps", type=non_negative_int, default=0,
+                   help="learning-rate warm-up steps (default: 0)")
+    o.add_argument("--lr-decay-steps", type=non_negative_int, default=0, help="learning-rate decay steps (default: 0)")
+    o.add_argument("--dead-feature-window", type=positive_int, default=1000,
                    help="steps without firing after which a latent counts as dead (default: 1000)")
     add_seed_option(o)
     o.add_argument("--checkpoint-path", help="directory for SAETrainer checkpoints")
-    o.add_argument("--n-checkpoints", type=int, default=0, help="intermediate checkpoints to save (default: 0)")
+    o.add_argument("--n-checkpoints", type=non_negative_int, default=0,
+                   help="intermediate checkpoints to save (default: 0)")
+    add_no_progress_option(o)
     d = p.add_argument_group("distributed (torchrun; docs/distributed.md)")
     d.add_argument("--distribute-modules", action="store_true",
                    help="with several caches: train their SAEs at the same time, SAE i on rank i mod N (default: "
                         "each SAE in turn, data-parallel over all ranks)")
-    d.add_argument("--checkpoint-every", type=int, default=0,
+    d.add_argument("--checkpoint-every", type=non_negative_int, default=0,
                    help="write a resumable checkpoint (step_<n> under --checkpoint-path) every this many steps")
     d.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint under --checkpoint-path (any number of ranks)")
-    d.add_argument("--stop-after-steps", type=int,
+    d.add_argument("--stop-after-steps", type=positive_int,
                    help="checkpoint and stop after this many steps (e.g. a time-limited job); resume later")
     p.set_defaults(handler=_handler(p, run_train))
 
@@ -427,16 +493,27 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     if not args.sae_path and not args.release:
         raise ValueError("Give the SAE: --sae-path <directory> or --release NAME --sae-id ID.")
+    reader = None
+    if args.cache:  # (the cache first: a missing or incomplete one is refused before the SAE loads)
+        reader = ActivationCacheReader(args.cache).require_complete()
+    if args.json:
+        json_out = Path(args.json)
+        if json_out.is_dir():
+            raise ValueError(f"--json {json_out} is a folder; give a file name, e.g. {json_out / 'evaluation.json'}.")
+        if reader is not None and reader.directory.resolve() in json_out.resolve().parents:
+            raise ValueError(f"--json {json_out} lies inside the cache {reader.directory}; write it elsewhere.")
     sae = SAE.from_pretrained(args.release, args.sae_id) if args.release else SAE.load_from_disk(args.sae_path)
     results: dict[str, Any] = {}
-    if args.cache:
-        reader = ActivationCacheReader(args.cache).check(hook_name=sae.cfg.metadata.hook_name, d_in=sae.cfg.d_in)
+    if reader is not None:
+        reader.check(hook_name=sae.cfg.metadata.hook_name, d_in=sae.cfg.d_in)
         results["reconstruction"] = evaluate_sae(sae, reader, n_rows=args.n_rows, batch_size=args.batch_size,
                                                  dense_threshold=args.dense_threshold)
     if args.model:
         model, kind = load_cli_model(args, args.device)
         if kind == "diffusion":
-            calls = [{"prompt": p, **_pipeline_kwargs(args)} for p in load_prompts(args)]
+            recorded = ((reader.metadata.get("diffusion") or {}).get("pipeline_kwargs") or {}) if reader else {}
+            kwargs = _pipeline_kwargs(args, recorded.get("guidance_scale"))  # the cache's, unless given
+            calls = [{"prompt": p, **kwargs} for p in load_prompts(args)]
             results["diffusion"] = diffusion_downstream(model, sae, calls,
                                                         seeds=[args.seed_offset + i for i in range(len(calls))])
         else:
@@ -454,6 +531,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("Nothing to evaluate: give --cache (reconstruction metrics) and/or --model (downstream).")
     text = json.dumps(results, indent=1, default=str)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
     print(text if not args.json else f"Wrote {args.json}")
     return 0
@@ -463,7 +541,8 @@ def _image_tensor(model: Any, args: argparse.Namespace) -> Any:
     from sae_lens_multimodal.training.image_store import vision_tower
     from sae_lens_multimodal.training.sources import image_source
 
-    source = image_source(load_images(args), vision_tower(model).preprocess, args.image_column)
+    preprocess = vision_tower(model).preprocess
+    source = image_source(load_images(args, preprocess), preprocess, args.image_column)
     import torch
 
     return torch.cat([pixels for _, pixels in source.batches(args.batch_size)])
@@ -481,9 +560,11 @@ def add_evaluate_command(subparsers: SubParsers) -> None:
     _add_config(p)
     add_sae_options(p, deprecated_sae=True)
     p.add_argument("--cache", help="cache directory of the SAE's hook, for reconstruction/sparsity metrics")
-    p.add_argument("--n-rows", type=int, default=100_000, help="rows of the cache to evaluate on (default: 100000)")
-    p.add_argument("--batch-size", type=int, default=1024, help="rows (or images) per evaluation batch (default: 1024)")
-    p.add_argument("--dense-threshold", type=float, default=0.1,
+    p.add_argument("--n-rows", type=positive_int, default=100_000,
+                   help="rows of the cache to evaluate on (default: 100000)")
+    p.add_argument("--batch-size", type=positive_int, default=1024,
+                   help="rows (or images) per evaluation batch (default: 1024)")
+    p.add_argument("--dense-threshold", type=_fraction, default=0.1,
                    help="a latent active on more than this fraction of rows counts as dense (default: 0.1)")
     p.add_argument("--json", metavar="FILE", help="write the results to this JSON file instead of printing them")
     _model_options(p, required=False)

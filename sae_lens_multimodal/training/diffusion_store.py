@@ -8,6 +8,7 @@ guidance information), as read from the running ``HookedDiffusionPipeline``.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -39,6 +40,17 @@ def _jsonable(value: Any) -> Any:
         return repr(value)
 
 
+def _call_default(pipeline: Any, name: str) -> Any:
+    """The default of argument ``name`` of the wrapped pipeline's ``__call__`` (None when it has none)."""
+    try:
+        param = inspect.signature(pipeline.pipe.__call__).parameters.get(name)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if param is None or param.default is inspect.Parameter.empty:
+        return None
+    return _jsonable(param.default)
+
+
 class DiffusionActivationStore:
     """Runs a ``HookedDiffusionPipeline`` on prompts and yields labelled activation rows at its hooks.
 
@@ -54,6 +66,10 @@ class DiffusionActivationStore:
         tokens_per_sample: keep this many random positions per sample and call (None = all).
         batch_size: items per pipeline call.
         pipeline_kwargs: further pipeline arguments (``num_inference_steps``, ``guidance_scale``, ...).
+            Without ``guidance_scale`` the pipeline's own default is used, and recorded in the cache metadata.
+
+    Cache metadata records each hook's canonical name (``up_blocks.0.attentions.1.hook_out``) as
+    ``hook_name`` and the spelling given, when it was an alias (``up.0.1.hook_out``), as ``hook_alias``.
     """
 
     kind = "diffusion"
@@ -95,6 +111,10 @@ class DiffusionActivationStore:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.batch_size = batch_size
         self.pipeline_kwargs = dict(pipeline_kwargs or {})
+        if "guidance_scale" not in self.pipeline_kwargs:  # record the value the pipeline will use
+            default = _call_default(pipeline, "guidance_scale")
+            if default is not None:
+                self.pipeline_kwargs["guidance_scale"] = default
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.progress = progress
         denoiser = pipeline.denoiser
@@ -131,8 +151,10 @@ class DiffusionActivationStore:
         """Cache metadata for ``hook`` (see docs/activation-cache.md)."""
         items = json.dumps([[_jsonable(p), s] for p, s in zip(self.prompts, self.seeds)], sort_keys=True, default=repr)
         ts = self.timesteps
+        canonical = self.pipeline.canonical_hook_name(hook)
+        alias = {"hook_alias": hook} if canonical != hook else {}
         return {
-            "kind": self.kind, "model": self.identity, "hook_name": hook, "d_in": self.d_in(hook),
+            "kind": self.kind, "model": self.identity, "hook_name": canonical, **alias, "d_in": self.d_in(hook),
             "dtype": dtype_name(self.dtype),
             "token_policy": "all" if self.tokens_per_sample is None else f"random:{self.tokens_per_sample}",
             "source": {"kind": "prompts", "n_items": self.n_items,

@@ -107,18 +107,60 @@ class TensorImages(ImageSource):
                                       else _needs_preprocess(self.preprocess, "PIL images")(p) for p in part])
 
 
+def _listing(paths: Sequence[Path], root: Path, limit: int = 5) -> str:
+    shown = ", ".join(str(p.relative_to(root)) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _unreadable_image(path: Path) -> Optional[str]:
+    """Why ``path`` is not a readable image (None when it is): its header is checked, and PNG/GIF data verified."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, struct.error...
+        return str(e) or type(e).__name__
+    return None
+
+
 class FolderImages(ImageSource):
-    """Every image file under a directory (recursively, sorted by path)."""
+    """Every image file under a directory (recursively, sorted by path); at most ``limit`` of them.
+
+    The folder is checked before anything is read: any other file (a README, labels, a cache) and any
+    image file that does not open as an image are refused with a ValueError naming them, so that no cache
+    is half-written from a folder that cannot be read. Hidden files (``.DS_Store``, ``.git/...``) are
+    ignored. An image whose data turns out to be damaged when it is decoded raises naming the file.
+    """
 
     kind = "folder"
 
-    def __init__(self, root: Union[str, os.PathLike], preprocess: Optional[Preprocess] = None):
+    def __init__(self, root: Union[str, os.PathLike], preprocess: Optional[Preprocess] = None,
+                 limit: Optional[int] = None):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"Image folder {self.root} does not exist.")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            raise FileNotFoundError(f"Image folder {self.root} does not exist." if not self.root.exists() else
+                                    f"{self.root} is a file, not an image folder: give the folder that holds the images.")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be a positive number of images, got {limit}.")
+        found = sorted(p for p in self.root.rglob("*") if p.is_file())
+        others = [p for p in found if p.suffix.lower() not in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(self.root).parts)]
+        if others:
+            raise ValueError(
+                f"Image folder {self.root} holds {len(others)} file(s) that are not images ({_listing(others, self.root)}; "
+                f"images end in {', '.join(IMAGE_EXTENSIONS)}). Move them out of the folder, or give a folder of "
+                "images only. Nothing was written."
+            )
+        self.files = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS][:limit]
         if not self.files:
             raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}.")
+        bad = [(p, why) for p in self.files if (why := _unreadable_image(p)) is not None]
+        if bad:
+            raise ValueError(
+                f"{len(bad)} file(s) in {self.root} do not open as images ({_listing([p for p, _ in bad], self.root)}: "
+                f"{bad[0][1]}). Replace them with readable images or remove them. Nothing was written."
+            )
         self.preprocess = _needs_preprocess(preprocess, f"Images in {self.root}")
 
     def __len__(self) -> int:
@@ -136,8 +178,16 @@ class FolderImages(ImageSource):
         for i, j in batch_ranges(start, _end(len(self.files), stop), batch_size, align):
             tensors = []
             for path in self.files[i:j]:
-                with Image.open(path) as im:
-                    tensors.append(self.preprocess(im.convert("RGB")))
+                try:
+                    with Image.open(path) as im:
+                        rgb = im.convert("RGB")
+                except (OSError, SyntaxError, ValueError) as e:  # a truncated or damaged image's data
+                    raise ValueError(
+                        f"Image file {path} cannot be decoded ({e}). Replace it with a readable image of the same "
+                        "name and run the same command again (a cache resumes), or remove it and cache into a new "
+                        "--out (the file list is part of the cache's identity)."
+                    ) from None
+                tensors.append(self.preprocess(rgb))
             yield i, torch.stack(tensors)
 
 

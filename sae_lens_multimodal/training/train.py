@@ -15,10 +15,47 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 
+from sae_lens_multimodal.compat import sae_trainer_progress_bar
+from sae_lens_multimodal.core.sae_metadata import sae_model_metadata
 from sae_lens_multimodal.training.cache import ActivationCacheReader
+from sae_lens_multimodal.training.evaluate import evaluate_sae
 from sae_lens_multimodal.training.providers import activation_provider, chunk_stream, coverage_filter
 
-__all__ = ["estimate_bucket_scaling_factors", "train_sae"]
+__all__ = ["estimate_bucket_scaling_factors", "final_metrics_line", "train_sae"]
+
+
+class _Trainer(SAETrainer):
+    """SAELens's ``SAETrainer`` with a progress bar that counts every step: SAELens moves it by 100 steps
+    at a time, so a run of 195 steps ended at 51% and one of under 100 steps at 0%."""
+
+    def _update_pbar(self, step_output: Any, pbar: Any, update_interval: int = 100) -> None:
+        done = min(self.n_training_samples, self.cfg.total_training_samples)
+        if self.n_training_steps % update_interval == 0 or done >= self.cfg.total_training_samples:
+            losses = " | ".join(f"{name}: {float(value.item() if hasattr(value, 'item') else value):.5f}"
+                                for name, value in step_output.losses.items())
+            pbar.set_description(f"{self.n_training_steps}| {losses}")
+        if done > pbar.n:
+            pbar.update(done - pbar.n)
+
+
+def final_metrics_line(sae: Any, data: Any, *, n_rows: int = 16384, batch_size: int = 4096) -> str:
+    """One line of the trained ``sae``'s MSE, L0, explained variance and dead latents on up to ``n_rows``
+    rows of ``data`` (what ``sae-lens-mm train`` prints at the end; ``evaluate`` gives the full picture)."""
+    was_training = sae.training
+    try:
+        m = evaluate_sae(sae, data, n_rows=n_rows, batch_size=batch_size, per_timestep=False)["overall"]
+    finally:
+        sae.train(was_training)
+    if not m.get("n_rows"):
+        return "Final metrics: no rows to evaluate on."
+    return (f"Final metrics on {m['n_rows']} rows: MSE {m['mse']:.4g}, L0 {m['l0']:.2f}, explained variance "
+            f"{m['explained_variance']:.4f}, dead latents {m['dead_latents']}/{sae.cfg.d_sae}")
+
+
+def _no_bar(**kwargs: Any) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=True, **kwargs)
 
 
 def _data_facts(data: Any, hook: Optional[str]) -> dict[str, Any]:
@@ -26,14 +63,14 @@ def _data_facts(data: Any, hook: Optional[str]) -> dict[str, Any]:
     if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
         data = ActivationCacheReader(data)
     if isinstance(data, ActivationCacheReader):
-        return {"hook_name": data.hook_name, "model_name": data.metadata["model"]["name"], "d_in": data.d_in}
+        return {"hook_name": data.hook_name, **sae_model_metadata(data.metadata["model"]), "d_in": data.d_in}
     if hasattr(data, "describe") and hasattr(data, "hook_names"):
         names = list(data.hook_names)
         hook = hook or (names[0] if len(names) == 1 else None)
         if hook is None:
             return {}
         meta = data.describe(hook)
-        return {"hook_name": hook, "model_name": meta["model"]["name"], "d_in": meta["d_in"]}
+        return {"hook_name": hook, **sae_model_metadata(meta["model"]), "d_in": meta["d_in"]}
     return {}
 
 
@@ -95,6 +132,7 @@ def train_sae(
     n_checkpoints: int = 0,
     save_final_checkpoint: bool = False,
     trainer_config: Optional[SAETrainerConfig] = None,
+    progress: bool = True,
 ) -> TrainingSAE[Any]:
     """Train ``sae`` on ``data`` with SAELens's ``SAETrainer`` and return it (trained in place).
 
@@ -104,13 +142,14 @@ def train_sae(
     Timestep-aware SAEs train every bucket from the rows of its timesteps (rows they do not cover are
     skipped); ``normalize_per_bucket`` first sets per-bucket input scaling factors from the data.
     ``trainer_config`` overrides every trainer setting at once (a SAELens ``SAETrainerConfig``).
-    The SAE's ``metadata.hook_name`` / ``model_name`` are filled in from the data when unset.
+    ``progress``: show the progress bar (it reaches 100% at the last step).
+    The SAE's ``metadata.hook_name`` / ``model_name`` / ``model_fingerprint`` are filled in from the data when unset.
     """
     torch.manual_seed(seed)
     facts = _data_facts(data, hook)
     if facts.get("d_in") is not None and facts["d_in"] != sae.cfg.d_in:
         raise ValueError(f"The SAE has d_in={sae.cfg.d_in} but the activations have width {facts['d_in']}.")
-    for key in ("hook_name", "model_name"):
+    for key in ("hook_name", "model_name", "model_fingerprint"):
         if facts.get(key) and sae.cfg.metadata.get(key) is None:
             sae.cfg.metadata[key] = facts[key]
     timestep_aware = hasattr(sae, "set_row_timesteps")
@@ -133,7 +172,12 @@ def train_sae(
     provider = activation_provider(data, cfg.train_batch_size_samples, sae=sae, hook=hook, buffer_rows=buffer_rows,
                                    seed=seed, prefetch=prefetch, device=cfg.device)
     try:
-        SAETrainer(cfg=cfg, sae=sae, data_provider=provider).fit()
+        trainer = _Trainer(cfg=cfg, sae=sae, data_provider=provider)
+        if progress:
+            trainer.fit()
+        else:
+            with sae_trainer_progress_bar(_no_bar):
+                trainer.fit()
     finally:
         provider.close()
     return sae

@@ -43,7 +43,7 @@ class VLMRecipe:
     """Settings of the shapes VLM (the defaults made the shipped one)."""
 
     seed: int = 0
-    steps: int = 1500
+    steps: int = 1800
     batch_size: int = 64
     lr: float = 2e-3
     warmup_steps: int = 50
@@ -110,9 +110,12 @@ def train_vlm(recipe: VLMRecipe, out: Optional[Path] = SHAPES_VLM_DIR) -> dict[s
     from sae_lens_multimodal.world.shapes import ShapesWorld
     from sae_lens_multimodal.world.vlm import build_shapes_vlm
 
+    from sae_lens_multimodal.models.vlm import HookedVLM
+
     torch.set_num_threads(1)
     model, processor = build_shapes_vlm(d_model=recipe.d_model, n_layers=recipe.n_layers, n_heads=recipe.n_heads,
                                         d_mlp=recipe.d_mlp, seed=recipe.seed)
+    HookedVLM.from_pretrained(model)  # the evaluation's conversions fail (if they do) now, not after training
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"trainable parameters: {sum(p.numel() for p in params):,} (vision tower frozen)", flush=True)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))

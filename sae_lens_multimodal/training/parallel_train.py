@@ -17,8 +17,9 @@ Batch-dependent state, synchronised after each step so every rank sees what one 
 SAETrainer's dead-latent counters (min over ranks) and firing counts (sum), a bucketed SAE's per-bucket
 dead-latent counters, changed floating buffers (BatchTopK's threshold estimate: mean of the ranks'
 updates), and the ``expected_average_only_in`` scaling factor (from the mean norm over all ranks' rows).
-Not identical to one process: BatchTopK picks its top ``k x batch`` activations within each rank's
-batch; ``covariance_whitening`` is refused with more than one rank.
+BatchTopK selects its top ``k x B`` activations over the global batch (training/parallel_batchtopk.py).
+Not identical to one process: the inner BatchTopK buckets of a timestep-bucketed SAE select within each
+rank's rows; ``covariance_whitening`` is refused with more than one rank.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from sae_lens_multimodal.core.atomic import atomic_directory, atomic_write_json
 from sae_lens_multimodal.core.files import load_safetensors, load_torch_weights
 from sae_lens_multimodal.training import distributed
 from sae_lens_multimodal.training.cache import ActivationCacheReader, ActivationChunk
+from sae_lens_multimodal.training.parallel_batchtopk import global_batch_topk
 from sae_lens_multimodal.training.parallel_data import data_parallel_provider
 from sae_lens_multimodal.training.train import _data_facts, estimate_bucket_scaling_factors
 
@@ -431,7 +433,7 @@ def train_sae_data_parallel(
         return bars[-1]
 
     try:
-        with GradientAverager(sae, world_size), sae_trainer_progress_bar(bar):
+        with GradientAverager(sae, world_size), global_batch_topk(sae, world_size), sae_trainer_progress_bar(bar):
             trainer.fit()
     finally:
         provider.close()

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 
 from sae_lens_multimodal.saes import TimestepBucketedTrainingSAE, TimestepBucketedTrainingSAEConfig
 from sae_lens_multimodal.training.image_store import ImageActivationStore
@@ -131,6 +131,11 @@ def otf_run(root, rank: int, world: int) -> tuple[list, list[int]]:
     return train_saes_on_the_fly(store, jobs, rank=rank, world_size=world, **OTF_TRAIN), forwards
 
 
+def make_batchtopk_sae(seed: int) -> BatchTopKTrainingSAE:
+    torch.manual_seed(seed)
+    return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, topk_threshold_lr=0.1))
+
+
 def weights(sae: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in sae.state_dict().items()}
 
@@ -188,6 +193,11 @@ def _rank_main(rank: int, world: int, port: int, root: str) -> None:
         train_sae_data_parallel(sae, out / "a", **TRAIN)
         if rank == 0:
             save_file(weights(sae), str(out / "dp.safetensors"))
+        # data-parallel BatchTopK: the top k x 64 activations of the global batch, not of each rank's 32 rows
+        sae = make_batchtopk_sae(seed=rank)
+        train_sae_data_parallel(sae, out / "a", **TRAIN)
+        if rank == 0:
+            save_file(weights(sae), str(out / "dp_batchtopk.safetensors"))
         # data-parallel, timestep-bucketed (per-bucket dead-latent counters, rows outside the buckets skipped)
         sae = make_bucketed_sae(seed=rank)
         train_sae_data_parallel(sae, out / "t", **{**TRAIN, "normalize_per_bucket": True})
@@ -254,6 +264,13 @@ def test_two_ranks_with_half_batches_train_the_one_rank_sae(two_rank_run, one_ra
     assert_same(load_file(str(two_rank_run / "dp.safetensors")), one_rank_reference)
     init = weights(make_sae(seed=0))
     assert not torch.allclose(init["W_enc"], one_rank_reference["W_enc"], atol=1e-3)  # it did train
+
+
+def test_two_ranks_train_the_one_rank_batchtopk_sae(two_rank_run):
+    sae = make_batchtopk_sae(seed=0)
+    train_sae_data_parallel(sae, two_rank_run / "a", world_size=1, rank=0, **TRAIN)
+    assert_same(load_file(str(two_rank_run / "dp_batchtopk.safetensors")), weights(sae))
+    assert sae.topk_threshold > 0  # the threshold estimate moved with the smallest kept activations
 
 
 def test_two_ranks_train_the_one_rank_timestep_bucketed_sae(two_rank_run):

@@ -71,7 +71,8 @@ def _one_index(v: Any, what: str, noun: str) -> int:
     if isinstance(v, numbers.Integral):
         return int(v)
     if isinstance(v, numbers.Real):
-        hint = f" Pass int({v!r})." if float(v).is_integer() else ""
+        v = float(v)
+        hint = f" Pass int({v!r})." if v.is_integer() else ""
         raise TypeError(f"{what} must be integer {noun} indices; got the float {v!r}.{hint}")
     raise TypeError(f"{what} must be integer {noun} indices (an int, a list of ints or an integer tensor); got {_describe(v)}.")
 

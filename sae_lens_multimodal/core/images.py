@@ -73,6 +73,8 @@ def _numpy_raw(a: np.ndarray, n_channels: int) -> list[Any]:
             raise ValueError(f"Got a 4-channel (RGBA?) uint8 array {a.shape}; {expected}. Drop alpha: a[..., :3].")
         raise ValueError(f"Got a uint8 array {a.shape} with {a.shape[-1]} channels; {expected}.")
     batch = a[None] if a.ndim == 3 else a
+    if len(batch) == 0:
+        raise ValueError(f"Got an empty batch (shape {a.shape}): pass at least one image.")
     return [Image.fromarray(img[..., 0] if n_channels == 1 else img) for img in batch]
 
 
@@ -105,7 +107,7 @@ def as_image_batch(images: Any, n_channels: int, preprocess: Optional[Callable[[
         x = images
     elif isinstance(images, np.ndarray):
         if images.dtype == np.uint8:
-            x = _preprocessed(_numpy_raw(images, n_channels), preprocess, owner)
+            x = _preprocessed(_numpy_raw(images, n_channels), preprocess, owner, given="uint8 ndarray")
         elif images.dtype.kind == "f":
             x = _numpy_float(images, n_channels)
         else:
@@ -146,7 +148,7 @@ def as_image_batch(images: Any, n_channels: int, preprocess: Optional[Callable[[
                 if a.ndim != 3:
                     raise ValueError(f"Each array in a list is one (H, W, {n_channels}) image; got shape {a.shape}.")
                 raw += _numpy_raw(a, n_channels)
-            x = _preprocessed(raw, preprocess, owner)
+            x = _preprocessed(raw, preprocess, owner, given="uint8 ndarray")
         elif kind == "PIL image":
             x = _preprocessed(items, preprocess, owner)
         else:
@@ -159,10 +161,11 @@ def as_image_batch(images: Any, n_channels: int, preprocess: Optional[Callable[[
     return x
 
 
-def _preprocessed(items: list[Any], preprocess: Optional[Callable[[Any], torch.Tensor]], owner: str) -> torch.Tensor:
+def _preprocessed(items: list[Any], preprocess: Optional[Callable[[Any], torch.Tensor]], owner: str,
+                  given: Optional[str] = None) -> torch.Tensor:
     if preprocess is None:
         raise TypeError(
-            f"Got {type(items[0]).__name__} input but {owner} has no preprocess function. Pass a preprocessed "
+            f"Got {given or type(items[0]).__name__} input but {owner} has no preprocess function. Pass a preprocessed "
             "(B, C, H, W) tensor, or set model.preprocess (from_pretrained sets it from the source model)."
         )
     out = [preprocess(i) for i in items]

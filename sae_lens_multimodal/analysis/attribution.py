@@ -237,18 +237,16 @@ def scalar_metric(metric: Metric, output: Any) -> torch.Tensor:
 
 def resolve_hooks(model: Any, hooks: Union[str, Sequence[str]], per: str, saes: Mapping[str, Any]) -> list[HookSpec]:
     names = [hooks] if isinstance(hooks, str) else list(hooks)
-    names += [h for h in saes if h not in names]
-    if not names:
-        raise ValueError("Name at least one hook to attribute (hooks=[...]).")
-    specs = []
-    for name in names:
+    specs: list[HookSpec] = []
+    for name in names + list(saes):  # the SAEs' hooks join the asked ones (an alias counts once)
         spec = model.hook_spec(name)
+        if spec.name in {s.name for s in specs}:
+            continue
         if not (per == "feature" and spec.name in saes):
             unit_axes(spec, per)
         specs.append(spec)
-    dup = {s.name for s in specs if sum(t.name == s.name for t in specs) > 1}
-    if dup:
-        raise ValueError(f"Hooks named twice: {sorted(dup)}.")
+    if not specs:
+        raise ValueError("Name at least one hook to attribute (hooks=[...]).")
     return specs
 
 

@@ -9,6 +9,9 @@ defined here, and only these:
 * ``cfg_branch`` (:data:`CFG_BRANCHES`, from core/denoising.py): which classifier-free-guidance rows of a
   diffusion call it reads.
 * the model kind (:data:`MODEL_KINDS`) the command line and the loader use.
+* ``model_name`` and ``model_fingerprint``: the model an SAE was trained on (:func:`model_identity`, recorded
+  by training on this package's caches and by the bundled SAEs); :func:`check_sae_model_match` compares them
+  with a model an SAE is spliced into or a cache it is evaluated on.
 
 The ``normalize_*`` functions map accepted foreign spellings (a source format's own names, old CLI names)
 onto these values and refuse anything else with an error naming where the value came from (``source``)
@@ -17,7 +20,10 @@ and the accepted values. Loaders of foreign formats (pretrained/) call them on w
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+import hashlib
+import warnings
+from collections.abc import Iterable, Mapping, MutableMapping
+from pathlib import Path
 from typing import Any, Optional
 
 from sae_lens_multimodal.core.denoising import CFG_BRANCHES
@@ -35,6 +41,13 @@ __all__ = [
     "normalize_token_policy",
     "normalize_cfg_branch",
     "normalize_model_kind",
+    "MODEL_MISMATCH_ACTIONS",
+    "SAEModelMismatchError",
+    "SAEModelMismatchWarning",
+    "check_sae_model_match",
+    "model_identity",
+    "record_model_names",
+    "sae_model_metadata",
     "check_input_kind_matches_hook",
     "normalize_sae_metadata",
 ]
@@ -161,3 +174,157 @@ def normalize_sae_metadata(metadata: MutableMapping[str, Any], *, source: str = 
     if get("cfg_branch") is not None:
         metadata["cfg_branch"] = normalize_cfg_branch(get("cfg_branch"), source=source)
     return metadata
+
+
+# ------------------------------------------------------------------------------ the model an SAE belongs to
+#: What to do when an SAE's recorded model is not the model at hand (``add_sae(..., on_model_mismatch=...)``).
+MODEL_MISMATCH_ACTIONS: tuple[str, ...] = ("warn", "error", "ignore")
+#: model names that say nothing about which weights a model holds (a model built from an object or a config)
+_GENERIC_MODEL_NAMES = frozenset({"", "custom", "open_clip", "unknown", "none"})
+#: library prefixes of model names: ``open-clip:hf-hub:org/repo`` and ``org/repo`` name the same weights
+_NAME_PREFIXES = ("open-clip:", "timm:", "hf-hub:", "local-dir:")
+
+
+class SAEModelMismatchWarning(UserWarning):
+    """An SAE is used with a model (or a cache of a model) other than the one its metadata records."""
+
+
+class SAEModelMismatchError(ValueError):
+    """As :class:`SAEModelMismatchWarning`, raised when ``on_model_mismatch="error"``."""
+
+
+def model_identity(model: Any, name: Optional[str] = None) -> dict[str, str]:
+    """Name, class and a weight fingerprint of a model (a torch module): what a cache records and is checked
+    against on read, and what an SAE trained on that cache records as ``model_name`` / ``model_fingerprint``.
+
+    The fingerprint hashes every parameter's name, shape, dtype and first values, so two random-init
+    models of the same architecture (same ``model_name``) still differ.
+    """
+    h = hashlib.sha256()
+    for pname, p in model.state_dict().items():
+        h.update(f"{pname}:{tuple(p.shape)}:{p.dtype};".encode())
+        if p.numel():
+            h.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+    cfg = getattr(model, "cfg", None)
+    return {
+        "name": name or str(getattr(cfg, "model_name", None) or type(model).__name__),
+        "class": type(model).__name__,
+        "fingerprint": "sha256:" + h.hexdigest()[:32],
+    }
+
+
+def sae_model_metadata(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The SAE metadata fields (``model_name``, ``model_fingerprint``) for a model's :func:`model_identity`
+    (as a cache records it under ``metadata["model"]``)."""
+    return {"model_name": identity.get("name"), "model_fingerprint": identity.get("fingerprint")}
+
+
+def record_model_names(model: Any, names: Iterable[Optional[str]]) -> Any:
+    """Remember the names ``model`` was loaded by (given name, registry aliases), which
+    :func:`check_sae_model_match` compares with an SAE's ``model_name``. Returns ``model``."""
+    model.__dict__["source_names"] = tuple(dict.fromkeys(str(n) for n in names if n))
+    return model
+
+
+def _name_forms(name: str) -> set[str]:
+    """``name`` and the spellings of the same model: library prefixes stripped, a local path resolved."""
+    forms = {name}
+    bare = name
+    while bare.startswith(_NAME_PREFIXES):
+        bare = bare.split(":", 1)[1]
+    forms.add(bare)
+    try:
+        path = Path(bare).expanduser()
+        if path.exists():
+            forms.add(str(path.resolve()))
+    except (OSError, ValueError):  # not a path
+        pass
+    return {f.rstrip("/") for f in forms if f}
+
+
+def _model_names(model: Any) -> list[str]:
+    names = list(model.__dict__.get("source_names", ()))
+    cfg = getattr(model, "cfg", None)
+    for candidate in (getattr(cfg, "model_name", None), getattr(model, "model_name", None)):
+        if isinstance(candidate, str) and candidate.lower() not in _GENERIC_MODEL_NAMES and candidate not in names:
+            names.append(candidate)
+    return names
+
+
+def _model_fingerprint(model: Any, sae: Any) -> Optional[str]:
+    """The fingerprint of the part of ``model`` the SAE reads, as a cache of that part records it (the vision
+    tower of a CLIP / VLM; a diffusion pipeline's raw denoiser)."""
+    target, part = model, None
+    if hasattr(model, "locate") and hasattr(model, "part"):
+        try:
+            part = model.locate(sae).part
+        except Exception:  # an unknown hook: splicing reports it with its own message
+            return None
+        target = model.part(part)
+    if part == "denoiser":
+        target = getattr(target, "denoiser", target)
+    if not hasattr(target, "state_dict"):
+        return None
+    return model_identity(target)["fingerprint"]
+
+
+def check_sae_model_match(
+    sae: Any,
+    model: Any = None,
+    *,
+    identity: Optional[Mapping[str, Any]] = None,
+    on_mismatch: str = "warn",
+) -> Optional[str]:
+    """Compare the model an SAE's metadata records with ``model`` (a hooked model it is spliced into) or
+    ``identity`` (a cache's ``metadata["model"]``: ``name``, ``fingerprint``, optionally ``names``).
+
+    With a recorded ``model_fingerprint`` (SAEs trained on this package's caches, the bundled ones) the
+    weights decide; otherwise the recorded ``model_name`` is compared with the names the model was loaded
+    by (library prefixes and registry aliases count as the same name; a model built from an object, with no
+    name, is not compared). SAEs that record neither (most public releases) pass silently.
+
+    A mismatch warns with :class:`SAEModelMismatchWarning` (``on_mismatch="warn"``), raises
+    :class:`SAEModelMismatchError` (``"error"``) or is ignored (``"ignore"``); the message is returned.
+    """
+    if on_mismatch not in MODEL_MISMATCH_ACTIONS:
+        raise ValueError(f"on_model_mismatch={on_mismatch!r} is not one of {MODEL_MISMATCH_ACTIONS}.")
+    meta = sae.cfg.metadata
+    recorded_name, recorded_fp = meta.get("model_name"), meta.get("model_fingerprint")
+    if on_mismatch == "ignore" or not (recorded_name or recorded_fp):
+        return None
+    if model is not None:
+        names = _model_names(model)
+        fingerprint = _model_fingerprint(model, sae) if recorded_fp else None
+        where = "this model"
+    elif identity is not None:
+        names = [str(n) for n in (identity.get("name"), *identity.get("names", ())) if n]
+        fingerprint = identity.get("fingerprint")
+        where = "the model that made these activations"
+    else:
+        raise TypeError("check_sae_model_match needs a model or a model identity.")
+    shown = repr(names[0]) if names else "an unnamed model"
+    if recorded_fp and fingerprint:
+        if recorded_fp == fingerprint:
+            return None
+        name_agrees = bool(recorded_name) and any(_name_forms(str(recorded_name)) & _name_forms(n) for n in names)
+        reason = (f"its weights differ (fingerprint {fingerprint}, recorded {recorded_fp}): other weights under the "
+                  "same name, or the same weights in another dtype or processed (fold_ln...)"
+                  if name_agrees else f"{where} is {shown} with weight fingerprint {fingerprint}, not {recorded_fp}")
+    elif recorded_name and names:
+        if any(_name_forms(str(recorded_name)) & _name_forms(n) for n in names):
+            return None
+        reason = f"{where} is {shown}"
+    else:
+        return None
+    hook = meta.get("hook_name")
+    message = (
+        f"The SAE{f' for {hook!r}' if hook else ''} was trained on "
+        f"{f'model {recorded_name!r}' if recorded_name else 'a model recorded by its weight fingerprint only'}, "
+        f"but {reason}. Its latents may mean nothing here: use the SAE with the model it was trained on "
+        f"(its cfg.metadata.model_name). To use it anyway, pass on_model_mismatch='ignore'; "
+        f"on_model_mismatch='error' refuses instead of warning."
+    )
+    if on_mismatch == "error":
+        raise SAEModelMismatchError(message)
+    warnings.warn(message, SAEModelMismatchWarning, stacklevel=3)
+    return message

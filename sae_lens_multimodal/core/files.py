@@ -15,9 +15,13 @@
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
 import pickle
-from collections.abc import Iterable
+import zipfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Optional, Union
 
@@ -25,17 +29,23 @@ import numpy as np
 import torch
 
 __all__ = [
+    "WEIGHT_SUFFIXES",
     "IncompleteCheckpointError",
     "PickledConfigStub",
     "UnreadableFileError",
     "UnsafePickleError",
+    "check_weight_files",
     "load_npy",
     "load_safetensors",
     "load_torch_weights",
+    "refuse_partial_loads",
     "require_complete",
 ]
 
 PathLike = Union[str, os.PathLike]
+
+#: file endings of weight files (safetensors and torch pickles) that :func:`check_weight_files` checks
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 class UnreadableFileError(ValueError):
@@ -75,12 +85,15 @@ def load_safetensors(
     try:
         return load_file(str(p), device=str(device))
     except Exception as e:  # safetensors raises its own SafetensorError (not exported everywhere) or OSError
-        size = p.stat().st_size
-        raise UnreadableFileError(
-            f"{_describe(p, what)} is incomplete or not a safetensors file ({size} bytes; safetensors says: {e}). "
-            "It was probably cut short by an interrupted download or save, or is another format under this name: "
-            "re-download it, or re-save it with safetensors.torch.save_file."
-        ) from None
+        raise _not_safetensors(p, what, e) from None
+
+
+def _not_safetensors(p: Path, what: Optional[str], error: Exception) -> UnreadableFileError:
+    return UnreadableFileError(
+        f"{_describe(p, what)} is incomplete or not a safetensors file ({p.stat().st_size} bytes; safetensors says: "
+        f"{error}). It was probably cut short by an interrupted download or save, or is another format under this "
+        "name: re-download it, or re-save it with safetensors.torch.save_file."
+    )
 
 
 # ------------------------------------------------------------------------------------------- numpy
@@ -183,7 +196,8 @@ def load_torch_weights(
         with torch.serialization.safe_globals(stubs):
             return torch.load(source, map_location=device, weights_only=True)
     except Exception as e:
-        if any(m in str(e) for m in _REFUSAL_MARKERS):
+        # "Unsupported operand": bytes that are no pickle at all (a damaged file), not a reference to code
+        if any(m in str(e) for m in _REFUSAL_MARKERS) and "Unsupported operand" not in str(e):
             raise UnsafePickleError(_refusal_message(source, what, e)) from None
         raise UnreadableFileError(
             f"{what} is incomplete or not a torch checkpoint ({type(e).__name__}: {_first_line(e)}). It was probably "
@@ -242,3 +256,101 @@ def require_complete(
         f"{what} does not hold all the model's weights: missing {shown}. Loading it would leave them randomly "
         f"initialised, so it was refused. {fix}"
     )
+
+
+# ------------------------------------------------------------------------ checkpoint directories
+def _check_weight_file(p: Path, what: str) -> None:
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:  # reads the header only; safetensors checks that the header's tensors cover the whole file
+            with safe_open(str(p), framework="pt") as f:
+                f.keys()
+        except Exception as e:
+            raise _not_safetensors(p, f"{what}: weights file", e) from None
+    elif zipfile.is_zipfile(p):  # torch's zip format: opening reads the central directory at the end
+        try:
+            zipfile.ZipFile(p).close()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise UnreadableFileError(
+                f"{what}: weights file {p} is incomplete or damaged ({e}). Re-download or re-save it."
+            ) from None
+    else:  # a legacy torch pickle (or garbage): only a weights-only load tells
+        load_torch_weights(p, what=f"{what}: weights file {p}")
+
+
+def check_weight_files(directory: PathLike, *, what: Optional[str] = None, recursive: bool = False,
+                       required: bool = True) -> list[Path]:
+    """Check that every weight file in ``directory`` (and its subdirectories when ``recursive``, as in a
+    diffusers pipeline) is complete and readable, and that every shard a ``*.index.json`` names exists.
+
+    Libraries either fail on such files with messages that do not name the file (safetensors' "incomplete
+    metadata") or, like open_clip, log a warning and return a randomly initialised model; call this before
+    handing them a local directory. ``required``: no weight file at all is an error. Returns the files.
+    """
+    root = Path(directory)
+    what = what or f"checkpoint directory {root}"
+    pattern = "**/*" if recursive else "*"
+    files = sorted(p for p in root.glob(pattern) if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    for index in sorted(root.glob(f"{pattern}.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        except (ValueError, AttributeError) as e:
+            raise UnreadableFileError(f"{what}: shard index {index} is not valid JSON ({e}). Re-download it.") from None
+        absent = sorted({str(v) for v in weight_map.values()} - {p.name for p in index.parent.iterdir()})
+        if absent:
+            raise FileNotFoundError(
+                f"{what}: shard index {index} names weight files that are not there: {', '.join(absent)}. "
+                "Re-download the checkpoint (all shards)."
+            )
+    if required and not files:
+        raise FileNotFoundError(
+            f"{what} holds no weights file ({', '.join('*' + s for s in WEIGHT_SUFFIXES)}); loading it would give a "
+            "randomly initialised model, so it was refused. Re-download the checkpoint, or re-save it with its weights."
+        )
+    for p in files:
+        _check_weight_file(p, what)
+    return files
+
+
+#: loggers through which diffusers and transformers report (only report) weights they initialised randomly
+_PARTIAL_LOAD_LOGGERS = ("diffusers.models.modeling_utils", "transformers.modeling_utils")
+
+
+class _PartialLoadCatcher(logging.Filter):
+    def __init__(self, show_from: int) -> None:
+        super().__init__()
+        self.show_from = show_from
+        self.reports: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "newly initialized" in message or ("LOAD REPORT" in message and "MISSING" in message):
+            self.reports.append(message)
+        return record.levelno >= self.show_from  # show only what the logger showed before
+
+
+@contextmanager
+def refuse_partial_loads(what: str) -> Iterator[None]:
+    """Within this block, a diffusers / transformers ``from_pretrained`` that initialises weights missing from
+    the checkpoint (those libraries only log it) raises :class:`IncompleteCheckpointError` naming ``what``."""
+    catchers = []
+    for name in _PARTIAL_LOAD_LOGGERS:
+        logger = logging.getLogger(name)
+        catcher = _PartialLoadCatcher(logger.getEffectiveLevel())
+        catchers.append((logger, logger.level, catcher))
+        logger.setLevel(min(logger.getEffectiveLevel(), logging.WARNING))  # so the report reaches the filter
+        logger.addFilter(catcher)
+    try:
+        yield
+    finally:
+        for logger, level, catcher in catchers:
+            logger.removeFilter(catcher)
+            logger.setLevel(level)
+    reports = [r for _, _, c in catchers for r in c.reports]
+    if reports:
+        detail = reports[0].split("You should probably")[0].strip()
+        raise IncompleteCheckpointError(
+            f"{what} does not hold all the model's weights; loading it would leave them randomly initialised, so it "
+            f"was refused. The library reported: {detail[:1500]} Re-download or re-save the checkpoint."
+        )

@@ -27,6 +27,7 @@ from transformer_lens.HookedRootModule import HookedRootModule
 from sae_lens_multimodal import compat
 from sae_lens_multimodal.core.names import unknown_name_message
 from sae_lens_multimodal.core.contract import LAYOUTS, HookSpec
+from sae_lens_multimodal.core.sae_metadata import check_sae_model_match
 
 __all__ = ["MultimodalHookedRootModule", "has_parts", "is_observed", "unknown_hook_error"]
 
@@ -289,12 +290,17 @@ class MultimodalHookedRootModule(HookedRootModule):
                 f"width {d_in})."
             )
 
-    def add_sae(self, sae: SAE, use_error_term: bool | None = None, exclude_special_tokens: Any = False) -> None:
+    def add_sae(self, sae: SAE, use_error_term: bool | None = None, exclude_special_tokens: Any = False, *,
+                on_model_mismatch: str = "warn") -> None:
         """Attach an SAELens SAE at ``sae.cfg.metadata.hook_name`` (SAELens semantics).
 
-        Unlike SAELens, an unknown hook or a width mismatch raises instead of logging and skipping.
+        Unlike SAELens, an unknown hook or a width mismatch raises instead of logging and skipping. An SAE whose
+        metadata records another model (``model_name`` / ``model_fingerprint``) warns
+        (:class:`~sae_lens_multimodal.core.sae_metadata.SAEModelMismatchWarning`); ``on_model_mismatch="error"``
+        refuses it, ``"ignore"`` splices it silently (core/sae_metadata.check_sae_model_match).
         """
         self.sae_width_check(sae, self.locate(sae))
+        check_sae_model_match(sae, self, on_mismatch=on_model_mismatch)
         _SPLICING["add_sae"](self, sae, use_error_term, exclude_special_tokens)
 
     # The remaining splicing methods are SAELens's own, used unchanged: they only need hook_dict,

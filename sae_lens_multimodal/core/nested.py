@@ -18,6 +18,7 @@ from sae_lens.analysis.hooked_sae_transformer import _SAEWrapper, get_deep_attr,
 from transformer_lens.hook_points import HookPoint
 
 from sae_lens_multimodal.core.contract import HookSpec
+from sae_lens_multimodal.core.sae_metadata import check_sae_model_match
 
 __all__ = ["NestedSAEHostMixin"]
 
@@ -94,15 +95,18 @@ class NestedSAEHostMixin:
         return f"{part}.{name}"
 
     # ---- splicing (SAELens semantics; the SAE object is never modified)
-    def add_sae(self, sae: SAE, use_error_term: Optional[bool] = None, exclude_special_tokens: Any = False) -> None:
+    def add_sae(self, sae: SAE, use_error_term: Optional[bool] = None, exclude_special_tokens: Any = False, *,
+                on_model_mismatch: str = "warn") -> None:
         """Attach an SAELens SAE at :meth:`sae_hook_location` of its ``hook_name``, keyed by that hook name
-        in ``acts_to_saes``. Unknown hooks and width mismatches raise."""
+        in ``acts_to_saes``. Unknown hooks and width mismatches raise; an SAE recorded for another model warns
+        (``on_model_mismatch``: see core/sae_metadata.check_sae_model_match)."""
         name = sae.cfg.metadata.hook_name
         spec = self.locate(sae)  # type: ignore[attr-defined]
         location = spec.name
         name_out = sae.cfg.metadata.hook_name_out or name
         location_out = location if name_out == name else self._resolve(name_out, part=location.split(".")[0])
         self.sae_width_check(sae, spec)  # type: ignore[attr-defined]
+        check_sae_model_match(sae, self, on_mismatch=on_model_mismatch)
         acts_to_saes = self._acts_to_saes  # type: ignore[attr-defined]
         if name in acts_to_saes:
             self._reset_sae(name)

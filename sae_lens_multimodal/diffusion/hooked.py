@@ -26,6 +26,7 @@ from transformer_lens.hook_points import HookPoint
 from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule, unknown_hook_error
 from sae_lens_multimodal.core.contract import HookSpec
 from sae_lens_multimodal.models.registry import resolve_model_name
+from sae_lens_multimodal.diffusion.pipeline_classes import load_checked
 from sae_lens_multimodal.diffusion._attention import (
     HookedAttentionProcessor,
     attention_hook_specs,
@@ -409,17 +410,19 @@ class HookedDenoiser(MultimodalHookedRootModule):
         return self._unknown(name, what=what)
 
     # -------------------------------------------------------------- SAE splicing with aliases
-    def add_sae(self, sae: SAE, use_error_term: bool | None = None, exclude_special_tokens: Any = False) -> None:
-        """SAELens ``add_sae``; ``sae.cfg.metadata.hook_name`` may be an alias (e.g. ``up.0.1.hook_out``)."""
+    def add_sae(self, sae: SAE, use_error_term: bool | None = None, exclude_special_tokens: Any = False, *,
+                on_model_mismatch: str = "warn") -> None:
+        """SAELens ``add_sae``; ``sae.cfg.metadata.hook_name`` may be an alias (e.g. ``up.0.1.hook_out``).
+        ``on_model_mismatch``: see MultimodalHookedRootModule.add_sae."""
         meta = sae.cfg.metadata
         given, given_out = meta.hook_name, getattr(meta, "hook_name_out", None)
         if given is None:
-            return super().add_sae(sae, use_error_term, exclude_special_tokens)
+            return super().add_sae(sae, use_error_term, exclude_special_tokens, on_model_mismatch=on_model_mismatch)
         try:
             meta.hook_name = self.canonical_hook_name(given)
             if given_out is not None:
                 meta.hook_name_out = self.canonical_hook_name(given_out)
-            super().add_sae(sae, use_error_term, exclude_special_tokens)
+            super().add_sae(sae, use_error_term, exclude_special_tokens, on_model_mismatch=on_model_mismatch)
         except KeyError as err:
             if given != meta.hook_name:
                 raise self._unknown(given, what="hook for this SAE") from err
@@ -491,7 +494,9 @@ class HookedUNet(HookedDenoiser):
             from diffusers import UNet2DConditionModel  # diffusers: heavy, loaded only to read a saved UNet
 
             unet_or_name = resolve_model_name(str(unet_or_name))  # registered names ("shapes-diffusion")
-            return cls(_load(unet_or_name, subfolder, "unet", UNet2DConditionModel.from_pretrained, **kwargs))
+            name = unet_or_name
+            return cls(load_checked(lambda: _load(name, subfolder, "unet", UNet2DConditionModel.from_pretrained, **kwargs),
+                                    name, what="UNet checkpoint", subfolder=subfolder or "unet"))
         if not isinstance(unet_or_name, nn.Module) and hasattr(unet_or_name, "unet"):
             unet_or_name = unet_or_name.unet
         return cls(unet_or_name)
@@ -524,7 +529,9 @@ class HookedDiT(HookedDenoiser):
                     return getattr(diffusers, cls_name).from_pretrained(name, **kw)
                 return diffusers.AutoModel.from_pretrained(name, **kw)
 
-            return cls(_load(dit_or_name, subfolder, "transformer", loader, **kwargs))
+            name = dit_or_name
+            return cls(load_checked(lambda: _load(name, subfolder, "transformer", loader, **kwargs), name,
+                                    what="diffusion transformer checkpoint", subfolder=subfolder or "transformer"))
         if not isinstance(dit_or_name, nn.Module) and hasattr(dit_or_name, "transformer"):
             dit_or_name = dit_or_name.transformer
         return cls(dit_or_name)

@@ -29,6 +29,7 @@ from sae_lens_multimodal.core.denoising import (
     check_cfg_branch,
     current_denoising_state,
 )
+from sae_lens_multimodal.core.sae_metadata import record_model_names
 from sae_lens_multimodal.diffusion.cache import DiffusionCache, _same
 from sae_lens_multimodal.diffusion.hooked import (
     SUPPORTED_DITS,
@@ -36,8 +37,8 @@ from sae_lens_multimodal.diffusion.hooked import (
     HookedDenoiser,
     _scalar_timestep,
 )
-from sae_lens_multimodal.diffusion.pipeline_classes import SUPPORTED_PIPELINES, pipeline_class_for
-from sae_lens_multimodal.models.registry import resolve_model_name
+from sae_lens_multimodal.diffusion.pipeline_classes import SUPPORTED_PIPELINES, load_checked, pipeline_class_for
+from sae_lens_multimodal.models.registry import model_name_aliases, resolve_model_name
 
 __all__ = ["HookedDiffusionPipeline", "DenoisingLoop", "TimestepSelector", "SUPPORTED_PIPELINES"]
 
@@ -215,7 +216,10 @@ class HookedDiffusionPipeline(HookedDenoiser):
         from outside diffusers is found through :func:`~sae_lens_multimodal.diffusion.pipeline_classes.register_pipeline_class`."""
         source = resolve_model_name(str(name_or_path))
         # Pipeline classes outside diffusers come from diffusion/pipeline_classes.py's registry.
-        return cls(pipeline_class_for(source).from_pretrained(source, **kwargs))
+        pipeline_class = pipeline_class_for(source)
+        hooked = cls(load_checked(lambda: pipeline_class.from_pretrained(source, **kwargs), source,
+                                  what="diffusion pipeline"))
+        return record_model_names(hooked, model_name_aliases(str(name_or_path)))  # for SAE model checks
 
     def to(self, *args: Any, **kwargs: Any) -> HookedDiffusionPipeline:  # type: ignore[override]
         """Move the whole pipeline (text encoders, VAE, denoiser)."""

@@ -19,12 +19,17 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, TypeVar, Union
 
+from sae_lens_multimodal.core.files import check_weight_files, refuse_partial_loads
 from sae_lens_multimodal.models.registry import load_model_providers
 
-__all__ = ["SUPPORTED_PIPELINES", "CFG_LAYOUTS", "PIPELINE_CLASSES", "register_pipeline_class", "pipeline_class_for"]
+__all__ = ["SUPPORTED_PIPELINES", "CFG_LAYOUTS", "PIPELINE_CLASSES", "register_pipeline_class", "pipeline_class_for",
+           "load_checked"]
+
+T = TypeVar("T")
 
 #: the ways a pipeline runs classifier-free guidance: both branches in one batch ``[uncond, cond]``, or a
 #: second denoiser call per step for the negative prompt (Flux's true CFG)
@@ -87,3 +92,21 @@ def pipeline_class_for(source: Union[str, os.PathLike]) -> Any:
     if isinstance(name, str) and name in PIPELINE_CLASSES:
         return _resolve(name)
     return DiffusionPipeline
+
+
+def load_checked(load: Callable[[], T], source: Union[str, os.PathLike], *, what: str,
+                 subfolder: Optional[str] = None) -> T:
+    """Run a diffusers ``from_pretrained`` (``load``) of ``source`` so that a checkpoint it cannot fully load is
+    refused, naming the file: in a local directory (``subfolder`` of it, when that exists) every component with a
+    ``config.json`` must hold a complete weights file, and weights the library would initialise randomly
+    (diffusers only logs them) raise :class:`~sae_lens_multimodal.core.files.IncompleteCheckpointError`."""
+    path = Path(source).expanduser()
+    if subfolder and (path / subfolder).is_dir():
+        path = path / subfolder
+    if path.is_dir():
+        components = [path] if (path / "config.json").is_file() else []
+        components += sorted(p for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file())
+        for component in components:
+            check_weight_files(component, what=f"{what}: component directory {component}")
+    with refuse_partial_loads(f"{what} ({source})"):
+        return load()

@@ -22,12 +22,14 @@ from transformer_lens.ActivationCache import ActivationCache
 from sae_lens_multimodal.core.contract import HookSpec, nest_specs
 from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule
 from sae_lens_multimodal.core.nested import NestedSAEHostMixin
+from sae_lens_multimodal.core.sae_metadata import record_model_names
 from sae_lens_multimodal.models.conversions import UnsupportedModelError, _hub_json
+from sae_lens_multimodal.models.conversions._hf_common import load_checkpoint
 from sae_lens_multimodal.models.conversions.hf_clip_text import load_hf_tokenizer
 from sae_lens_multimodal.models.conversions.open_clip_vit import load_open_clip
 from sae_lens_multimodal.models.hooked_text import HookedText, TextInput
 from sae_lens_multimodal.models.hooked_vit import HookedViT, ImageInput, ViTActivationCache
-from sae_lens_multimodal.models.registry import resolve_model_name
+from sae_lens_multimodal.models.registry import model_name_aliases, resolve_model_name
 
 __all__ = ["HookedCLIP", "HookedCLIPConfig", "CLIPActivationCache", "TOWERS"]
 
@@ -145,8 +147,9 @@ class HookedCLIP(NestedSAEHostMixin, MultimodalHookedRootModule):
         the source (open_clip's works offline; a transformers tokenizer is loaded from the model's directory
         or hub cache when present). ``source_kwargs`` go to the source library's loader.
         """
-        found_tokenizer = None
+        found_tokenizer, names = None, ()
         if isinstance(model, (str, Path)):
+            names = model_name_aliases(str(model))  # what an SAE's recorded model_name is checked against
             model, found_tokenizer = load_clip_source(str(model), **source_kwargs)
         elif source_kwargs:
             raise TypeError(
@@ -166,6 +169,8 @@ class HookedCLIP(NestedSAEHostMixin, MultimodalHookedRootModule):
         )
         if device is not None:
             hooked.to(device)
+        for part in (hooked, vision, text):
+            record_model_names(part, names)
         return hooked.eval()
 
     # ------------------------------------------------------------------ encoding
@@ -301,7 +306,7 @@ def load_clip_source(name: str, **kwargs: Any) -> tuple[Any, Any]:
         import transformers  # transformers: optional heavy import, only for transformers checkpoints
 
         cls = transformers.CLIPModel if model_type == "clip" else transformers.SiglipModel
-        model = cls.from_pretrained(name, **kwargs)
+        model, _ = load_checkpoint(cls, name, **kwargs)  # refuses missing / damaged weights, naming the files
         return model, load_hf_tokenizer(name, model.config.text_config.vocab_size)
     raise UnsupportedModelError(
         f"Cannot load {name!r} as a CLIP model. Name forms: 'open-clip:<model>/<tag>', "

@@ -16,8 +16,10 @@ from transformer_lens.hook_points import HookPoint
 from sae_lens_multimodal.core.contract import HookSpec, norm_specs, transformer_block_specs
 from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule
 from sae_lens_multimodal.core.images import as_image_batch, check_finite_pixels
+from sae_lens_multimodal.core.sae_metadata import record_model_names
 from sae_lens_multimodal.models.components import AttentionPoolHead, LayerNorm, TransformerBlock
 from sae_lens_multimodal.models.config import HookedViTConfig
+from sae_lens_multimodal.models.registry import model_name_aliases
 
 __all__ = ["HookedViT", "ViTActivationCache", "ImageInput"]
 
@@ -237,6 +239,8 @@ class HookedViT(MultimodalHookedRootModule):
             hooked.fold_layer_norm()
         if center_writing_weights:
             hooked.center_writing_weights()
+        if isinstance(model, str):  # the names an SAE's recorded model_name is checked against when spliced in
+            record_model_names(hooked, model_name_aliases(model))
         return hooked.eval()
 
     # ------------------------------------------------------------------ forward

@@ -24,12 +24,17 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from sae_lens_multimodal.core.sae_metadata import MODEL_KINDS, normalize_model_kind
+from sae_lens_multimodal.core.sae_metadata import MODEL_KINDS, normalize_model_kind, record_model_names
 from sae_lens_multimodal.diffusion.pipeline import HookedDiffusionPipeline
 from sae_lens_multimodal.models.conversions import UnsupportedModelError, _hub_json, _read_json
 from sae_lens_multimodal.models.hooked_clip import HookedCLIP
 from sae_lens_multimodal.models.hooked_vit import HookedViT
-from sae_lens_multimodal.models.registry import MODEL_REGISTRY, load_model_providers, resolve_model_name
+from sae_lens_multimodal.models.registry import (
+    MODEL_REGISTRY,
+    load_model_providers,
+    model_name_aliases,
+    resolve_model_name,
+)
 from sae_lens_multimodal.models.vlm import HookedVLM
 
 __all__ = ["load_model", "detect_model_kind", "model_kind_of"]
@@ -116,6 +121,12 @@ def load_model(
         kind = normalize_model_kind(kind, source="load_model(kind=...)")
     else:
         kind = detect_model_kind(name)
+    # the names it was loaded by, which an SAE's recorded model_name is checked against when spliced in
+    return record_model_names(_load(name, kind, device, dtype, progress_bar, source_kwargs), model_name_aliases(name))
+
+
+def _load(name: str, kind: Optional[str], device: Optional[Union[str, torch.device]], dtype: Optional[torch.dtype],
+          progress_bar: bool, source_kwargs: dict[str, Any]) -> Any:
     if kind == "diffusion":
         if dtype is not None:
             source_kwargs["torch_dtype"] = dtype

@@ -8,7 +8,8 @@ See docs/releases.md for the table of releases and the source formats.
 
 Layout: releases.py (the release table parsed from releases.yaml), registry.py (registration with SAELens
 and the lookup the loaders use), listing.py (``list_releases``), _formats.py (source format -> loader),
-one converter module per source format (prisma, saev, sdxl_unbox, sparsify, bundled).
+one converter module per source format (prisma, saev, sdxl_unbox, sparsify, bundled), local.py (an SAE
+directory on disk, ``--sae-path``).
 """
 
 # The converter modules register their SAELens loaders (pretrained/_formats.py) when imported.
@@ -16,6 +17,7 @@ from sae_lens_multimodal.pretrained import bundled, prisma, saev, sdxl_unbox, sp
 from sae_lens_multimodal.pretrained._common import ReleaseFormatError
 from sae_lens_multimodal.pretrained._hub import MissingReleaseFileError, UnsafePickleError
 from sae_lens_multimodal.pretrained.listing import ReleaseTable, list_releases
+from sae_lens_multimodal.pretrained.local import load_sae_dir
 from sae_lens_multimodal.pretrained.registry import (
     expand_manifest_release,
     get_release,
@@ -40,6 +42,7 @@ __all__ = [
     "get_release",
     "list_releases",
     "load_latent_stats",
+    "load_sae_dir",
     "register_release",
     "register_releases",
     "registered_releases",

@@ -186,7 +186,9 @@ def load_sae(release: Optional[str] = None, sae_id: Optional[str] = None, path: 
         if not directory.is_dir():
             raise FileNotFoundError(f"No SAE directory at {directory} (--sae-path wants a directory saved by "
                                     "sae.save_model, with cfg.json and the weights).")
-        sae = SAE.load_from_disk(str(directory), device=device)
+        from sae_lens_multimodal.pretrained.local import load_sae_dir  # a damaged directory names its file
+
+        sae = load_sae_dir(directory, device=device)
     elif release is not None and sae_id is not None:
         sae = SAE.from_pretrained(release, sae_id, device=device)
         sae = sae[0] if isinstance(sae, tuple) else sae  # SAELens < 6 returned (sae, cfg, sparsity)

@@ -502,7 +502,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"--json {json_out} is a folder; give a file name, e.g. {json_out / 'evaluation.json'}.")
         if reader is not None and reader.directory.resolve() in json_out.resolve().parents:
             raise ValueError(f"--json {json_out} lies inside the cache {reader.directory}; write it elsewhere.")
-    sae = SAE.from_pretrained(args.release, args.sae_id) if args.release else SAE.load_from_disk(args.sae_path)
+    from sae_lens_multimodal.pretrained.local import load_sae_dir  # a damaged --sae-path names its file
+
+    if args.release:  # a typo of the release or SAE id lists close matches
+        from sae_lens_multimodal.pretrained.registry import check_pretrained_name
+
+        check_pretrained_name(args.release, args.sae_id)
+    sae = SAE.from_pretrained(args.release, args.sae_id) if args.release else load_sae_dir(args.sae_path)
     results: dict[str, Any] = {}
     if reader is not None:
         reader.check(hook_name=sae.cfg.metadata.hook_name, d_in=sae.cfg.d_in)

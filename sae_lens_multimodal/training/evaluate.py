@@ -25,6 +25,9 @@ from sae_lens.evals import ExplainedVarianceCalculator, get_featurewise_weight_b
 from sae_lens_multimodal.analysis.zero_shot import DEFAULT_TEMPLATES, ZeroShotClassifier
 from sae_lens_multimodal.core.denoising import current_denoising_state, timestep_context
 from sae_lens_multimodal.core.hooked_root import has_parts
+from sae_lens_multimodal.core.sae_metadata import check_sae_model_match
+from sae_lens_multimodal.models.registry import model_name_aliases
+from sae_lens_multimodal.training.cache import ActivationCacheReader
 from sae_lens_multimodal.training.providers import chunk_stream, coverage_filter
 
 __all__ = ["clip_zero_shot", "diffusion_downstream", "evaluate_sae", "image_embedding_cosine", "weight_metrics"]
@@ -70,7 +73,7 @@ class _Group:
 @torch.no_grad()
 def evaluate_sae(sae: Any, data: Any, *, hook: Optional[str] = None, n_rows: int = 100_000,
                  batch_size: int = 4096, dense_threshold: float = 0.1, per_timestep: bool = True,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, on_model_mismatch: str = "warn") -> dict[str, Any]:
     """Reconstruction and sparsity metrics of ``sae`` on up to ``n_rows`` activation rows.
 
     ``data`` is an activation store, a cache (reader or directory) or a (rows, d_in) tensor. Returns
@@ -78,8 +81,12 @@ def evaluate_sae(sae: Any, data: Any, *, hook: Optional[str] = None, n_rows: int
     ``explained_variance``, ``fvu``, ``mse``, ``l0``, ``dead_latents`` (never active on these rows),
     ``dense_latents`` (active on more than ``dense_threshold`` of rows). Buckets and timesteps are
     reported for timestep-labelled data; a bucketed SAE's dead/dense counts per bucket refer to that
-    bucket's own dictionary.
+    bucket's own dictionary. An SAE whose metadata records another model than the one that made a cache
+    warns (``on_model_mismatch="error"`` refuses, ``"ignore"`` skips the check; core/sae_metadata).
     """
+    identity = _data_model_identity(data, hook)
+    if identity is not None:
+        check_sae_model_match(sae, identity=identity, on_mismatch=on_model_mismatch)
     was_training = sae.training
     sae.eval()
     d_sae = sae.cfg.d_sae
@@ -131,6 +138,23 @@ def evaluate_sae(sae: Any, data: Any, *, hook: Optional[str] = None, n_rows: int
     if per_t:
         out["timesteps"] = {_num(t): g.result(dense_threshold) for t, g in sorted(per_t.items())}
     return out
+
+
+def _data_model_identity(data: Any, hook: Optional[str]) -> Optional[dict[str, Any]]:
+    """The recorded model of a cache (reader or directory) or activation store, with its registry aliases."""
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+        data = ActivationCacheReader(data)
+    if isinstance(data, ActivationCacheReader):
+        identity = dict(data.metadata.get("model") or {})
+    elif hasattr(data, "describe") and hasattr(data, "hook_names"):
+        names = list(data.hook_names)
+        hook = hook or (names[0] if len(names) == 1 else None)
+        identity = dict(data.describe(hook).get("model") or {}) if hook else {}
+    else:
+        return None
+    if identity.get("name"):
+        identity["names"] = model_name_aliases(str(identity["name"]))
+    return identity or None
 
 
 def _num(t: float) -> Any:
@@ -233,7 +257,7 @@ def _first_tensor(out: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def diffusion_downstream(pipeline: Any, sae: Any, calls: Sequence[dict[str, Any]], *,
-                         seeds: Optional[Sequence[int]] = None) -> dict[str, Any]:
+                         seeds: Optional[Sequence[int]] = None, on_model_mismatch: str = "warn") -> dict[str, Any]:
     """Effect of splicing ``sae`` into a HookedDiffusionPipeline, per timestep and on the final image.
 
     ``calls``: pipeline keyword arguments, one dict per generation (e.g. prompt, num_inference_steps,
@@ -244,6 +268,7 @@ def diffusion_downstream(pipeline: Any, sae: Any, calls: Sequence[dict[str, Any]
     (``mse / mean(clean output^2)``), and, per generation and on average, the final-image MSE / max
     abs difference of a full spliced run against the clean run with the same seed.
     """
+    check_sae_model_match(sae, pipeline, on_mismatch=on_model_mismatch)  # spliced through hooks, not add_sae
     seeds = list(seeds) if seeds is not None else list(range(len(calls)))
     denoiser = pipeline.denoiser
     inst = pipeline._installation

@@ -11,10 +11,12 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
 
+from sae_lens_multimodal.core.files import IncompleteCheckpointError, check_weight_files
 from sae_lens_multimodal.models.components import ACT_FNS
 from sae_lens_multimodal.models.config import HeadType, HookedViTConfig, PoolType
 from sae_lens_multimodal.models.conversions import (
@@ -114,17 +116,20 @@ def load_checkpoint(
     module they belong to). Any other missing or shape-mismatched weight is an error: transformers would
     initialise it randomly and the conversion would be exact to a model that does not exist.
     """
+    local = Path(name_or_dir).expanduser() / (kwargs.get("subfolder") or "")
+    if local.is_dir():  # transformers fails on a damaged file without naming it: check the weights first
+        check_weight_files(local, what=f"transformers checkpoint directory {local}")
     with _quiet_transformers():
         model, info = cls.from_pretrained(name_or_dir, output_loading_info=True, **kwargs)
     missing = sorted(info.get("missing_keys", ()))
     bad = [k for k in missing if not allowed_missing(k)]
     mismatched = [str(k) for k in info.get("mismatched_keys", ())]
     if bad or mismatched:
-        raise ValueError(
+        raise IncompleteCheckpointError(
             f"Loading {name_or_dir!r} as transformers {cls.__name__} leaves weights randomly initialised "
-            f"(missing: {bad[:8]}{'...' if len(bad) > 8 else ''}; shape mismatch: {mismatched[:8]}). "
-            f"The checkpoint does not hold this architecture; load the model yourself and pass the object to "
-            f"HookedViT.from_pretrained."
+            f"(missing: {bad[:8]}{'...' if len(bad) > 8 else ''}; shape mismatch: {mismatched[:8]}), so it was "
+            f"refused. Either the checkpoint's weights file is incomplete (re-download or re-save it) or it does not "
+            f"hold this architecture (load the model yourself and pass the object to HookedViT.from_pretrained)."
         )
     hub = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
     setattr(model, _SOURCE_KWARGS_ATTR, hub)

@@ -7,11 +7,15 @@ as ViT-Prisma writes it) and ``open-clip:<model>`` (random weights, with a warni
 
 from __future__ import annotations
 
+import re
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from sae_lens_multimodal.core.files import check_weight_files, require_complete
 from sae_lens_multimodal.models.config import HookedViTConfig
 from sae_lens_multimodal.models.conversions import (
     ConvertResult,
@@ -30,14 +34,17 @@ def _is_open_clip(obj: Any) -> bool:
 
 
 def load_open_clip(name: str, **kwargs: Any) -> Any:
-    """Create the open_clip model a name refers to (the whole CLIP; the vision tower is taken from it)."""
+    """Create the open_clip model a name refers to (the whole CLIP; the vision tower is taken from it).
+
+    A local directory or hub repo whose weights file is missing, truncated or lacks weights is refused
+    (open_clip itself only logs a warning and returns a randomly initialised model)."""
     import open_clip
 
     if name.startswith(("hf-hub:", "local-dir:")):
-        return open_clip.create_model(name, **kwargs)
+        return _create_checked(name, **kwargs)
     model_name, _, tag = name.partition("/")
     if tag and model_name not in open_clip.list_models():
-        return open_clip.create_model(f"hf-hub:{name}", **kwargs)  # "org/repo" without the schema
+        return _create_checked(f"hf-hub:{name}", **kwargs)  # "org/repo" without the schema
     if model_name not in open_clip.list_models():
         raise UnsupportedModelError(
             f"Unknown open_clip model {model_name!r}. Use one of open_clip.list_models(), "
@@ -50,7 +57,46 @@ def load_open_clip(name: str, **kwargs: Any) -> Any:
             stacklevel=3,
         )
     kwargs.setdefault("pretrained", tag or None)
-    return open_clip.create_model(model_name, **kwargs)
+    return _strict(lambda: open_clip.create_model(model_name, **kwargs), f"open_clip weights of {name!r}")
+
+
+def _create_checked(name: str, **kwargs: Any) -> Any:
+    """``open_clip.create_model`` for a ``local-dir:`` / ``hf-hub:`` name, once its weights file is known to be
+    there and readable."""
+    import open_clip
+
+    schema, _, location = name.partition(":")
+    if schema == "local-dir":
+        directory = Path(location).expanduser()
+        what = f"open_clip model directory {directory}"
+        if directory.is_dir() and (directory / "open_clip_config.json").is_file():  # else open_clip says what is missing
+            check_weight_files(directory, what=what)
+    else:
+        from open_clip.pretrained import download_pretrained_from_hf
+
+        what = f"open_clip weights of Hugging Face repo {location!r}"
+        try:
+            weights = download_pretrained_from_hf(location, cache_dir=kwargs.get("cache_dir"))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{what} are neither in the local Hugging Face cache nor downloadable (offline, no network, or the "
+                f"repo has no open_clip_model.safetensors / open_clip_pytorch_model.bin), and open_clip would build a "
+                f"randomly initialised model instead, so it was refused. Download them once online. ({e})"
+            ) from None
+        check_weight_files(Path(weights).parent, what=what)
+    return _strict(lambda: open_clip.create_model(name, **kwargs), what)
+
+
+def _strict(create: Callable[[], Any], what: str) -> Any:
+    """Run an open_clip constructor; its strict state-dict load failing (missing keys, wrong shapes) becomes an
+    error naming the checkpoint."""
+    try:
+        return create()
+    except RuntimeError as e:
+        if "Missing key(s)" in str(e) or "size mismatch" in str(e):
+            require_complete(re.findall(r'"([^"]+)"', str(e).split("Unexpected key(s)")[0]) or ["(see below)"],
+                             what=what, fix=f"Re-download or re-save the checkpoint. open_clip said: {str(e)[:500]}")
+        raise
 
 
 def _preprocess(visual: Any):

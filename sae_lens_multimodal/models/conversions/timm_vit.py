@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from sae_lens_multimodal.core.files import IncompleteCheckpointError, check_weight_files
 from sae_lens_multimodal.models.config import HookedViTConfig
 from sae_lens_multimodal.models.conversions import (
     ConvertResult,
@@ -74,8 +75,18 @@ def load_timm(name: str, **kwargs: Any) -> Any:
                 )
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    if name.startswith("local-dir:") and kwargs.get("pretrained") and Path(name[10:]).expanduser().is_dir():
+        # timm fails on a damaged file without naming it: check the weights first
+        check_weight_files(Path(name[10:]).expanduser(), what=f"timm model directory {name[10:]}")
     try:
         return timm.create_model(name, **kwargs).eval()
+    except RuntimeError as e:  # timm loads strictly; name the checkpoint that lacks weights
+        if "Missing key(s)" not in str(e) and "size mismatch" not in str(e):
+            raise
+        raise IncompleteCheckpointError(
+            f"timm checkpoint {name!r} does not hold all the model's weights (or holds them in other shapes): "
+            f"{str(e)[:500]} Re-download or re-save it, or check the architecture in its config.json."
+        ) from None
     except LocalEntryNotFoundError as e:
         raise LocalEntryNotFoundError(
             f"timm weights for {name!r} are neither in the Hugging Face cache nor downloadable (offline, or no "

@@ -2,22 +2,27 @@
 diffusion models and vision-language models.
 
 Importing this package registers its model classes, SAE architectures and SAE releases with SAELens
-and TransformerLens (idempotently, without network access).
+and TransformerLens (idempotently, without network access): at once when SAELens is already imported,
+otherwise as soon as it is (see ``integration.register_when_sae_lens_loads``). The package itself imports
+neither torch nor SAELens, so that ``sae-lens-mm --help`` starts at once; every name below loads on first use.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 from sae_lens_multimodal._version import __version__
-from sae_lens_multimodal.integration import register_with_ecosystem
-from sae_lens_multimodal.models import HookedViT, HookedViTConfig
-from sae_lens_multimodal.models.hooked_clip import HookedCLIP
-from sae_lens_multimodal.models.hooked_text import HookedText, HookedTextConfig
+from sae_lens_multimodal.integration import register_when_sae_lens_loads, register_with_ecosystem
 
-# Heavier subpackages (diffusers, the VLM wrapper, steering, reports) load on first use.
+# Every model, SAE and tool loads on first use (they need torch, and some diffusers or transformers).
 _LAZY = {
+    "HookedViT": "sae_lens_multimodal.models",
+    "HookedViTConfig": "sae_lens_multimodal.models",
+    "HookedCLIP": "sae_lens_multimodal.models.hooked_clip",
+    "HookedText": "sae_lens_multimodal.models.hooked_text",
+    "HookedTextConfig": "sae_lens_multimodal.models.hooked_text",
     "HookedUNet": "sae_lens_multimodal.diffusion",
     "HookedDiT": "sae_lens_multimodal.diffusion",
     "HookedDiffusionPipeline": "sae_lens_multimodal.diffusion",
@@ -44,22 +49,17 @@ _LAZY = {
     "write_feature_dashboards": "sae_lens_multimodal.reports",
 }
 
-__all__ = [
-    "__version__",
-    "HookedViT",
-    "HookedViTConfig",
-    "HookedCLIP",
-    "HookedText",
-    "HookedTextConfig",
-    "register_with_ecosystem",
-    *_LAZY,
-]
+__all__ = ["__version__", "register_with_ecosystem", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        # ``sae_lens_multimodal.models.X`` after a bare ``import sae_lens_multimodal`` (the subpackages
+        # are no longer imported by the package itself)
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'sae_lens_multimodal' has no attribute {name!r}")
 
 
-register_with_ecosystem()
+register_when_sae_lens_loads()

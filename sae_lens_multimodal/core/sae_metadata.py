@@ -6,7 +6,7 @@ defined here, and only these:
 * ``input_kind`` (:data:`INPUT_KINDS`): which activation the SAE reads (a block's output, the update a
   block adds, an MLP's or attention layer's output...); :func:`input_kind_of_hook` derives it from a hook name.
 * ``token_policy`` (:data:`TOKEN_POLICIES`): which tokens of an image it was trained on.
-* ``cfg_branch`` (:data:`CFG_BRANCHES`, from core/denoising.py): which classifier-free-guidance rows of a
+* ``cfg_branch`` (:data:`CFG_BRANCHES`, defined here and used by core/denoising.py): which classifier-free-guidance rows of a
   diffusion call it reads.
 * the model kind (:data:`MODEL_KINDS`) the command line and the loader use.
 * ``model_name`` and ``model_fingerprint``: the model an SAE was trained on (:func:`model_identity`, recorded
@@ -26,8 +26,6 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, Optional
 
-from sae_lens_multimodal.core.denoising import CFG_BRANCHES
-
 __all__ = [
     "INPUT_KINDS",
     "INPUT_KIND_DOCS",
@@ -41,6 +39,8 @@ __all__ = [
     "normalize_token_policy",
     "normalize_cfg_branch",
     "normalize_model_kind",
+    "check_input_kind_matches_hook",
+    "normalize_sae_metadata",
     "MODEL_MISMATCH_ACTIONS",
     "SAEModelMismatchError",
     "SAEModelMismatchWarning",
@@ -48,9 +48,12 @@ __all__ = [
     "model_identity",
     "record_model_names",
     "sae_model_metadata",
-    "check_input_kind_matches_hook",
-    "normalize_sae_metadata",
 ]
+
+#: Values a CFG branch can take. "both" means the call processes a batch holding the unconditional
+#: rows first and the conditional rows second (the diffusers layout for batched guidance). Defined here,
+#: not in core/denoising.py, so that the command line's options import no torch.
+CFG_BRANCHES: tuple[str, ...] = ("cond", "uncond", "both")
 
 #: input kind -> what the SAE reads. Every SAE's ``metadata.input_kind`` is one of these.
 INPUT_KIND_DOCS: dict[str, str] = {

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from sae_lens_multimodal.core.names import unknown_name_message
 from sae_lens_multimodal.core.sae_metadata import MODEL_KINDS, normalize_model_kind, record_model_names
 from sae_lens_multimodal.diffusion.pipeline import HookedDiffusionPipeline
 from sae_lens_multimodal.models.conversions import UnsupportedModelError, _hub_json, _read_json
@@ -31,6 +32,8 @@ from sae_lens_multimodal.models.hooked_clip import HookedCLIP
 from sae_lens_multimodal.models.hooked_vit import HookedViT
 from sae_lens_multimodal.models.registry import (
     MODEL_REGISTRY,
+    UnknownModelError,
+    list_models,
     load_model_providers,
     model_name_aliases,
     resolve_model_name,
@@ -140,7 +143,17 @@ def _load(name: str, kind: Optional[str], device: Optional[Union[str, torch.devi
         return HookedCLIP.from_pretrained(name, device=device, dtype=dtype, **source_kwargs)
     if kind == "vision":
         return HookedViT.from_pretrained(name, device=device, dtype=dtype, **source_kwargs)
-    try:  # no clue from the name: a CLIP if it has a text tower, else a vision transformer alone
-        return HookedCLIP.from_pretrained(name, device=device, dtype=dtype, **source_kwargs)
-    except UnsupportedModelError:
-        return HookedViT.from_pretrained(name, device=device, dtype=dtype, **source_kwargs)
+    try:
+        try:  # no clue from the name: a CLIP if it has a text tower, else a vision transformer alone
+            return HookedCLIP.from_pretrained(name, device=device, dtype=dtype, **source_kwargs)
+        except UnsupportedModelError:
+            return HookedViT.from_pretrained(name, device=device, dtype=dtype, **source_kwargs)
+    except Exception as error:
+        if "/" in name or ":" in name or Path(name).expanduser().exists():
+            raise
+        # a bare word that is no registered name and loads as nothing: most likely a typo of one
+        raise UnknownModelError(
+            unknown_name_message("model", name, list_models(),
+                                 see=f"Registered names: sae_lens_multimodal.models.registry.list_models(); other "
+                                     f"models by Hugging Face repo id, open-clip:... / timm:... or a directory "
+                                     f"(loading {name!r} as a Hugging Face name failed: {error})")) from error

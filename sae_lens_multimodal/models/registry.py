@@ -17,9 +17,10 @@ This module imports nothing heavy and no other module of the package.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from dataclasses import dataclass
+
+from sae_lens_multimodal.core.names import unknown_name_message
 
 __all__ = [
     "RegisteredModel",
@@ -118,9 +119,7 @@ def model_info(name: str) -> RegisteredModel:
         return MODEL_REGISTRY[name]
     except KeyError:
         load_model_providers()  # close matches may come from any provider
-        close = difflib.get_close_matches(name, list(MODEL_REGISTRY), n=3)
-        hint = f" Did you mean {close}?" if close else ""
-        raise UnknownModelError(f"No registered model named {name!r}.{hint} Registered: {list_models()}.") from None
+        raise UnknownModelError(unknown_name_message("registered model", name, list_models())) from None
 
 
 def resolve_model_name(name: str) -> str:

@@ -11,33 +11,49 @@ from sae_lens_multimodal.pretrained.releases import Release, ReleaseSae
 
 __all__ = ["ReleaseTable", "list_releases"]
 
+#: (header, attribute) of each SAE's row; release, model and format are said once per release.
 _COLUMNS = (
-    ("release", "release"), ("sae_id", "sae_id"), ("model", "model"), ("hook", "hook_name"),
-    ("tokens", "token_policy"), ("input", "input_kind"), ("arch", "architecture"), ("L0", "l0"),
-    ("var_expl", "variance_explained"), ("format", "source_format"),
+    ("sae_id", "sae_id"), ("hook", "hook_name"), ("tokens", "token_policy"), ("input", "input_kind"),
+    ("arch", "architecture"), ("L0", "l0"), ("var_expl", "variance_explained"),
 )
 
 
+def _cell(row: ReleaseSae, attr: str) -> str:
+    value = getattr(row, attr)
+    if value is None:
+        return "-"
+    if attr == "l0":
+        return f"{value:g}"
+    if attr == "variance_explained":
+        return f"{value:.2f}"
+    return str(value)
+
+
 class ReleaseTable(list):
-    """The rows (:class:`ReleaseSae`) of :func:`list_releases`; prints as a table."""
+    """The rows (:class:`ReleaseSae`) of :func:`list_releases`; prints as one block per release (its model
+    and format once, then a row per SAE; the hook column only where a hook differs from its SAE id), so
+    that it fits in about 120 columns."""
 
     def to_text(self) -> str:
-        def cell(row: ReleaseSae, attr: str) -> str:
-            value = getattr(row, attr)
-            if value is None:
-                return "-"
-            if attr == "l0":
-                return f"{value:g}"
-            if attr == "variance_explained":
-                return f"{value:.2f}"
-            return str(value)
-
-        headers = [h for h, _ in _COLUMNS]
-        cells = [[cell(r, a) for _, a in _COLUMNS] for r in self]
-        widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
-                 "  ".join("-" * w for w in widths)]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+        groups: dict[str, list[ReleaseSae]] = {}
+        for row in self:
+            groups.setdefault(row.release, []).append(row)
+        lines: list[str] = []
+        for release, rows in groups.items():
+            columns = [(h, a) for h, a in _COLUMNS if a != "hook_name" or any(r.hook_name != r.sae_id for r in rows)]
+            headers = [h for h, _ in columns]
+            cells = [[_cell(r, a) for _, a in columns] for r in rows]
+            widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
+            formats = sorted({_cell(r, "source_format") for r in rows})
+            models = sorted({_cell(r, "model") for r in rows})
+            if lines:
+                lines.append("")
+            lines.append(f"release {release} ({len(rows)} SAE{'s' if len(rows) != 1 else ''}, "
+                         f"format {', '.join(formats)})")
+            lines.append(f"  model {', '.join(models)}")
+            lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+            lines.append("  " + "  ".join("-" * w for w in widths))
+            lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
         lines.append(f"({len(self)} SAEs)")
         return "\n".join(lines)
 

@@ -12,7 +12,6 @@ again here by :func:`resolve`. The release table itself (parsing ``releases.yaml
 
 from __future__ import annotations
 
-import difflib
 import threading
 import warnings
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from sae_lens.loading import pretrained_saes_directory as psd
 from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup
 
 from sae_lens_multimodal import compat
+from sae_lens_multimodal.core.names import unknown_name_message
 from sae_lens_multimodal.pretrained._formats import FORMATS, format_loaders
 from sae_lens_multimodal.pretrained import _hub
 from sae_lens_multimodal.pretrained.releases import (
@@ -41,6 +41,7 @@ __all__ = [
     "unregister_release",
     "register_releases",
     "get_release",
+    "check_pretrained_name",
     "registered_releases",
     "resolve",
     "expand_manifest_release",
@@ -215,9 +216,28 @@ def registered_releases() -> dict[str, Release]:
 def get_release(name: str) -> Release:
     with _LOCK:
         if name not in _RELEASES:
-            close = difflib.get_close_matches(name, list(_RELEASES), n=3)
-            raise KeyError(f"No multimodal release {name!r}." + (f" Did you mean {close}?" if close else ""))
+            raise KeyError(unknown_name_message("multimodal release", name, _RELEASES,
+                                                see="List them with: sae-lens-mm releases."))
         return _RELEASES[name]
+
+
+def check_pretrained_name(release: str, sae_id: Optional[str] = None) -> None:
+    """Refuse, before anything is downloaded, a ``release`` / ``sae_id`` that ``SAE.from_pretrained`` would
+    not find: a KeyError naming the close matches among SAELens's releases (ours included) and the
+    release's SAE ids. A Hugging Face repo id (``owner/name``) passes (SAELens loads those directly), and so
+    does any id of a manifest release (its runs are known only after its manifest is read)."""
+    directory = psd.get_pretrained_saes_directory()
+    if release not in directory:
+        if "/" in release:
+            return
+        raise KeyError(unknown_name_message("SAE release", release, directory,
+                                            see="List this package's releases with: sae-lens-mm releases."))
+    with _LOCK:
+        ours = _RELEASES.get(release)
+    if sae_id is None or (ours is not None and ours.manifest) or sae_id in directory[release].saes_map:
+        return
+    raise KeyError(unknown_name_message(f"SAE id in release {release!r}:", sae_id, directory[release].saes_map,
+                                        see=f"List them with: sae-lens-mm releases --release {release}."))
 
 
 def _manifest_release_for(repo_id: str) -> Optional[Release]:

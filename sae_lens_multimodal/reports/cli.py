@@ -28,6 +28,11 @@ from sae_lens_multimodal.cli_options import (
     add_num_inference_steps_option,
     add_sae_options,
     add_seed_option,
+    check_output_dir,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
 )
 from sae_lens_multimodal.models.registry import MODEL_REGISTRY, load_model_providers
 
@@ -65,16 +70,6 @@ def _feature_list(text: str) -> list[int]:
     return ids
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
-    return value
-
-
 def add_dashboards_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``sae-lens-mm dashboards``."""
     g = parser.add_argument_group("model and SAE")
@@ -86,21 +81,21 @@ def add_dashboards_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--images", metavar="DIR|shapes[:N]",
                    help="vision: a folder of image files (each goes through the model's own preprocessing) or "
                         f"shapes[:N] for N shapes-world images (default for shapes models: shapes:{DEFAULT_SHAPES_IMAGES})")
-    g.add_argument("--max-images", type=_positive_int, help="read at most this many images of the folder (sorted by name)")
+    g.add_argument("--max-images", type=positive_int, help="read at most this many images of the folder (sorted by name)")
     g.add_argument("--prompts", metavar="FILE|shapes[:N]",
                    help="diffusion: a text file with one prompt per line, or shapes[:N] for N shapes-world captions "
                         f"(default for shapes models: shapes:{DEFAULT_SHAPES_PROMPTS})")
-    add_num_inference_steps_option(g, default=20, deprecated_steps=True, type=_positive_int)
-    g.add_argument("--guidance-scale", type=float, help="diffusion: classifier-free guidance scale (default: the pipeline's)")
+    add_num_inference_steps_option(g, default=20, deprecated_steps=True, type=positive_int)
+    g.add_argument("--guidance-scale", type=non_negative_float, help="diffusion: classifier-free guidance scale (default: the pipeline's)")
     add_seed_option(g, help="seed of the shapes-world images / prompts and of the initial noise")
 
     g = parser.add_argument_group("features")
     which = g.add_mutually_exclusive_group()
     which.add_argument("--features", type=_feature_list, metavar="3,17,...", help="these feature ids")
-    which.add_argument("--top-features", type=_positive_int, metavar="N",
+    which.add_argument("--top-features", type=positive_int, metavar="N",
                        help="the N features chosen automatically (vision: the strongest among those active on "
                             "0.5-50%% of the images, default 8; diffusion: those varying most between prompts, default 6)")
-    g.add_argument("--top-k", type=_positive_int, default=8, help="top-activating images per feature (default 8)")
+    g.add_argument("--top-k", type=positive_int, default=8, help="top-activating images per feature (default 8)")
 
     g = parser.add_argument_group("labels and steering")
     g.add_argument("--vocabulary", metavar="FILE",
@@ -115,11 +110,11 @@ def add_dashboards_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--judge-clip", metavar="NAME",
                    help="diffusion: the CLIP (HookedCLIP.from_pretrained name) that reads generated images with "
                         "--classes (default for shapes-diffusion: shapes-clip)")
-    g.add_argument("--clamp-multiplier", type=float,
+    g.add_argument("--clamp-multiplier", type=positive_float,
                    help="steering clamps a feature to this times its largest activation (default: vision 2, diffusion 5)")
-    g.add_argument("--steer-images", type=_positive_int, default=32,
+    g.add_argument("--steer-images", type=positive_int, default=32,
                    help="vision: images on which the zero-shot change is measured (default 32)")
-    g.add_argument("--steer-prompts", type=int, default=4,
+    g.add_argument("--steer-prompts", type=non_negative_int, default=4,
                    help="diffusion: prompts generated again with each feature clamped (default 4; 0: none)")
     add_cfg_branch_option(g, "diffusion: steer this CFG branch, or both (default: the SAE's own branch, else both)")
 
@@ -128,7 +123,7 @@ def add_dashboards_arguments(parser: argparse.ArgumentParser) -> None:
                    help="output directory (created, or replaced if it holds earlier dashboards; a foreign "
                         "non-empty directory is refused)")
     g.add_argument("--title", help="title of the index page")
-    g.add_argument("--batch-size", type=_positive_int, default=64, help="vision: images per forward pass (default 64)")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="vision: images per forward pass (default 64)")
     add_no_progress_option(g)
 
 
@@ -190,6 +185,9 @@ def load_sae(release: Optional[str] = None, sae_id: Optional[str] = None, path: 
 
         sae = load_sae_dir(directory, device=device)
     elif release is not None and sae_id is not None:
+        from sae_lens_multimodal.pretrained.registry import check_pretrained_name
+
+        check_pretrained_name(release, sae_id)  # a typo lists close matches instead of SAELens's message
         sae = SAE.from_pretrained(release, sae_id, device=device)
         sae = sae[0] if isinstance(sae, tuple) else sae  # SAELens < 6 returned (sae, cfg, sparsity)
     elif release is not None or sae_id is not None:
@@ -365,13 +363,11 @@ def _diffusion_options(args: argparse.Namespace, prompts: list[str]) -> dict[str
 def run_from_args(args: argparse.Namespace) -> int:
     """Load the model, SAE and inputs named by ``args``, write the dashboards, and print where they are."""
     from sae_lens_multimodal.reports.dashboards import write_feature_dashboards
-    from sae_lens_multimodal.reports.html import check_output_dir
+    from sae_lens_multimodal.reports.html import check_output_dir as check_report_dir
 
-    try:
-        check_output_dir(args.out)  # refuse a foreign directory now, not after minutes of work
-    except FileExistsError as err:
-        print(f"sae-lens-mm dashboards: error: {err}", file=sys.stderr)
-        return 1
+    # refuse a file, a cache or SAE folder, or a foreign directory now, not after minutes of work
+    check_output_dir(args.out, "report")
+    check_report_dir(args.out)
     sae = load_sae(args.release, args.sae_id, args.sae_path, DEVICE)  # cheap: before the model
     kind = model_kind(args.model, args.model_kind)
     if kind == "diffusion" and args.images is not None:
@@ -400,12 +396,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         options["feature_ids"] = args.features
     elif args.top_features is not None:
         options["n_features"] = args.top_features
-    try:
-        index = write_feature_dashboards(model, sae, inputs, args.out, title=args.title, **options)
-    except FileExistsError as err:
-        print(f"sae-lens-mm dashboards: error: {err}", file=sys.stderr)
-        return 1
-    index = Path(index)
+    index = Path(write_feature_dashboards(model, sae, inputs, args.out, title=args.title, **options))
     n_pages = len(list(index.parent.glob("*-feature-*.html")))
     print(f"Feature dashboards ({n_pages} features, {kind} model {args.model!r}, {source}): {index}")
     print(f"Open it in a browser: {index.resolve().as_uri()}")

@@ -14,12 +14,23 @@ from sae_lens_multimodal.cli_options import (
     add_no_progress_option,
     add_sae_options,
     add_seed_option,
+    positive_int,
 )
 
 __all__ = ["add_steerability_command", "run_steerability"]
 
 # This command module imports its work (torch, sae_lens, models, the shapes world) inside the handlers:
 # `sae-lens-mm --help` builds every subcommand's parser and should start without them.
+
+
+def _quantile(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a quantile: give a number between 0 and 1, e.g. 0.95")
+    return value
 
 
 def run_steerability(args: argparse.Namespace) -> int:
@@ -29,12 +40,21 @@ def run_steerability(args: argparse.Namespace) -> int:
     from sae_lens_multimodal.models.loading import load_model, model_kind_of
     from sae_lens_multimodal.steering.steerability import steerability
 
+    if args.release:  # a typo of the release or SAE id lists close matches, before the model loads
+        from sae_lens_multimodal.pretrained.registry import check_pretrained_name
+
+        check_pretrained_name(args.release, args.sae_id)
     torch.manual_seed(args.seed)
     model = load_model(args.model, args.model_kind)
     if model_kind_of(model) != "clip":  # steerability reads the change of text-space probabilities
         raise ValueError(f"Steerability needs a CLIP (a text tower to read); {args.model!r} loads as a "
                          f"{model_kind_of(model)} model.")
-    sae = SAE.from_pretrained(args.release, args.sae_id, device="cpu") if args.release else SAE.load_from_disk(args.sae_path)
+    if args.release:
+        sae = SAE.from_pretrained(args.release, args.sae_id, device="cpu")
+    else:
+        from sae_lens_multimodal.pretrained.local import load_sae_dir  # a damaged directory names its file
+
+        sae = load_sae_dir(args.sae_path)
     if isinstance(sae, tuple):  # older SAELens returned (sae, cfg, sparsity)
         sae = sae[0]
     text_embeds = None
@@ -89,16 +109,16 @@ def add_steerability_command(subparsers: "argparse._SubParsersAction[argparse.Ar
     add_model_kind_option(parser)
     add_sae_options(parser)
     parser.add_argument("--images", help="folder of reference images, or 'shapes' (default for shapes-clip)")
-    parser.add_argument("--n-images", type=int, default=24, help="reference images (default 24)")
+    parser.add_argument("--n-images", type=positive_int, default=24, help="reference images (default 24)")
     parser.add_argument("--vocabulary", help="vocabulary file (one word per line); default: the package's")
     parser.add_argument("--features", help="comma-separated feature ids (default: the most active ones)")
-    parser.add_argument("--max-features", type=int, default=64, help="at most this many features (default 64)")
+    parser.add_argument("--max-features", type=positive_int, default=64, help="at most this many features (default 64)")
     parser.add_argument("--strengths", default="1,2,4,8", help="clamp strengths as multiples of max activation")
     parser.add_argument("--positions", default="all", choices=["all", "patches", "cls"], help="tokens the feature is clamped at (default all)")
-    parser.add_argument("--quantile", type=float, default=0.95, help="baseline quantile for the threshold")
-    parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default 512)")
+    parser.add_argument("--quantile", type=_quantile, default=0.95, help="baseline quantile for the threshold")
+    parser.add_argument("--batch-size", type=positive_int, default=512, help="images per forward pass (default 512)")
     add_seed_option(parser, help="seed of the shapes images and the baselines")
-    parser.add_argument("--rows", type=int, default=30, help="table rows to print")
+    parser.add_argument("--rows", type=positive_int, default=30, help="table rows to print")
     parser.add_argument("--plot", help="write the PNG figure here")
     parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     add_no_progress_option(parser)

@@ -36,7 +36,9 @@ from sae_lens_multimodal.cli_options import (
     add_no_progress_option,
     add_num_inference_steps_option,
     add_seed_option,
+    positive_int,
 )
+from sae_lens_multimodal.cli_options import check_output_dir as check_artefact_dir
 from sae_lens_multimodal.models.hooked_clip import HookedCLIP
 from sae_lens_multimodal.reports.dashboard_data import FeatureDashboard, ZeroShotProbe, _preprocess_uint8
 from sae_lens_multimodal.reports.dashboards import _shared_vmax, _steering_html, dashboard_pages
@@ -436,14 +438,14 @@ def add_demo_arguments(parser: Any) -> None:
     parser.add_argument("--quick", action="store_true", help="a small configuration that runs in seconds")
     # Counts are --n-* / --top-features (as in the other subcommands, where --images / --prompts / --features
     # name inputs and ids); the old count spellings still work, with a deprecation message.
-    n_images = parser.add_argument("--n-images", type=int, help="world images whose activations are cached")
+    n_images = parser.add_argument("--n-images", type=positive_int, help="world images whose activations are cached")
     add_deprecated_alias(parser, "--images", n_images)
-    top = parser.add_argument("--top-features", type=int, help="vision features to label, steer and show")
+    top = parser.add_argument("--top-features", type=positive_int, help="vision features to label, steer and show")
     add_deprecated_alias(parser, "--features", top)
-    n_prompts = parser.add_argument("--n-prompts", type=int, help="prompts to generate")
+    n_prompts = parser.add_argument("--n-prompts", type=positive_int, help="prompts to generate")
     add_deprecated_alias(parser, "--prompts", n_prompts)
-    parser.add_argument("--diffusion-features", type=int, help="diffusion features to trace and steer")
-    add_num_inference_steps_option(parser, default=None, deprecated_steps=True)
+    parser.add_argument("--diffusion-features", type=positive_int, help="diffusion features to trace and steer")
+    add_num_inference_steps_option(parser, default=None, deprecated_steps=True, type=positive_int)
     add_seed_option(parser, default=None, help="seed of the world images and the initial noise")
     add_no_progress_option(parser)
 
@@ -463,11 +465,8 @@ def config_from_args(args: Any) -> DemoConfig:
 
 def run_from_args(args: Any) -> int:
     """Run the demo from parsed arguments and print where the report is."""
-    try:
-        result = run_shapes_demo(args.out, config_from_args(args), progress=not args.no_progress)
-    except (BundledSAEMissingError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    check_artefact_dir(args.out, "report")  # not a file, a cache or an SAE folder
+    result = run_shapes_demo(args.out, config_from_args(args), progress=not args.no_progress)
     print(f"Report: {result.report}")
     print(f"Feature dashboards: {result.dashboards_index}")
     print(f"Open it in a browser: {result.report.as_uri()}")
@@ -477,4 +476,9 @@ def run_from_args(args: Any) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="shapes_demo.py")
     add_demo_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except (BundledSAEMissingError, FileExistsError, ValueError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2

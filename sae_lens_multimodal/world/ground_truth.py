@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import torch
 
+from sae_lens_multimodal.cli_options import positive_int
+
 __all__ = ["GroundTruthChecks", "run_ground_truth_checks", "main"]
 
 
@@ -110,11 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated UNet hooks to probe (default: the last up block's output resnet)")
     parser.add_argument("--branches", default="uncond", help="CFG branches to probe: uncond (what the sample "
                         "shows), cond (the prompt is an input there, so factors are decodable from the start)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
 
 
 def run_from_args(args: argparse.Namespace) -> GroundTruthChecks:
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     return run_ground_truth_checks(
         quick=args.quick,

@@ -156,12 +156,18 @@ def test_list_releases_filters():
 def test_cli_releases(capsys):
     assert main(["releases", "--model", "sdxl-turbo"]) == 0
     out = capsys.readouterr().out
-    assert out.count("sdxl-unbox-sdxl-turbo") == 4 and "(4 SAEs)" in out
+    # one block per release: its name once, then one row per SAE
+    assert out.count("sdxl-unbox-sdxl-turbo") == 1 and "(4 SAEs)" in out
+    assert all(out.count(f"{hook}  ") == 1 for hook in ("down_blocks.2.attentions.1.hook_update",
+                                                       "mid_block.attentions.0.hook_update",
+                                                       "up_blocks.0.attentions.0.hook_update",
+                                                       "up_blocks.0.attentions.1.hook_update"))
+    assert max(len(line) for line in out.splitlines()) <= 120
     assert main(["releases", "--hook", "up_blocks.1.attentions.2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["release"], r["hook_name"]) for r in rows] == [("saeuron-sd15-unlearncanvas", "up_blocks.1.attentions.2.hook_out")]
-    assert main(["releases", "--runs", "no-such-release"]) == 1
-    assert "No multimodal release" in capsys.readouterr().err
+    assert main(["releases", "--runs", "no-such-release"]) == 2
+    assert "Unknown multimodal release 'no-such-release'" in capsys.readouterr().err
     assert main([]) == 2
 
 

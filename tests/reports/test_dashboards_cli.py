@@ -137,7 +137,7 @@ def test_a_transformers_vit_directory_and_an_sae_directory(tmp_path, capsys, bro
 
     base = ["--model", str(vit_dir), "--sae-path", str(tmp_path / "sae"), "--images", str(tmp_path / "pngs")]
     rc, _, err = _run(capsys, *base, "--classes", str(tmp_path / "x.txt"), "--out", str(tmp_path / "no"))
-    assert rc == 1 and "--classes needs a CLIP" in err
+    assert rc == 2 and "--classes needs a CLIP" in err
     out = tmp_path / "vit-dash"
     rc, stdout, err = _run(capsys, *base, "--top-features", "2", "--out", str(out))
     assert rc == 0, err
@@ -188,7 +188,7 @@ def test_errors_name_the_problem(tmp_path, capsys, argv, message):
     (tmp_path / "empty" / "prompts.txt").write_text("\n\n")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     rc, stdout, err = _run(capsys, *argv, "--out", str(tmp_path / "out"))
-    assert rc == 1 and message in err, err
+    assert rc == 2 and message in err, err
     assert not (tmp_path / "out").exists()
 
 
@@ -203,5 +203,5 @@ def test_a_foreign_output_directory_is_refused_before_any_work(tmp_path, capsys)
     mine.mkdir()
     (mine / "thesis.tex").write_text("keep")
     rc, _, err = _run(capsys, "--model", "shapes-clip", "--out", str(mine))  # no SAE: the directory is checked first
-    assert rc == 1 and "not written by sae-lens-mm" in err
+    assert rc == 2 and "not written by sae-lens-mm" in err
     assert [p.name for p in mine.iterdir()] == ["thesis.tex"]

@@ -97,14 +97,14 @@ def test_cli_errors_are_clear(vit_dir, image_dir, tmp_path, capsys):
                  str(tmp_path / "c"), "--no-progress", "--max-images", "3"]) == 0
     # a cache of another hook is refused
     assert main(["train", "--cache", str(tmp_path / "c" / hook), "--out", str(tmp_path / "s"), "--hook",
-                 "blocks.0.hook_resid_post", "--total-training-samples", "100"]) == 1
+                 "blocks.0.hook_resid_post", "--total-training-samples", "100"]) == 2
     assert "hook_name" in capsys.readouterr().err
     # required options may come from YAML, but must come from somewhere
-    assert main(["train", "--cache", str(tmp_path / "c" / hook), "--out", str(tmp_path / "s")]) == 1
+    assert main(["train", "--cache", str(tmp_path / "c" / hook), "--out", str(tmp_path / "s")]) == 2
     assert "--total-training-samples is required" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 1\n")
-    assert main(["train", "--config", str(bad)]) == 1
+    assert main(["train", "--config", str(bad)]) == 2
     assert "Unknown option 'learning_rate'" in capsys.readouterr().err
 
 

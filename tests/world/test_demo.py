@@ -77,7 +77,7 @@ def test_demo_command_loads_the_bundled_saes_by_name(tmp_path, capsys):
         assert f"Report: {tmp_path / 'cli' / 'report.html'}" in out
         assert (tmp_path / "cli" / "dashboards" / "index.html").is_file()
     else:  # not shipped in this checkout: a clear error naming the release and how to get it
-        assert rc == 1 and "shapes-" in err and "train_saes" in err
+        assert rc == 2 and "shapes-" in err and "train_saes" in err
 
 
 def test_demo_refuses_a_foreign_output_directory_before_working(tmp_path, capsys):
@@ -86,7 +86,7 @@ def test_demo_refuses_a_foreign_output_directory_before_working(tmp_path, capsys
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("keep")
-    assert main(["demo", "--out", str(mine), "--quick", "--no-progress"]) == 1
+    assert main(["demo", "--out", str(mine), "--quick", "--no-progress"]) == 2
     assert "not written by sae-lens-mm" in capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
 

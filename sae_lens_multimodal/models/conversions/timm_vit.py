@@ -15,7 +15,6 @@ distilled head (mean of both heads, as timm's inference path). Anything else is 
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from sae_lens_multimodal.core.files import IncompleteCheckpointError, check_weight_files
+from sae_lens_multimodal.core.names import unknown_name_message
 from sae_lens_multimodal.models.config import HookedViTConfig
 from sae_lens_multimodal.models.conversions import (
     ConvertResult,
@@ -67,12 +67,9 @@ def load_timm(name: str, **kwargs: Any) -> Any:
         else:
             arch = name.split(".", 1)[0]  # "<architecture>.<pretrained tag>"
             if not timm.is_model(arch):
-                close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
-                hint = f" Did you mean: {', '.join(close)}?" if close else ""
-                raise UnsupportedModelError(
-                    f"Unknown timm model {arch!r}.{hint} Use a name from timm.list_models(), "
-                    "'hf-hub:<org>/<repo>' or 'local-dir:<path>'."
-                )
+                raise UnsupportedModelError(unknown_name_message(
+                    "timm architecture", arch, timm.list_models(),
+                    see="Use a name from timm.list_models(), 'hf-hub:<org>/<repo>' or 'local-dir:<path>'."))
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     if name.startswith("local-dir:") and kwargs.get("pretrained") and Path(name[10:]).expanduser().is_dir():

@@ -12,6 +12,7 @@ import torch
 
 from sae_lens_multimodal.training import distributed
 from sae_lens_multimodal.training.cache import ActivationCacheReader
+from sae_lens_multimodal.training.parallel_modules import train_buckets_distributed
 from sae_lens_multimodal.training.parallel_train import (
     ModuleJob,
     TrainingStopped,
@@ -75,6 +76,17 @@ def _train(args: argparse.Namespace, readers: list[ActivationCacheReader],
 
     is_main = distributed.rank() == 0
     try:
+        if args.distribute_modules and len(readers) == 1:
+            sae = make(readers[0])()
+            if not hasattr(sae, "buckets"):
+                raise ValueError("--distribute-modules with one cache spreads the buckets of a timestep_bucketed SAE "
+                                 "over the ranks; give several caches (one SAE each), or --architecture "
+                                 "timestep_bucketed.")
+            train_buckets_distributed(sae, readers[0], out=outs[0], checkpoint_dir=checkpoints(0), **common)
+            if is_main:
+                print(f"Saved the timestep-bucketed SAE ({sae.n_buckets} buckets over {distributed.world_size()} "
+                      f"ranks) to {outs[0]}")
+            return 0
         if args.distribute_modules:
             jobs = [ModuleJob(make(r), r.directory, outs[i], checkpoints(i)) for i, r in enumerate(readers)]
             mine = train_saes_distributed(jobs, **common)

@@ -89,15 +89,26 @@ def latest_checkpoint(checkpoint_dir: Union[str, Path]) -> Optional[Path]:
 
 
 class GradientAverager:
-    """``with GradientAverager(sae, world_size):`` averages the SAE's gradients over the ranks at the end of
-    every backward pass of its training loss (in place, one all-reduce per parameter, all in flight at once;
-    a parameter no rank has a gradient for keeps ``grad=None``, as it would in one process). Does nothing
-    for one rank."""
+    """``with GradientAverager(sae, world_size):`` averages the SAE's gradients over the ranks in every backward
+    pass of its training loss, in place. Does nothing for one rank.
 
-    def __init__(self, sae: torch.nn.Module, world_size: int):
+    Overlapped (``overlap=None`` picks it for SAEs without timestep buckets): each parameter's all-reduce
+    starts as soon as its gradient is accumulated (``register_post_accumulate_grad_hook``, as DDP's reducer
+    does), so the decoder's gradients travel while the encoder's are computed; the backward pass ends when
+    all have arrived. That needs every rank to produce the same gradients in the same order, which an SAE
+    whose parameters all take part in every step does. Otherwise (timestep buckets or conditioning, where a
+    bucket may have no rows on one rank) the all-reduces start at the end of the backward pass, after the
+    ranks agree on which parameters have a gradient: one that no rank has keeps ``grad=None``, as in one
+    process."""
+
+    def __init__(self, sae: torch.nn.Module, world_size: int, *, overlap: Optional[bool] = None):
         self.sae = sae
         self.world_size = world_size
         self.params = [p for p in sae.parameters() if p.requires_grad]
+        self.overlap = not hasattr(sae, "set_row_timesteps") if overlap is None else overlap
+        self._armed = False
+        self._works: list[tuple[torch.Tensor, Any]] = []
+        self._handles: list[Any] = []
 
     def average(self) -> None:
         has = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float32,
@@ -116,17 +127,38 @@ class GradientAverager:
             work.wait()
             grad.div_(self.world_size)
 
+    def _launch(self, p: torch.Tensor) -> None:
+        if not self._armed or p.grad is None:
+            return
+        if not p.grad.is_contiguous():
+            p.grad = p.grad.contiguous()
+        self._works.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
+
+    def _finish(self) -> None:
+        self._armed = False
+        works, self._works = self._works, []
+        if len(works) != len(self.params):
+            raise RuntimeError(f"{len(self.params) - len(works)} parameters of the SAE got no gradient in this step; "
+                               "overlapped gradient averaging needs every parameter in every step (overlap=False).")
+        for grad, work in works:
+            work.wait()
+            grad.div_(self.world_size)
+
     def __enter__(self) -> "GradientAverager":
         if self.world_size > 1:
             original = self.sae.training_forward_pass
             averager = self
+            if self.overlap:
+                self._handles = [p.register_post_accumulate_grad_hook(self._launch) for p in self.params]
 
             def training_forward_pass(step_input: Any) -> TrainStepOutput:
                 out = original(step_input)
 
                 def at_backward_start(grad: torch.Tensor) -> torch.Tensor:
                     # queue_callback: run once the whole backward pass has accumulated every gradient
-                    torch.autograd.Variable._execution_engine.queue_callback(averager.average)
+                    averager._armed = True
+                    torch.autograd.Variable._execution_engine.queue_callback(
+                        averager._finish if averager.overlap else averager.average)
                     return grad
 
                 out.loss.register_hook(at_backward_start)
@@ -137,6 +169,9 @@ class GradientAverager:
 
     def __exit__(self, *exc: Any) -> None:
         self.sae.__dict__.pop("training_forward_pass", None)
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 class DataParallelSAETrainer(SAETrainer):

@@ -358,6 +358,26 @@ def test_buckets_as_modules_equal_one_process_training_of_the_buckets(two_rank_r
     assert not torch.allclose(got["buckets.0.W_enc"], got["buckets.2.W_enc"])
 
 
+def test_train_command_distributes_the_buckets_of_one_cache(two_rank_run, tmp_path):
+    """`sae-lens-mm train --distribute-modules` on one diffusion cache with a timestep_bucketed SAE trains its
+    buckets as modules (here in one process) and saves the SAE train_buckets_distributed assembles."""
+    from sae_lens_multimodal.cli import main
+
+    argv = ["train", "--cache", str(two_rank_run / "t"), "--architecture", "timestep_bucketed", "--inner-architecture",
+            "topk", "--k", "3", "--d-sae", str(D_SAE), "--timestep-ranges", "0:200,200:500,800:1000",
+            "--normalize-activations", "expected_average_only_in", "--total-training-samples", "384", "--batch-size",
+            "64", "--lr", "0.01", "--dead-feature-window", "2", "--seed", "3", "--distribute-modules"]
+    assert main([*argv, "--out", str(tmp_path / "cli")]) == 0
+    train_buckets_distributed(make_three_bucket_sae(seed=3), two_rank_run / "t", out=tmp_path / "ref", world_size=1, rank=0,
+                              total_training_samples=384, batch_size=64, lr=0.01, dead_feature_window=2, seed=3,
+                              device="cpu", progress=False)
+    assert_same(load_file(str(tmp_path / "cli" / "sae_weights.safetensors")),
+                load_file(str(tmp_path / "ref" / "sae_weights.safetensors")))
+    with pytest.raises(ValueError, match="timestep_bucketed"):
+        main(["train", "--cache", str(two_rank_run / "a"), "--d-sae", str(D_SAE), "--k", "4", "--total-training-samples",
+              "64", "--batch-size", "64", "--distribute-modules", "--out", str(tmp_path / "x"), "--debug"])
+
+
 def test_stopped_run_resumes_to_the_uninterrupted_sae_with_another_rank_count(two_rank_run, one_rank_reference):
     ckpt = two_rank_run / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_000000004", "step_000000005"]  # keeps the last 2

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     g = torch.Generator().manual_seed(1)
     clean = torch.randn(args.batch, model.cfg.n_channels, *size, generator=g).to(args.device)
     corrupted = clean + 0.5 * torch.randn(clean.shape, generator=g).to(args.device)
-    true, foil = torch.randn(2, model.cfg.d_pooled, generator=g).to(args.device)
+    with torch.no_grad():
+        width = model(clean[:1]).shape[-1]  # the image embedding's width (after the projection)
+    true, foil = torch.randn(2, width, generator=g).to(args.device)
 
     def metric(embeds: torch.Tensor) -> torch.Tensor:
         return (embeds @ (true - foil)).mean()

@@ -277,12 +277,14 @@ def recording(model: Any, names: Sequence[str], store: dict[str, torch.Tensor], 
                     f"Hook {name!r} ran twice in one forward pass; attribution patching takes one call per input "
                     "(for a diffusion model: one denoiser call, not a pipeline run)."
                 )
-            if leaf and not act.requires_grad:
-                act = act.detach().requires_grad_(True)
-                store[name] = act
-                return act
-            store[name] = act if leaf else act.detach()
-            return None
+            if not leaf:
+                store[name] = act.detach()
+                return None
+            # Return a new tensor, so that what flows on is the very tensor kept here: some hook sites (the
+            # diffusion blocks' channel-last views) carry on with their own tensor when a hook returns its input.
+            act = act.detach().requires_grad_(True) if not act.requires_grad else act.view_as(act)
+            store[name] = act
+            return act
 
         return keep
 
@@ -395,6 +397,12 @@ def attribution_patching(
         raise ValueError(f"per must be one of {PER_MODES}; got {per!r}.")
     device = check_model(model, device)
     check_call(model, clean, timestep, cfg_branch)
+    if getattr(model, "_acts_to_saes", None):
+        # SAELens splices with an error term computed without gradient, which would cut the gradient paths
+        raise ValueError(
+            f"The model has SAEs spliced in at {sorted(model._acts_to_saes)}; call model.reset_saes() and pass "
+            "them as saes=[...] (their error terms are then kept and gradients pass through them)."
+        )
     sae_by_hook = sae_map(model, saes)
     if sae_by_hook and per != "feature":
         raise ValueError(f"SAEs give feature units: pass per='feature' (got per={per!r}), or leave saes out.")

@@ -167,6 +167,29 @@ def test_sae_on_heads_hook(linear_tail):
     assert rel_err(est[hook].sum(-1) + est.errors[hook], by_pos) < TOL
 
 
+def test_saes_at_several_hooks(linear_tail):
+    """Feature x position and error nodes at two hooks in one pass: the last block's are exact, the first
+    block's first-order (a 10x smaller corruption gives a >= 30x smaller error)."""
+    vit, x, _, metric = linear_tail
+    early, late = make_sae(32, "blocks.0.hook_resid_post", seed=1).double(), make_sae(32, "blocks.1.hook_resid_post", seed=2).double()
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(8), dtype=x.dtype)
+    errors = []
+    for eps in (0.2, 0.02):
+        x2 = x + eps * direction
+        est = attribution_patching(vit, x, x2, metric, saes=[early, late], per="feature")
+        ref = exact_patching(vit, x, x2, metric, saes=[early, late], per="feature")
+        assert rel_err(est["blocks.1.hook_resid_post"], ref["blocks.1.hook_resid_post"]) < TOL
+        h = "blocks.0.hook_resid_post"
+        errors.append(max(float((est[h] - ref[h]).abs().max()), float((est.errors[h] - ref.errors[h]).abs().max())))
+    assert errors[1] < errors[0] / 30
+    vit.add_sae(late, use_error_term=True)
+    try:
+        with pytest.raises(ValueError, match="reset_saes"):
+            attribution_patching(vit, x, x + 0.1 * direction, metric, saes=[early], per="feature")
+    finally:
+        vit.reset_saes()
+
+
 def test_hooks_removed_on_error_and_bad_arguments(linear_tail):
     vit, x, x2, metric = linear_tail
 

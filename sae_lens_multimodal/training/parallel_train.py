@@ -4,7 +4,8 @@
   trains on its disjoint part of each global batch (training/parallel_data.py); after every backward pass
   the gradients are averaged over the ranks, before SAELens clips them and steps the optimizer, so the
   ranks stay identical and N ranks with ``B / N`` rows each take the step one process takes with ``B``.
-* :func:`train_saes_distributed`: several SAEs (hooks, layers) at once, SAE ``i`` on rank ``i mod N``.
+* :func:`train_saes_distributed`: several SAEs (hooks, layers) at once, SAE ``i`` on rank ``i mod N``
+  (training/parallel_modules.py: the buckets of one bucketed SAE, and SAEs trained on the fly).
 * Checkpoints (:func:`latest_checkpoint`) written atomically by rank 0; ``resume=True`` continues the run.
 
 Why not ``DistributedDataParallel``: ``SAETrainer`` calls ``sae.training_forward_pass`` (not ``forward``)

@@ -11,6 +11,9 @@ from sae_lens_multimodal.analysis.vision_patching import clip_activation_patchin
 from sae_lens_multimodal.analysis.diffusion_patching import diffusion_patching, unet_blocks
 from sae_lens_multimodal.analysis.ablation import Component, ablate_components
 from sae_lens_multimodal.analysis.temporal import feature_timecourse, timestep_probes
+# Attribution patching and its exact reference (docs/circuits.md).
+from sae_lens_multimodal.analysis.attribution import attribution_patching
+from sae_lens_multimodal.analysis.circuits_exact import exact_patching
 
 __all__ = ["image_patching_index", "patching_shape", "tokens_per_image"]
 # CLIP shared-space analysis (zero-shot, logit lens, decomposition, feature labels).
@@ -27,6 +30,7 @@ __all__ += [
     "diffusion_patching", "unet_blocks",
     "Component", "ablate_components",
     "feature_timecourse", "timestep_probes",
+    "attribution_patching", "exact_patching",
 ]
 # Result records (VisionPatchingResult, FeatureLabels, ...) stay importable from their modules; the factor-world
 # registry (FactorWorld, register_factor_world) from analysis.factor_worlds. The shapes-world helpers

@@ -2,9 +2,9 @@
 
 * Downstream of the last block of a ViT without a final LayerNorm and with mean pooling, the output is
   linear in the last block's MLP activations and residual stream (and, with that block's MLP output
-  zeroed, in its attention pattern and z), so the linear estimate must equal exact patching; with AtP*'s QK fix the query / key estimates must be exact too
-  (the softmax is recomputed exactly, the rest is linear), while the plain linear estimate is not once
-  the attention saturates.
+  zeroed, in its attention pattern and z), so the linear estimate must equal exact patching; with AtP*'s
+  QK fix the query / key estimates must be exact too (the softmax is recomputed exactly, the rest is
+  linear), while the plain linear estimate is not once the attention saturates.
 * Anywhere else the estimate is first order: its error must shrink like the corruption squared.
 * SAE features plus the error node sum to the position's estimate; at a hook with a linear downstream
   they equal exact feature patching.

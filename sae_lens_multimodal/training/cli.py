@@ -114,6 +114,9 @@ def load_cli_model(args: argparse.Namespace, device: Optional[str]) -> tuple[Any
     return model, model_kind_of(model)
 
 
+_SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # datasets' save_to_disk
+
+
 def load_images(args: argparse.Namespace, preprocess: Any = None) -> Any:
     """An image folder (its files checked first: training/sources.py FolderImages), a dataset saved with
     ``save_to_disk``, or a Hugging Face dataset by name; at most ``--max-images`` of them."""
@@ -123,7 +126,7 @@ def load_images(args: argparse.Namespace, preprocess: Any = None) -> Any:
         ds = datasets.load_dataset(args.dataset, split=args.split, streaming=args.streaming)
     elif args.images:
         path = Path(args.images)
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        if any((path / f).exists() for f in _SAVED_DATASET_FILES):
             import datasets
 
             ds = datasets.load_from_disk(str(path))
@@ -134,7 +137,7 @@ def load_images(args: argparse.Namespace, preprocess: Any = None) -> Any:
         else:
             from sae_lens_multimodal.training.sources import FolderImages
 
-            return FolderImages(path, preprocess, limit=args.max_images)
+            return FolderImages(path, preprocess, limit=args.max_images)  # (preprocess: the model's, set later)
     else:
         raise ValueError("Give the images: --images <folder or saved dataset> or --dataset <name>.")
     if args.max_images is not None and not isinstance(ds, str):
@@ -236,6 +239,8 @@ def _run_cache(args: argparse.Namespace, device: Optional[str]) -> int:
     from sae_lens_multimodal.training.distributed import rank
 
     check_output_dir(args.out, "cache", forbid_inside=[args.images] if args.images else [])
+    # (images first: a folder that cannot be read is refused before the model loads)
+    images = load_images(args) if (args.images or args.dataset) and not (args.prompt or args.prompts) else None
     model, kind = load_cli_model(args, device)
     hooks = args.hook if isinstance(args.hook, list) else [args.hook]
     if kind == "diffusion":
@@ -248,10 +253,10 @@ def _run_cache(args: argparse.Namespace, device: Optional[str]) -> int:
             model_name=args.model,
         )
     else:
-        from sae_lens_multimodal.training.image_store import ImageActivationStore, vision_tower
+        from sae_lens_multimodal.training.image_store import ImageActivationStore
 
         store = ImageActivationStore(
-            model, hooks, load_images(args, vision_tower(model).preprocess), token_policy=args.token_policy,
+            model, hooks, images if images is not None else load_images(args), token_policy=args.token_policy,
             batch_size=args.batch_size,
             image_column=args.image_column, dtype=args.dtype, progress=not args.no_progress, model_name=args.model,
         )

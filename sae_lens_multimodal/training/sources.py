@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageSource", "image_source"]
+__all__ = ["IMAGE_EXTENSIONS", "FolderImages", "ImageSource", "image_files", "image_source"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 Preprocess = Callable[[Any], torch.Tensor]
@@ -124,13 +124,42 @@ def _unreadable_image(path: Path) -> Optional[str]:
     return None
 
 
+def image_files(root: Union[str, os.PathLike], limit: Optional[int] = None) -> list[Path]:
+    """The image files under ``root`` (recursively, sorted; the first ``limit``), after checking the folder:
+    any other file (a README, labels, a cache) and any image file that does not open as an image are refused
+    with a ValueError naming them. Hidden files (``.DS_Store``, ``.git/...``) are ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder {root} does not exist." if not root.exists() else
+                                f"{root} is a file, not an image folder: give the folder that holds the images.")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of images, got {limit}.")
+    found = sorted(p for p in root.rglob("*") if p.is_file())
+    others = [p for p in found if p.suffix.lower() not in IMAGE_EXTENSIONS
+              and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    if others:
+        raise ValueError(
+            f"Image folder {root} holds {len(others)} file(s) that are not images ({_listing(others, root)}; "
+            f"images end in {', '.join(IMAGE_EXTENSIONS)}). Move them out of the folder, or give a folder of "
+            "images only. Nothing was written."
+        )
+    files = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS][:limit]
+    if not files:
+        raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}.")
+    bad = [(p, why) for p in files if (why := _unreadable_image(p)) is not None]
+    if bad:
+        raise ValueError(
+            f"{len(bad)} file(s) in {root} do not open as images ({_listing([p for p, _ in bad], root)}: "
+            f"{bad[0][1]}). Replace them with readable images or remove them. Nothing was written."
+        )
+    return files
+
+
 class FolderImages(ImageSource):
     """Every image file under a directory (recursively, sorted by path); at most ``limit`` of them.
 
-    The folder is checked before anything is read: any other file (a README, labels, a cache) and any
-    image file that does not open as an image are refused with a ValueError naming them, so that no cache
-    is half-written from a folder that cannot be read. Hidden files (``.DS_Store``, ``.git/...``) are
-    ignored. An image whose data turns out to be damaged when it is decoded raises naming the file.
+    The folder is checked first (:func:`image_files`), so that no cache is half-written from a folder that
+    cannot be read. An image whose data turns out to be damaged when it is decoded raises naming the file.
     """
 
     kind = "folder"
@@ -141,27 +170,8 @@ class FolderImages(ImageSource):
         if not self.root.is_dir():
             raise FileNotFoundError(f"Image folder {self.root} does not exist." if not self.root.exists() else
                                     f"{self.root} is a file, not an image folder: give the folder that holds the images.")
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be a positive number of images, got {limit}.")
-        found = sorted(p for p in self.root.rglob("*") if p.is_file())
-        others = [p for p in found if p.suffix.lower() not in IMAGE_EXTENSIONS
-                  and not any(part.startswith(".") for part in p.relative_to(self.root).parts)]
-        if others:
-            raise ValueError(
-                f"Image folder {self.root} holds {len(others)} file(s) that are not images ({_listing(others, self.root)}; "
-                f"images end in {', '.join(IMAGE_EXTENSIONS)}). Move them out of the folder, or give a folder of "
-                "images only. Nothing was written."
-            )
-        self.files = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS][:limit]
-        if not self.files:
-            raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}.")
-        bad = [(p, why) for p in self.files if (why := _unreadable_image(p)) is not None]
-        if bad:
-            raise ValueError(
-                f"{len(bad)} file(s) in {self.root} do not open as images ({_listing([p for p, _ in bad], self.root)}: "
-                f"{bad[0][1]}). Replace them with readable images or remove them. Nothing was written."
-            )
-        self.preprocess = _needs_preprocess(preprocess, f"Images in {self.root}")
+        self.files = image_files(self.root, limit)
+        self.preprocess = preprocess  # (None: the model's, set by image_source)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -175,6 +185,7 @@ class FolderImages(ImageSource):
                 align: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
         from PIL import Image
 
+        preprocess = _needs_preprocess(self.preprocess, f"Images in {self.root}")
         for i, j in batch_ranges(start, _end(len(self.files), stop), batch_size, align):
             tensors = []
             for path in self.files[i:j]:
@@ -187,7 +198,7 @@ class FolderImages(ImageSource):
                         "name and run the same command again (a cache resumes), or remove it and cache into a new "
                         "--out (the file list is part of the cache's identity)."
                     ) from None
-                tensors.append(self.preprocess(rgb))
+                tensors.append(preprocess(rgb))
             yield i, torch.stack(tensors)
 
 
@@ -264,6 +275,8 @@ class DatasetImages(ImageSource):
 def image_source(images: Any, preprocess: Optional[Preprocess] = None, image_column: Optional[str] = None) -> ImageSource:
     """Wrap what the user gave: a tensor or list of images, a folder path, or a ``datasets`` dataset."""
     if isinstance(images, ImageSource):
+        if preprocess is not None and isinstance(images, FolderImages) and images.preprocess is None:
+            images.preprocess = preprocess  # a folder checked before the model was loaded
         return images
     if isinstance(images, (str, os.PathLike)):
         return FolderImages(images, preprocess)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from sae_lens_multimodal.core.sae_metadata import CFG_BRANCHES, MODEL_KIND_ALIASES, MODEL_KINDS
+from sae_lens_multimodal.core.sae_metadata import MODEL_KIND_ALIASES, MODEL_KINDS
 
 __all__ = [
     "add_deprecated_alias",
@@ -124,6 +124,10 @@ def add_num_inference_steps_option(group: Group, *, default: Optional[int] = 20,
 
 def add_cfg_branch_option(group: Group, help: str) -> argparse.Action:
     """``--cfg-branch {cond,uncond,both}`` (the classifier-free guidance branch vocabulary)."""
+    # here, not at the top: core/denoising imports torch, and `sae-lens-mm --help` imports none (the commands
+    # with this option load torch anyway)
+    from sae_lens_multimodal.core.denoising import CFG_BRANCHES
+
     return group.add_argument("--cfg-branch", choices=CFG_BRANCHES, help=help)
 
 

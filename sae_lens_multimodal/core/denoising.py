@@ -43,8 +43,6 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
-from sae_lens_multimodal.core.sae_metadata import CFG_BRANCHES
-
 __all__ = [
     "BRANCH_CODES",
     "CFG_BATCH_ORDER",
@@ -68,7 +66,9 @@ __all__ = [
     "timestep_context",
 ]
 
-#: Values a CFG branch can take (see core/sae_metadata.py).
+#: Values a CFG branch can take. "both" means the call processes a batch holding the unconditional
+#: rows first and the conditional rows second (the diffusers layout for batched guidance).
+CFG_BRANCHES: tuple[str, ...] = ("cond", "uncond", "both")
 CFGBranch = Literal["cond", "uncond", "both"]
 #: Order of the two halves of a batched classifier-free-guidance call (diffusers concatenates
 #: ``[negative/unconditional, conditional]``); :func:`cfg_row_split` returns the rows in this order.

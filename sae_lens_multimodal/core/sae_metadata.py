@@ -6,7 +6,7 @@ defined here, and only these:
 * ``input_kind`` (:data:`INPUT_KINDS`): which activation the SAE reads (a block's output, the update a
   block adds, an MLP's or attention layer's output...); :func:`input_kind_of_hook` derives it from a hook name.
 * ``token_policy`` (:data:`TOKEN_POLICIES`): which tokens of an image it was trained on.
-* ``cfg_branch`` (:data:`CFG_BRANCHES`, defined here and used by core/denoising.py): which classifier-free-guidance rows of a
+* ``cfg_branch`` (:data:`CFG_BRANCHES`, from core/denoising.py): which classifier-free-guidance rows of a
   diffusion call it reads.
 * the model kind (:data:`MODEL_KINDS`) the command line and the loader use.
 * ``model_name`` and ``model_fingerprint``: the model an SAE was trained on (:func:`model_identity`, recorded
@@ -50,10 +50,15 @@ __all__ = [
     "sae_model_metadata",
 ]
 
-#: Values a CFG branch can take. "both" means the call processes a batch holding the unconditional
-#: rows first and the conditional rows second (the diffusers layout for batched guidance). Defined here,
-#: not in core/denoising.py, so that the command line's options import no torch.
-CFG_BRANCHES: tuple[str, ...] = ("cond", "uncond", "both")
+
+def __getattr__(name: str) -> Any:
+    # CFG_BRANCHES lives in core/denoising.py, which imports torch; the command line's parsers import this
+    # module and must not (``sae-lens-mm --help``), so it is looked up there on first use.
+    if name == "CFG_BRANCHES":
+        from sae_lens_multimodal.core.denoising import CFG_BRANCHES
+
+        return CFG_BRANCHES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: input kind -> what the SAE reads. Every SAE's ``metadata.input_kind`` is one of these.
 INPUT_KIND_DOCS: dict[str, str] = {
@@ -156,6 +161,8 @@ def normalize_token_policy(value: Any, *, source: str = "SAE metadata", allow_no
 def normalize_cfg_branch(value: Any, *, source: str = "SAE metadata", allow_none: bool = True) -> Optional[str]:
     """``value`` as one of :data:`CFG_BRANCHES` (None: not a diffusion SAE, or no CFG); anything else
     raises a ValueError naming ``source``."""
+    from sae_lens_multimodal.core.denoising import CFG_BRANCHES  # (see __getattr__ above)
+
     if value is None and allow_none:
         return None
     if isinstance(value, str) and value in CFG_BRANCHES:

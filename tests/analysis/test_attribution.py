@@ -225,3 +225,29 @@ def test_logit_difference():
     logits = torch.tensor([[1.0, 4.0, 2.0], [0.0, -1.0, 3.0]])
     assert float(logit_difference(1, 2)(logits)) == pytest.approx(((4 - 2) + (-1 - 3)) / 2)
     assert float(logit_difference(torch.tensor([0, 2]), 1)(logits)) == pytest.approx(((1 - 4) + (3 + 1)) / 2)
+
+
+def test_edges_between_two_saes_sum_to_the_node_estimates(linear_tail):
+    """Edges from every node at block 0 into block 1's top features sum, to first order, to those features'
+    node estimates (block 1's input is block 0's residual stream: every path runs through those nodes)."""
+    from sae_lens_multimodal.analysis.circuits_edges import edge_attribution
+
+    vit, x, _, metric = linear_tail
+    up, down = make_sae(32, "blocks.0.hook_resid_post", seed=1).double(), make_sae(32, "blocks.1.hook_resid_post", seed=2).double()
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=x.dtype)
+    gaps, targets, runs = [], None, []
+    for eps in (0.1, 0.01):
+        edges = edge_attribution(vit, x, x + eps * direction, metric, upstream=up, downstream=down, top_k=5,
+                                 targets=targets, freeze_attention=False)
+        targets = edges.targets
+        runs.append(edges)
+        assert edges.feature_edges.shape == (5, 17, 24) and edges.error_edges.shape == (5, 17)
+        assert edges.target_scores.abs().min() > 0
+        gaps.append(float((edges.totals() - edges.target_scores).abs().max() / edges.target_scores.abs().max()))
+    # relative gap ~ eps: a 10x smaller corruption gives a >= 5x smaller relative gap (measured 0.077 -> 0.0081)
+    assert gaps[1] < gaps[0] / 5 and gaps[1] < 0.05
+    frozen = edge_attribution(vit, x, x + 0.1 * direction, metric, upstream=up, downstream=down, targets=targets)
+    # frozen patterns / scales: the same forward, the gradient through the values and MLPs only
+    assert torch.allclose(frozen.target_scores, runs[0].target_scores)
+    assert not torch.allclose(frozen.feature_edges, runs[0].feature_edges)
+    assert no_hooks_left(vit)

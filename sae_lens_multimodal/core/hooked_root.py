@@ -83,6 +83,28 @@ def unknown_hook_error(name: str, known: Iterable[str], what: str = "hook", docs
     ))
 
 
+def _check_hook_pairs(hooks: Any, what: str) -> None:
+    """``fwd_hooks`` / ``bwd_hooks`` are a list of (name or predicate, function) pairs; a bare pair or anything
+    else fails inside TransformerLens with an unpacking error, so name it here."""
+    if hooks is None:
+        return
+    if not isinstance(hooks, (list, tuple)) or (len(hooks) == 2 and isinstance(hooks[0], str) and callable(hooks[1])):
+        raise TypeError(
+            f"{what} is a list of (hook name, function) pairs, e.g. [('blocks.0.hook_resid_post', fn)]; got "
+            f"{type(hooks).__name__} {hooks!r:.80}."
+        )
+    for pair in hooks:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise TypeError(f"Each entry of {what} is a (hook name, function) pair; got {pair!r:.80}.")
+        if not isinstance(pair[0], str) and not callable(pair[0]):
+            raise TypeError(
+                f"{what}: a hook is named by a string (e.g. 'blocks.0.hook_resid_post') or a predicate on names; "
+                f"got {pair[0]!r} ({type(pair[0]).__name__})."
+            )
+        if not callable(pair[1]):
+            raise TypeError(f"{what}: the hook function for {pair[0]!r} is not callable (got {type(pair[1]).__name__}).")
+
+
 def has_parts(model: Any, *parts: str) -> bool:
     """Whether ``model`` is a hooked model of this package with every one of ``parts`` (core.contract.PARTS):
     how code asks "is there a vision tower / a text tower?" instead of testing attributes."""
@@ -121,6 +143,13 @@ class MultimodalHookedRootModule(HookedRootModule):
         super()._enable_hook_with_name(name, hook, dir)  # type: ignore[arg-type]
 
     def add_hook(self, name: Any, hook: Callable, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        if not isinstance(name, str) and not callable(name):
+            raise TypeError(
+                f"A hook is given as (hook name or name predicate, function); got the name {name!r} "
+                f"({type(name).__name__}). Use a name such as 'blocks.0.hook_resid_post' (model.hook_dict.keys())."
+            )
+        if not callable(hook):
+            raise TypeError(f"The hook function for {name!r} is not callable (got {type(hook).__name__}).")
         # TransformerLens indexes mod_dict directly here, which gives a bare KeyError.
         if isinstance(name, str) and name not in self.mod_dict:
             raise unknown_hook_error(name, self.hook_dict.keys(), docs=self.hook_docs)
@@ -130,6 +159,11 @@ class MultimodalHookedRootModule(HookedRootModule):
         names = [names_filter] if isinstance(names_filter, str) else names_filter
         if isinstance(names, (list, tuple, set)):
             for name in names:
+                if not isinstance(name, str):
+                    raise TypeError(
+                        f"names_filter lists hook names (strings); got {name!r} ({type(name).__name__}). "
+                        "See model.hook_dict.keys()."
+                    )
                 if name not in self.hook_dict:
                     raise unknown_hook_error(name, self.hook_dict.keys(), docs=self.hook_docs)
 
@@ -142,6 +176,10 @@ class MultimodalHookedRootModule(HookedRootModule):
         Cache keys and ``hook.name`` come from those names, so for the duration of this context every hook
         point is named relative to ``self``, and the previous names are restored afterwards.
         """
+        for key in ("fwd_hooks", "bwd_hooks"):
+            _check_hook_pairs(kwargs.get(key), key)
+        for key, given in zip(("fwd_hooks", "bwd_hooks"), args):
+            _check_hook_pairs(given, key)
         renamed = [(hp, hp.name) for name, hp in self.hook_dict.items() if hp.name != name]
         for name, hp in self.hook_dict.items():
             hp.name = name
@@ -167,6 +205,8 @@ class MultimodalHookedRootModule(HookedRootModule):
         unknown names raise with close matches instead of silently caching nothing.
         """
         self._check_names_filter(names_filter)
+        if isinstance(names_filter, (tuple, set)):  # TransformerLens takes lists only
+            names_filter = list(names_filter)
         out, cache_dict = super().run_with_cache(
             *model_args, remove_batch_dim=remove_batch_dim, names_filter=names_filter, **kwargs
         )
@@ -243,6 +283,11 @@ class MultimodalHookedRootModule(HookedRootModule):
         """
         if isinstance(name_or_sae, str):
             name, sae = name_or_sae, None
+        elif not hasattr(getattr(name_or_sae, "cfg", None), "metadata"):
+            raise TypeError(
+                f"locate() takes a hook name (a string such as 'blocks.0.hook_resid_post') or an SAELens SAE; got "
+                f"{type(name_or_sae).__name__} {name_or_sae!r}."
+            )
         else:
             sae = name_or_sae
             name = sae.cfg.metadata.hook_name

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from sae_lens_multimodal.core.atomic import atomic_save, atomic_write_json
+from sae_lens_multimodal.models.conversions.open_clip_vit import load_open_clip
 from sae_lens_multimodal.world.paths import SHAPES_CLIP_DIR, SHAPES_CLIP_TYPOGRAPHIC_DIR
 from sae_lens_multimodal.world.shapes import (
     CLASS_FACTORS,
@@ -177,7 +178,7 @@ def load_shapes_clip(directory: Optional[os.PathLike] = None, device: str = "cpu
     directory = Path(directory) if directory is not None else SHAPES_CLIP_DIR
     _check_dir(directory)
     name = f"local-dir:{directory}"
-    model = open_clip.create_model(name, device=device)
+    model = load_open_clip(name, device=device)  # refuses a truncated / garbage / incomplete weights file
     return model.eval(), open_clip.get_tokenizer(name)
 
 

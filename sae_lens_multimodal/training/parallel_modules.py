@@ -397,7 +397,10 @@ def train_buckets_distributed(
     if world > 1 and not distributed.is_distributed():
         raise RuntimeError("world_size > 1 needs a process group: launch with torchrun and call init_distributed().")
     reader = data if isinstance(data, ActivationCacheReader) else ActivationCacheReader(data)
-    device = train_kwargs.get("device") or "cpu"
+    device = train_kwargs.pop("device", None)
+    if device is None:  # as train_sae_data_parallel: this rank's GPU under torchrun when there is one
+        use_gpu = torch.cuda.is_available() and distributed.launched_by_torchrun()
+        device = f"cuda:{distributed.local_rank()}" if use_gpu else "cpu"
     sae.to(device)
     if world > 1:
         _broadcast_sae(sae)  # every rank assembles into the same SAE
@@ -419,6 +422,7 @@ def train_buckets_distributed(
         try:
             train_sae_data_parallel(
                 inner, reader, rank=0, world_size=1, row_filter=bucket_rows(sae, b), batch_size=batch_size, seed=seed,
+                device=device,
                 scaling_factor=None if factors is None else factors[b], n_batches_for_norm_estimate=n_batches_for_norm_estimate,
                 checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / f"bucket_{b}", **train_kwargs)
         except TrainingStopped as e:
@@ -426,8 +430,10 @@ def train_buckets_distributed(
             break
         finally:
             inner.cfg.normalize_activations = "none"  # folded into its weights by SAETrainer.fit
-    if any(distributed.all_gather_object(stopped is not None) if world > 1 else [stopped is not None]):
-        raise stopped or TrainingStopped(-1, None)  # no rank assembles a half-trained SAE
+    mine = None if stopped is None else (stopped.steps, stopped.checkpoint)
+    stops = [s for s in (distributed.all_gather_object(mine) if world > 1 else [mine]) if s is not None]
+    if stops:  # no rank assembles a half-trained SAE
+        raise stopped or TrainingStopped(*stops[0])
     if world > 1:
         with torch.no_grad():
             for b in range(sae.n_buckets):

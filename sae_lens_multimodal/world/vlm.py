@@ -12,8 +12,9 @@ reproduces the shapes CLIP's preprocessing; both are saved beside the weights, s
 >>> vlm = HookedVLM.from_pretrained("shapes-vlm")           # hooked, by name
 >>> answer_questions(vlm, images, ["what color is the shape ?"] * len(images))
 
-Because the vision tower is the shapes CLIP's own (LLaVA's ``vision_feature_layer=-2``: blocks 0-2 run, the
-CLS token is dropped), the bundled ``shapes-clip-saes`` vision SAE splices into ``vision.blocks.2`` unchanged.
+Because the vision tower is the shapes CLIP's own (LLaVA's ``vision_feature_layer=-1`` with strategy "full":
+all 4 blocks run and the CLS token is kept, 65 image tokens), the bundled ``shapes-clip-saes`` vision SAE
+splices into ``vision.blocks.2`` unchanged.
 Training: :mod:`sae_lens_multimodal.world.training.train_vlm`; figures: ``weights/shapes_vlm/training.json``.
 """
 
@@ -121,11 +122,12 @@ def build_tokenizer() -> Any:
 
 
 def build_processor(tokenizer: Any = None, *, image_size: int = 32, patch_size: int = 4,
-                    mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> Any:
+                    mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                    vision_feature_select_strategy: str = "full") -> Any:
     """A ``LlavaProcessor``: the shapes CLIP's preprocessing as a ``CLIPImageProcessor`` (shortest side to
     ``image_size``, centre crop, scale to [0, 1], normalise with the CLIP's mean / std; world images pass
-    unchanged but for the normalisation) and the tokenizer; ``<image>`` expands to (image_size / patch_size)^2
-    placeholders (the CLS token is dropped, LLaVA's "default" strategy)."""
+    unchanged but for the normalisation) and the tokenizer; ``<image>`` expands to one placeholder per image
+    token: (image_size / patch_size)^2 patches plus the CLS token (LLaVA's "full" strategy; "default" drops it)."""
     from transformers import CLIPImageProcessor, LlavaProcessor  # optional heavy dependency
 
     image_processor = CLIPImageProcessor(
@@ -135,7 +137,7 @@ def build_processor(tokenizer: Any = None, *, image_size: int = 32, patch_size: 
     )
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
-        patch_size=patch_size, vision_feature_select_strategy="default", image_token=IMAGE,
+        patch_size=patch_size, vision_feature_select_strategy=vision_feature_select_strategy, image_token=IMAGE,
         num_additional_image_tokens=1,
     )
 
@@ -190,12 +192,16 @@ def build_shapes_vlm(
     n_layers: int = 3,
     n_heads: int = 4,
     d_mlp: int = 384,
+    vision_feature_layer: int = -1,
+    vision_feature_select_strategy: str = "full",
     seed: int = 0,
 ) -> tuple[Any, Any]:
     """An untrained shapes VLM and its processor: the shapes CLIP's vision tower (converted, frozen), a
     randomly initialised GELU projector and Llama language model (``d_model`` wide, ``n_layers`` blocks,
-    rotary attention, SwiGLU MLP, RMSNorm, untied embeddings). LLaVA reads the tower's ``hidden_states[-2]``
-    (the residual stream after block 2 of 4), without the CLS token: 64 image tokens."""
+    rotary attention, SwiGLU MLP, RMSNorm, untied embeddings). By default LLaVA reads the tower's last
+    ``hidden_states`` (the residual stream after block 3 of 4, before ``ln_post``) with the CLS token: 65 image
+    tokens. (With LLaVA-1.5's usual layer -2 and no CLS, small circles and squares were confused: shape
+    accuracy stayed at 94%.)"""
     import transformers  # optional heavy dependency
 
     from sae_lens_multimodal.world.clip import load_shapes_clip
@@ -205,7 +211,8 @@ def build_shapes_vlm(
     tokenizer = build_tokenizer()
     pre = getattr(clip.visual, "preprocess_cfg", None) or {}
     processor = build_processor(tokenizer, image_size=vision_kwargs["image_size"], patch_size=vision_kwargs["patch_size"],
-                                mean=pre.get("mean", (0.5,) * 3), std=pre.get("std", (0.5,) * 3))
+                                mean=pre.get("mean", (0.5,) * 3), std=pre.get("std", (0.5,) * 3),
+                                vision_feature_select_strategy=vision_feature_select_strategy)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (PAD, BOS, EOS, IMAGE)}
     text = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
@@ -213,10 +220,12 @@ def build_shapes_vlm(
         bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD], tie_word_embeddings=False,
     )
     n_image_tokens = (vision_kwargs["image_size"] // vision_kwargs["patch_size"]) ** 2
+    n_image_tokens += vision_feature_select_strategy == "full"  # the CLS token stays
     config = transformers.LlavaConfig(
         vision_config=transformers.CLIPVisionConfig(**vision_kwargs), text_config=text,
-        image_token_index=ids[IMAGE], image_seq_length=n_image_tokens, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu", tie_word_embeddings=False,
+        image_token_index=ids[IMAGE], image_seq_length=n_image_tokens, vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy, projector_hidden_act="gelu",
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = transformers.LlavaForConditionalGeneration(config)

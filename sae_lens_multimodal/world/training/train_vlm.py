@@ -52,10 +52,13 @@ class VLMRecipe:
     n_layers: int = 3
     n_heads: int = 4
     d_mlp: int = 384
+    vision_feature_layer: int = -1  # the tower's last residual stream (LLaVA-1.5 uses -2: shape stayed at 94%)
+    vision_feature_select_strategy: str = "full"  # keep the CLS token
     text_prob: float = 0.25  # share of training images with a written word
     log_every: int = 50
     eval_images: int = 1000  # held-out images per evaluation (each factor asked about 1/5 of them)
     eval_seed: int = 10_000  # the held-out images' seed; training draws from seed .. (never this one)
+    init: str = ""  # a previous run's folder to continue training from (its weights; the seed draws new images)
 
 
 def training_batch(processor: Any, world: Any, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:
@@ -114,8 +117,17 @@ def train_vlm(recipe: VLMRecipe, out: Optional[Path] = SHAPES_VLM_DIR) -> dict[s
 
     torch.set_num_threads(1)
     model, processor = build_shapes_vlm(d_model=recipe.d_model, n_layers=recipe.n_layers, n_heads=recipe.n_heads,
-                                        d_mlp=recipe.d_mlp, seed=recipe.seed)
+                                        d_mlp=recipe.d_mlp, vision_feature_layer=recipe.vision_feature_layer,
+                                        vision_feature_select_strategy=recipe.vision_feature_select_strategy,
+                                        seed=recipe.seed)
     HookedVLM.from_pretrained(model)  # the evaluation's conversions fail (if they do) now, not after training
+    previous = None
+    if recipe.init:
+        from transformers import LlavaForConditionalGeneration  # its own reader: saved keys use its layout
+
+        model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(recipe.init).state_dict(), strict=True)
+        previous = json.loads((Path(recipe.init) / "training.json").read_text(encoding="utf-8"))
+        print(f"continuing from {recipe.init}", flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"trainable parameters: {sum(p.numel() for p in params):,} (vision tower frozen)", flush=True)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
@@ -154,6 +166,7 @@ def train_vlm(recipe: VLMRecipe, out: Optional[Path] = SHAPES_VLM_DIR) -> dict[s
         "torch": torch.__version__,
         "machine": platform.machine(),
         "regenerate": REGENERATE,
+        "continued_from": previous,
     }
     if out is not None:
         with atomic_directory(Path(out).resolve()) as tmp:

@@ -78,7 +78,7 @@ def test_cli_steerability(clip, vision_sae, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "features steerable" in out and "thresholds per strength" in out
     assert (tmp_path / "p.png").stat().st_size > 10_000
-    assert main(["steerability", "--model", "shapes-clip"]) == 1  # no SAE given: clear error, exit 1
+    assert main(["steerability", "--model", "shapes-clip"]) == 2  # no SAE given: clear error, exit 2
     assert "--release with --sae-id" in capsys.readouterr().err
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "UnreadableFileError",
     "UnsafePickleError",
     "check_weight_files",
+    "damaged_download_error",
     "load_npy",
     "load_safetensors",
     "load_torch_weights",
@@ -311,6 +312,18 @@ def check_weight_files(directory: PathLike, *, what: Optional[str] = None, recur
     for p in files:
         _check_weight_file(p, what)
     return files
+
+
+def damaged_download_error(error: Exception, source: str) -> Optional[UnreadableFileError]:
+    """For a library's error on a damaged safetensors file of a hub repo (already in the local cache), an
+    :class:`UnreadableFileError` naming the repo and how to re-download it; None for any other error."""
+    if "deserializing header" not in str(error):
+        return None
+    return UnreadableFileError(
+        f"A weights file of {source!r} in the local Hugging Face cache is incomplete or not a safetensors file "
+        f"(safetensors says: {error}). Re-download it: `huggingface-cli download {source} --force-download` "
+        "(or delete the repo's folder in the cache and load it again online)."
+    )
 
 
 #: loggers through which diffusers and transformers report (only report) weights they initialised randomly

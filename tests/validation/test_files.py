@@ -492,3 +492,34 @@ def test_damaged_release_file_names_the_file(hub, test_release, tmp_path, fmt, d
         SAE.from_pretrained(f"test-damaged-{fmt}", SPARSIFY_ID if fmt == "sparsify" else "blocks.1.hook_resid_post")
     message = str(err.value)
     assert weights.rsplit("/", 1)[-1] in message and "incomplete" in message
+
+
+# ------------------------------------------------------------ damaged files in the Hugging Face cache
+@pytest.fixture
+def offline_hub_cache(tmp_path, monkeypatch):
+    """An empty, offline Hugging Face cache (huggingface_hub reads these constants at call time)."""
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.mark.parametrize("case, name", [("hf_vit", "test-org/tiny-vit"), ("timm", "timm:hf-hub:test-org/tiny-vit"),
+                                        ("open_clip-clip", "open-clip:hf-hub:test-org/tiny-vit")])
+def test_truncated_file_in_the_hub_cache_names_the_repo_and_how_to_refetch(checkpoints, offline_hub_cache, case,
+                                                                          name):
+    from tests.models.test_open_clip_family import make_hub_cache
+
+    folder, weights = checkpoints[case]
+    make_hub_cache(offline_hub_cache, "test-org/tiny-vit", folder)
+    cached = next(offline_hub_cache.rglob(weights))
+    _truncate(cached)
+    with pytest.raises(UnreadableFileError) as err:
+        (_load_clip if case.startswith("open_clip") else _load_vit)(name)
+    message = str(err.value)
+    assert "test-org/tiny-vit" in message and "incomplete" in message

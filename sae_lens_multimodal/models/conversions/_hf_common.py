@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from sae_lens_multimodal.core.files import IncompleteCheckpointError, check_weight_files
+from sae_lens_multimodal.core.files import IncompleteCheckpointError, check_weight_files, damaged_download_error
 from sae_lens_multimodal.models.components import ACT_FNS
 from sae_lens_multimodal.models.config import HeadType, HookedViTConfig, PoolType
 from sae_lens_multimodal.models.conversions import (
@@ -119,8 +119,14 @@ def load_checkpoint(
     local = Path(name_or_dir).expanduser() / (kwargs.get("subfolder") or "")
     if local.is_dir():  # transformers fails on a damaged file without naming it: check the weights first
         check_weight_files(local, what=f"transformers checkpoint directory {local}")
-    with _quiet_transformers():
-        model, info = cls.from_pretrained(name_or_dir, output_loading_info=True, **kwargs)
+    try:
+        with _quiet_transformers():
+            model, info = cls.from_pretrained(name_or_dir, output_loading_info=True, **kwargs)
+    except Exception as e:  # a damaged file of a cached hub repo: say which repo and how to fetch it again
+        damaged = damaged_download_error(e, name_or_dir)
+        if damaged is None:
+            raise
+        raise damaged from None
     missing = sorted(info.get("missing_keys", ()))
     bad = [k for k in missing if not allowed_missing(k)]
     mismatched = [str(k) for k in info.get("mismatched_keys", ())]

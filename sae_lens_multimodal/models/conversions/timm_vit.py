@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from sae_lens_multimodal.core.files import IncompleteCheckpointError, check_weight_files
+from sae_lens_multimodal.core.files import IncompleteCheckpointError, check_weight_files, damaged_download_error
 from sae_lens_multimodal.core.names import unknown_name_message
 from sae_lens_multimodal.models.config import HookedViTConfig
 from sae_lens_multimodal.models.conversions import (
@@ -89,6 +89,11 @@ def load_timm(name: str, **kwargs: Any) -> Any:
             f"timm weights for {name!r} are neither in the Hugging Face cache nor downloadable (offline, or no "
             f"network). Download them once online, or pass pretrained=False for random weights. ({e})"
         ) from e
+    except Exception as e:  # a damaged file of a cached hub repo (safetensors' own error): name the repo
+        damaged = damaged_download_error(e, name.removeprefix("hf-hub:"))
+        if damaged is None:
+            raise
+        raise damaged from None
 
 
 def _act_fn(act: nn.Module) -> str:

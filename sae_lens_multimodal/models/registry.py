@@ -32,8 +32,8 @@ __all__ = [
     "list_models",
     "model_info",
     "resolve_model_name",
-    "UnknownModelError",
     "model_name_aliases",
+    "UnknownModelError",
 ]
 
 
@@ -128,13 +128,13 @@ def resolve_model_name(name: str) -> str:
     entry = MODEL_REGISTRY.get(name)
     return entry.source if entry is not None else name
 
+
 def model_name_aliases(name: str) -> tuple[str, ...]:
     """Every name of the model ``name`` loads: itself, its source, and the registered names of that source
     (what an SAE's ``model_name`` may say; core/sae_metadata.check_sae_model_match compares them)."""
     source = resolve_model_name(name)
     registered = [n for n, entry in MODEL_REGISTRY.items() if entry.source == source]
     return tuple(dict.fromkeys([name, source, *registered]))
-
 
 
 # ---------------------------------------------------------------------------- built-in providers

@@ -459,6 +459,7 @@ def label_features(
         # Adding d at every token the head reads, through the linearised final LN and the projection.
         direct_vec = tangent(direct(torch.ones_like(coef))).mean(dim=1)
         report.direct_scores = scores(direct_vec).cpu()
+        report.extra["direct_vector"] = direct_vec.cpu()  # [F, d_embed], for labelers that decompose it
         assert total_delta is not None
         err = (total_delta - direct_delta).pow(2).sum((1, 2))
         tot = total_delta.pow(2).sum((1, 2))
@@ -467,6 +468,7 @@ def label_features(
     if "causal" in methods:
         assert causal_vec is not None
         report.causal_scores = scores(causal_vec).cpu()
+        report.extra["causal_vector"] = causal_vec.cpu()  # [F, d_embed], the mean change of the normalised embedding
     if report.direct_scores is not None and report.causal_scores is not None:
         report.agreement = _pearson(report.direct_scores, report.causal_scores)
         kk = min(k, len(vocab))

@@ -8,12 +8,48 @@ from __future__ import annotations
 import pytest
 
 from sae_lens_multimodal.cli import main as cli_main
-from sae_lens_multimodal.world.ground_truth import GroundTruthChecks, run_ground_truth_checks
+from sae_lens_multimodal.world.ground_truth import (
+    LABELER_SAES,
+    GroundTruthChecks,
+    run_ground_truth_checks,
+    run_labeler_checks,
+)
 
 
 @pytest.fixture(scope="module")
 def checks() -> GroundTruthChecks:
-    return run_ground_truth_checks(quick=True, progress=False, verbose=False)
+    return run_ground_truth_checks(quick=True, labelers=False, progress=False, verbose=False)
+
+
+def _check_enrichment(comparison) -> None:
+    """Measured (quick, 2026-12-03): enrichment precision 90-93% at the four hooks, colour 94-99%, position
+    97-100%, shape 80% at shapes-clip-saes / 93% at typographic block 1 but 65% at typographic blocks 0 and 2
+    (docs/clip.md says why); the old labels 45-47% overall and the image-side label 97-100%."""
+    s = comparison.scores["enrichment"]
+    assert comparison.n_pure >= 100
+    assert s.precision() >= 0.85 and s.coverage() >= 0.9
+    assert s.accuracy("color") >= 0.85 and s.accuracy("position") >= 0.9
+    assert s.precision("color") >= 0.95 and s.precision("position") >= 0.95
+    assert s.accuracy("shape") >= 0.55
+    for old in ("decoder-projection", "direct-path", "causal"):  # the published/old labels stay far behind
+        assert comparison.scores[old].precision() <= s.precision() - 0.3
+
+
+def test_labelers_side_by_side_on_shapes_clip_saes() -> None:
+    (comparison,) = run_labeler_checks(LABELER_SAES[:1], quick=True, verbose=False)
+    _check_enrichment(comparison)
+    s = comparison.scores["enrichment"]
+    assert s.precision() >= 0.88 and s.accuracy("shape") >= 0.7  # measured 93% and 80%
+    assert comparison.scores["image-side"].precision() >= 0.9  # measured 99%
+    assert "enrichment" in comparison.to_table() and "accuracy / coverage / precision" in comparison.to_table()
+
+
+@pytest.mark.slow
+def test_labelers_side_by_side_on_every_bundled_shapes_clip_sae() -> None:
+    comparisons = run_labeler_checks(quick=True, verbose=False)
+    assert len(comparisons) == 4
+    for comparison in comparisons:
+        _check_enrichment(comparison)
 
 
 def test_free_labels_name_the_shared_factor_far_above_chance(checks: GroundTruthChecks) -> None:

@@ -30,6 +30,7 @@ import torch
 from sae_lens import SAE
 from tqdm.auto import tqdm
 
+from sae_lens_multimodal.analysis.labelers import BEST_LABELER, LABELERS, prepare_inputs
 from sae_lens_multimodal.analysis.zero_shot import text_embeddings
 from sae_lens_multimodal.cli_options import (
     add_deprecated_alias,
@@ -248,6 +249,11 @@ def run_shapes_demo(
         class_names=classes, class_embeds=probe.classifier.weights, clamp_multiplier=cfg.vision_clamp_multiplier,
         steer_images=cfg.steer_images, activations=acts, progress=progress,
     )
+    # the best labeler on the shapes world's ground truth (issue 16), on the same images
+    best = LABELERS[BEST_LABELER]().label(
+        clip, vision_sae, [d.feature for d in vision],
+        inputs=prepare_inputs(clip, vision_sae, list(LABEL_WORDS), x, text_embeds=word_embeds))
+    best_by_id = {b.feature: b for b in best}
     checks = []
     for d in vision:
         top_factors = [factors[t.index] for t in d.top]
@@ -259,6 +265,7 @@ def run_shapes_demo(
             "direct_path": lab.direct_path[0][0] if lab is not None and lab.direct_path else None,
             "causal": lab.causal[0][0] if lab is not None and lab.causal else None,
             "validity": lab.validity if lab is not None else None,
+            "best_label": best_by_id[d.feature].label, "best_validity": best_by_id[d.feature].validity,
         })
     timings["label and steer vision features"] = clock()
     stages.update()
@@ -337,13 +344,15 @@ def _render_report(cfg: DemoConfig, vision: list[FeatureDashboard], diffusion: l
         thumb = heatmap_overlay(top.image, top.heatmap) if top.heatmap is not None else top.image
         rows.append([
             link(f"dashboards/{d.file_name}", f"feature {d.feature}"), Raw(image_tag(thumb, 2, alt="top image")),
+            c["best_label"] or "(no label)", c["best_validity"],
             _words(lab.direct_path if lab is not None else None), lab.validity if lab is not None and lab.validity is not None else float("nan"),
             _words(lab.causal if lab is not None else None), lab.agreement if lab is not None and lab.agreement is not None else float("nan"),
             shared, ", ".join(hit) if hit else "neither",
         ])
     named = sum(1 for c in checks if c["causal"] == c["shared_value"])
     page.add("Vision features: text labels", table(rows, [
-        "feature", "top image", "direct-path label (score)", "validity", "causal label (score)", "agreement",
+        "feature", "top image", f"{BEST_LABELER} label (best on the ground truth)", f"{BEST_LABELER} validity",
+        "direct-path label (score)", "validity", "causal label (score)", "agreement",
         "shared by its top images (ground truth)", "label names it"]) + paragraph(
         f"The causal label names the factor value most of the feature's top images share for {named} of "
         f"{len(checks)} features. Direct-path labels are to be trusted only where their validity is high.", "note"),

@@ -12,6 +12,7 @@ import torch
 
 from sae_lens_multimodal.training import distributed
 from sae_lens_multimodal.training.cache import ActivationCacheReader
+from sae_lens_multimodal.training.train import final_metrics_line
 from sae_lens_multimodal.training.parallel_modules import train_buckets_distributed
 from sae_lens_multimodal.training.parallel_train import (
     ModuleJob,
@@ -90,14 +91,16 @@ def _train(args: argparse.Namespace, readers: list[ActivationCacheReader],
         if args.distribute_modules:
             jobs = [ModuleJob(make(r), r.directory, outs[i], checkpoints(i)) for i, r in enumerate(readers)]
             mine = train_saes_distributed(jobs, **common)
-            for job, sae in zip(jobs, mine):
+            for job, sae, reader in zip(jobs, mine, readers):
                 if sae is not None:
+                    print(f"[rank {distributed.rank()}] {final_metrics_line(sae, reader, batch_size=args.batch_size)}")
                     print(f"[rank {distributed.rank()}] saved the trained {sae.cfg.architecture()} SAE to {job.out}")
             return 0
         for i, reader in enumerate(readers):
             sae = make(reader)()
             train_sae_data_parallel(sae, reader, checkpoint_dir=checkpoints(i), **common)
             if is_main:
+                print(final_metrics_line(sae, reader, batch_size=args.batch_size))
                 save_sae_atomically(sae, outs[i])
                 print(f"Saved the trained {sae.cfg.architecture()} SAE to {outs[i]} "
                       f"(load with sae_lens.SAE.load_from_disk({str(outs[i])!r}))")

@@ -39,6 +39,7 @@ class GlobalRowOrder:
                  keep: Optional[Callable[[ActivationChunk], ActivationChunk]] = None):
         if not reader.shards:
             raise ValueError(f"The cache at {reader.directory} has no complete shard yet.")
+        reader.require_complete()  # a cache with holes would silently train on fewer rows
         if window_rows <= 0:
             raise ValueError(f"window_rows must be positive, got {window_rows}")
         self.reader = reader

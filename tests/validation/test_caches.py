@@ -60,6 +60,14 @@ def test_a_hole_is_refused_by_training_and_evaluation(cache):
         train_sae(sae, cache, total_training_samples=100, batch_size=50)
 
 
+def test_a_hole_is_refused_by_the_data_parallel_row_order(cache):
+    from sae_lens_multimodal.training.parallel_data import GlobalRowOrder
+
+    (cache / "shard_00003.json").unlink()  # the last shard: only the item count can tell
+    with pytest.raises(IncompleteCacheError, match=r"\[30, 40\)"):
+        GlobalRowOrder(ActivationCacheReader(cache))
+
+
 def test_holes_in_a_stream_of_unknown_length_are_seen_before_its_last_shard(tmp_path):
     meta = {"kind": "image", "model": {"name": "m", "fingerprint": "sha256:0"}, "hook_name": HOOK, "d_in": 4,
             "dtype": "float32", "token_policy": "all", "source": {"kind": "dataset", "n_items": None}, "diffusion": None}

@@ -248,6 +248,15 @@ def test_train_prints_its_final_metrics(cache, tmp_path, capsys):
     assert bar and "100%" in bar[-1] and "2000/2000" in bar[-1], bar[-1:]
 
 
+def test_train_of_several_caches_prints_the_final_metrics_of_each(cache, tmp_path, capsys):
+    other = write_cache(tmp_path / "second" / "b")  # several caches: the data-parallel path, one SAE each
+    assert main(["train", "--cache", str(cache), str(other), "--out", str(tmp_path / "saes"), "--d-sae", "32", "--k",
+                 "4", "--total-training-samples", "400", "--batch-size", "100", "--no-progress"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Final metrics")]
+    assert len(lines) == 2 and all("L0 4.00" in line for line in lines)
+    assert sorted(p.name for p in (tmp_path / "saes").iterdir()) == sorted([cache.name, "b"])
+
+
 # ---------------------------------------------------------------------- the docs' example
 def _blocks(text: str, language: str, after: str) -> list[str]:
     section = text[text.index(after):]

@@ -68,14 +68,7 @@ def test_denoising_names_are_defined_only_in_core_denoising():
                 continue
             for name in set(defined) & names:
                 where.setdefault(name, []).append(str(path.relative_to(package)))
-    expected = {name: ["core/denoising.py"] for name in names - {"current_timesteps"}}
-    # The branch vocabulary is metadata (SAEs record their cfg_branch) and the CLI's choices, which load without
-    # torch: it is defined once in the torch-free schema module and re-exported by core.denoising.
-    expected["CFG_BRANCHES"] = ["core/sae_metadata.py"]
-    assert where == expected
-    from sae_lens_multimodal.core import denoising, sae_metadata
-
-    assert denoising.CFG_BRANCHES is sae_metadata.CFG_BRANCHES
+    assert where == {name: ["core/denoising.py"] for name in names - {"current_timesteps"}}
 
 
 def test_explicit_context_takes_precedence_over_the_running_call():

@@ -216,8 +216,8 @@ def _first_line(error: Exception) -> str:
 def _refusal_message(source: Any, what: str, error: Exception) -> str:
     # Quote only torch's reason: its message starts with advice we do not give (loading without the allow-list).
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    reason = next((ln for ln in lines if any(w in ln for w in ("Unpickler error", "Unsupported", "unsupported", "blocked",
-                                                                 "Can only", "unrecognized"))), "")
+    markers = ("Unpickler error", "Unsupported", "unsupported", "blocked", "Can only", "unrecognized")
+    reason = next((ln for ln in lines if any(w in ln for w in markers)), "")
     detail = reason.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "").rstrip(".")
     detail = detail or "not a plain state dict"
     unsafe: list[str] = []

@@ -495,8 +495,9 @@ class HookedUNet(HookedDenoiser):
 
             unet_or_name = resolve_model_name(str(unet_or_name))  # registered names ("shapes-diffusion")
             name = unet_or_name
-            return cls(load_checked(lambda: _load(name, subfolder, "unet", UNet2DConditionModel.from_pretrained, **kwargs),
-                                    name, what="UNet checkpoint", subfolder=subfolder or "unet"))
+            load_unet = UNet2DConditionModel.from_pretrained
+            return cls(load_checked(lambda: _load(name, subfolder, "unet", load_unet, **kwargs), name,
+                                    what="UNet checkpoint", subfolder=subfolder or "unet"))
         if not isinstance(unet_or_name, nn.Module) and hasattr(unet_or_name, "unet"):
             unet_or_name = unet_or_name.unet
         return cls(unet_or_name)

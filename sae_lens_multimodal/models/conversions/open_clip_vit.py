@@ -69,7 +69,7 @@ def _create_checked(name: str, **kwargs: Any) -> Any:
     if schema == "local-dir":
         directory = Path(location).expanduser()
         what = f"open_clip model directory {directory}"
-        if directory.is_dir() and (directory / "open_clip_config.json").is_file():  # else open_clip says what is missing
+        if directory.is_dir() and (directory / "open_clip_config.json").is_file():  # else open_clip says what's missing
             check_weight_files(directory, what=what)
     else:
         from open_clip.pretrained import download_pretrained_from_hf

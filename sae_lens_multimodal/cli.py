@@ -168,7 +168,7 @@ def hook_shape(spec: Any) -> str:
         "scale": ["batch", pos, 1],
         "pooled": ["batch", width],
         "pooled_scale": ["batch", 1],
-        "spatial": ["batch", *(spec.grid or ("height", "width_px")), width],
+        "spatial": ["batch", *(spec.grid or ("H", "W")), width],  # channel-last; H, W depend on the input size
         "flat_tokens": ["n_tokens", width],
     }
     return "[" + ", ".join(str(d) for d in shapes[spec.layout]) + "]"

@@ -246,6 +246,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                    f"{__name__}:add_dashboards_command"),
     "ground-truth": ("check label accuracy, steerability and per-timestep probes against the shapes world's "
                      "ground truth", f"{__name__}:add_ground_truth_command"),
+    "circuit": ("find a sparse feature circuit (SAE features, error nodes, edges) and write it as JSON and an "
+                "HTML graph", "sae_lens_multimodal.analysis.circuit_cli:add_circuit_command"),
 }
 
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]

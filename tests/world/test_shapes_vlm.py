@@ -143,3 +143,25 @@ def test_answers_follow_the_image_and_transformers_generate_agrees(vlm, hf):
     ours = answer_questions(vlm, qs.images, qs.questions)
     theirs = answer_questions(hf[0], qs.images, qs.questions, processor=hf[1])
     assert ours == theirs
+
+
+#: The block in which the answer position reads each factor from the image (docs/vlm.md, measured on seed 30000).
+READING_BLOCK = {"color": 1, "shape": 0, "position": 0, "size": 1, "texture": 1}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_attention_knockout_ground_truth_and_stable_windows(vlm, seed):
+    from sae_lens_multimodal.analysis.vlm_flow import attention_knockout
+    from sae_lens_multimodal.world.vlm_flow import factor_batch
+
+    for factor, block in READING_BLOCK.items():
+        b = factor_batch(vlm.processor, factor, 40, seed=seed)
+        ids, px, mask = b.inputs["input_ids"], b.inputs["pixel_values"], b.inputs["attention_mask"]
+        single = attention_knockout(vlm, ids, px, b.answer_tokens, attention_mask=mask, queries="answer")
+        assert single.changed[0] == 0  # knocking out nothing changes nothing
+        per_block = single.accuracy[1:-1]  # windows L0, L1, L2
+        assert int(per_block.argmin()) == block, (factor, per_block)  # the same reading block on fresh images
+        assert per_block[block] < 0.8 and all(a >= 0.9 for i, a in enumerate(per_block.tolist()) if i != block)
+        # no text position may read the image in any block: chance level (1 / number of values, + sampling slack)
+        cut = attention_knockout(vlm, ids, px, b.answer_tokens, windows=[(0, 3)], attention_mask=mask, queries="text")
+        assert float(cut.accuracy[0]) <= 1 / len(b.value_tokens) + 0.2, (factor, cut.accuracy)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from sae_lens_multimodal.world.paths import SHAPES_CLIP_DIR, SHAPES_VLM_DIR
-from sae_lens_multimodal.world.shapes import POSITIONS, ShapeFactors, ShapesWorld
+from sae_lens_multimodal.world.shapes import ShapeFactors, ShapesWorld
 
 __all__ = [
     "SHAPES_VLM_DIR",
@@ -343,7 +343,3 @@ def vlm_accuracy(model: Any, n: int = 500, *, seed: int = 10_000, text_prob: flo
     asked = np.array(qs.asked)
     per = {f: float(right[asked == f].mean()) for f in factors if (asked == f).any()}
     return VLMAccuracy(float(right.mean()), per, n)
-
-
-#: Position answers are two words for the corners; every other answer one word.
-MAX_ANSWER_WORDS = max(len(p.split()) for p in POSITIONS)

@@ -80,14 +80,12 @@ def test_empty_circuit_is_the_mean_activation(tiny):
     with torch.no_grad():
         full = float(metric(vit(x)))
         empty = float(metric(vit.run_with_hooks(x, fwd_hooks=[(hook, lambda a, hook: mean.expand_as(a))])))
-        half = CircuitNode(hook, "error", (3,), 0.0)
-        # keeping one error node: the mean activation there, plus that position's own error term
-        means = mean_activations(vit, [saes[1]], [x, x2])
-    got = faithfulness(vit, [], x, metric, saes=[saes[1]], means=means)
-    assert got == pytest.approx(0.0, abs=1e-6)
-    # the normalisation's two ends are the model's own numbers
-    kept = faithfulness(vit, [half], x, metric, saes=[saes[1]], means=means)
-    f0, e0 = means[hook]
+    means = mean_activations(vit, [saes[1]], [x, x2])
+    assert faithfulness(vit, [], x, metric, saes=[saes[1]], means=means) == pytest.approx(0.0, abs=1e-6)
+    # one error node kept: the mean activation everywhere, except that position's mean error is swapped for
+    # its own error term; normalised by the model's own full and mean-activation metrics
+    kept = faithfulness(vit, [CircuitNode(hook, "error", (3,), 0.0)], x, metric, saes=[saes[1]], means=means)
+    e0 = means[hook][1]
     sae = saes[1]
 
     def one_error_kept(a, hook):

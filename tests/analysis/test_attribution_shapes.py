@@ -95,6 +95,7 @@ def test_unchanged_tokens_get_exactly_zero(clip, world_bases):
     assert patches[changed].abs().max() > 0.1
 
 
+@pytest.mark.shipped_weights
 def test_text_tower(clip, world_bases):
     """The text tower: the caption's colour word swapped; positions before it cannot change at block 0.
 
@@ -148,6 +149,7 @@ def test_colour_residual_stream_against_transformer_lens(clip, world_bases):
     assert pearson(est[-1], ref[-1]) > 0.95
 
 
+@pytest.mark.shipped_weights
 def test_colour_keys_qk_fix(clip, world_bases):
     clean, corrupted, metric, _, _ = contrast(world_bases, "color")
     hooks = ["vision.blocks.2.attn.hook_k", "vision.blocks.3.attn.hook_k"]
@@ -186,6 +188,7 @@ THRESHOLDS: dict[tuple[str, str], tuple[float, float]] = {
 }
 
 
+@pytest.mark.shipped_weights
 @pytest.mark.slow
 @pytest.mark.parametrize("factor", ["color", "shape", "position"])
 def test_every_hook_type_against_exact(clip, world_bases, factor):

@@ -102,6 +102,7 @@ def test_zero_shot_lens_and_decomposition(shapes):
     assert (dec.total() - dec.embedding).abs().max() <= 1e-4
 
 
+@pytest.mark.shipped_weights
 def test_labels_recover_colours_and_shapes_at_the_last_layer(shapes, words):
     model, x, factors = shapes
     dirs = concept_directions(model, x, factors, 3)
@@ -112,6 +113,7 @@ def test_labels_recover_colours_and_shapes_at_the_last_layer(shapes, words):
     assert [report[i].label for i in range(len(WANT))] == WANT
 
 
+@pytest.mark.shipped_weights
 def test_one_layer_earlier_causal_labels_hold_and_validity_drops(shapes, words):
     model, x, factors = shapes
     last = label_features(model, concept_directions(model, x, factors, 3), x[:64], VOCAB,
@@ -124,6 +126,7 @@ def test_one_layer_earlier_causal_labels_hold_and_validity_drops(shapes, words):
     assert early.validity.max() < 0.97
 
 
+@pytest.mark.shipped_weights
 @pytest.mark.parametrize("intervention", ["add", "clamp", "ablate"])
 def test_sae_feature_labels(shapes, words, intervention):
     """An SAELens SAE whose latents are the concept directions (recorded on the bare HookedViT hook

@@ -55,6 +55,7 @@ def diffusion(shapes_pipe, shapes_clip):
     return sae, dashboards
 
 
+@pytest.mark.shipped_weights
 def test_vision_top_images_heatmaps_labels_and_steering_match_ground_truth(vision, world, shapes_clip):
     images, factors = world
     sae, dashboards = vision

@@ -118,6 +118,7 @@ def test_ground_truth_steerability_beats_baselines(clip, quick_sae, world_text):
     assert res.fraction_steerable > 3 * max(max(rates), 1 / 32)
 
 
+@pytest.mark.shipped_weights
 def test_bundled_sae_ground_truth(clip, world_text):
     """The shipped SAE: labels and steerability beat chance and baselines (figures in the report)."""
     sae = bundled_sae()

@@ -85,6 +85,7 @@ def test_hooked_vit_by_name_equals_open_clip(source):
     assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-4
 
 
+@pytest.mark.shipped_weights
 def test_zero_shot_accuracy_with_open_clip_itself(source):
     """Fresh seeded images (not the training stream), open_clip's own preprocessing, tokenizer and forward."""
     model, preprocess, tokenizer = source

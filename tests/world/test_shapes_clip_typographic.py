@@ -82,6 +82,7 @@ def test_registered_and_in_open_clip_layout():
     assert meta["zero_shot_accuracy"] >= 0.95 and meta["typographic_attack"]["predicted_written_word"] >= 0.3
 
 
+@pytest.mark.shipped_weights
 def test_clean_zero_shot_with_open_clip_itself(source):
     """Fresh text-free images, open_clip's own preprocessing, tokenizer and forward: >= 95% over 162 classes."""
     model, preprocess, tokenizer = source
@@ -107,6 +108,7 @@ def test_hooked_clip_by_name_offline_equals_open_clip(source):
     assert (img - ref_img).abs().max() <= 1e-4 and (txt - ref_txt).abs().max() <= 1e-4
 
 
+@pytest.mark.shipped_weights
 def test_written_colour_words_fool_it_and_not_the_plain_clip():
     typo = typographic_attack(*load_shapes_clip(SHAPES_CLIP_TYPOGRAPHIC_DIR), n=600, seed=99, verbose=False)
     plain = typographic_attack(*load_shapes_clip(SHAPES_CLIP_DIR), n=600, seed=99, verbose=False)

@@ -207,6 +207,7 @@ def test_training_is_reproducible_by_seed():
     assert isinstance(DDPMScheduler.from_config(a.scheduler.config), DDPMScheduler)
 
 
+@pytest.mark.shipped_weights
 def test_factor_classifier_is_accurate_on_real_world_images():
     from sae_lens_multimodal.world import ShapesWorld
 
@@ -223,6 +224,7 @@ def test_factor_classifier_is_accurate_on_real_world_images():
 SAMPLE_THRESHOLDS = {"color": 0.92, "shape": 0.90, "position": 0.95}
 
 
+@pytest.mark.shipped_weights
 def test_generated_images_show_the_prompted_factors(pipe):
     # 54 of the 162 prompts (colour x shape x position, position fastest): every colour x shape pair at
     # three positions, rotating so that every position appears equally often.

@@ -124,6 +124,7 @@ def test_bundled_vision_sae_splices_unchanged(vlm, questions):
     assert (spliced - clean)[mask.bool()].abs().max() < TOL
 
 
+@pytest.mark.shipped_weights
 @pytest.mark.parametrize("text_prob", [0.0, 1.0])
 def test_held_out_accuracy_per_factor(vlm, text_prob):
     acc = vlm_accuracy(vlm, 500, seed=20_000, text_prob=text_prob)
@@ -132,6 +133,7 @@ def test_held_out_accuracy_per_factor(vlm, text_prob):
     assert not low, f"held-out accuracy below {ACCURACY_THRESHOLD}: {acc}"
 
 
+@pytest.mark.shipped_weights
 def test_answers_follow_the_image_and_transformers_generate_agrees(vlm, hf):
     # The same question about images that differ in one factor gets that factor's values as answers.
     world = ShapesWorld(image_size=32, seed=5)
@@ -149,6 +151,7 @@ def test_answers_follow_the_image_and_transformers_generate_agrees(vlm, hf):
 READING_BLOCK = {"color": 1, "shape": 0, "position": 0, "size": 1, "texture": 1}
 
 
+@pytest.mark.shipped_weights
 @pytest.mark.parametrize("seed", [1, 2])
 def test_attention_knockout_ground_truth_and_stable_windows(vlm, seed):
     from sae_lens_multimodal.analysis.vlm_flow import attention_knockout

@@ -102,6 +102,7 @@ def test_suppression_removes_exactly_the_features_decoder_contributions(model, s
     assert torch.equal(zero_shot_predictions(model, attacked, weights), plain)
 
 
+@pytest.mark.shipped_weights
 def test_text_features_fire_on_the_words_patches(model, sae):
     s = build_attack_set(200, seed=11)
     feats = find_text_features(model, sae, s, top_k=8, progress=False)
@@ -113,6 +114,7 @@ def test_text_features_fire_on_the_words_patches(model, sae):
         assert f.patch_map.shape == (8, 8)
 
 
+@pytest.mark.shipped_weights
 def test_study_figures(result):
     acc = result.accuracy
     assert set(acc) == set(ATTACK_CONDITIONS)

@@ -33,6 +33,7 @@ def _resid(vit: HookedViT, hook: str, seed: int, text_prob: float) -> torch.Tens
     return cache[hook].reshape(-1, vit.cfg.d_model)
 
 
+@pytest.mark.shipped_weights
 @pytest.mark.parametrize("hook", TYPOGRAPHIC_HOOKS)
 def test_bundled_sae_fits_the_shipped_model(vit, hook):
     sae = SAE.from_pretrained(TYPOGRAPHIC_RELEASE, hook)

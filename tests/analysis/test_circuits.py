@@ -124,6 +124,7 @@ def test_edges_join_kept_nodes_of_consecutive_hooks(tiny):
     assert n.attribution == pytest.approx(float(table[index]))
 
 
+@pytest.mark.shipped_weights
 def test_shapes_colour_circuit_is_faithful_and_small(shapes, tmp_path):
     clip, sae, clean, corrupted, metric = shapes
     circuit = find_circuit(clip, clean, corrupted, metric, saes=[sae], node_threshold=0.5, measure=True)

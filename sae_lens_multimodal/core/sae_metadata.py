@@ -46,6 +46,7 @@ __all__ = [
     "SAEModelMismatchWarning",
     "check_sae_model_match",
     "model_identity",
+    "READOUT_PARAMETER_PREFIXES",
     "record_model_names",
     "sae_model_metadata",
 ]
@@ -203,30 +204,49 @@ class SAEModelMismatchError(ValueError):
     """As :class:`SAEModelMismatchWarning`, raised when ``on_model_mismatch="error"``."""
 
 
-def model_identity(model: Any, name: Optional[str] = None) -> dict[str, str]:
-    """Name, class and a weight fingerprint of a model (a torch module): what a cache records and is checked
-    against on read, and what an SAE trained on that cache records as ``model_name`` / ``model_fingerprint``.
+#: state_dict prefixes of top-level readout modules (CLIP's projection ``head``), left out of the trunk
+#: fingerprint: a readout after the last block feeds no block hook, so an SAE at a block reads the same
+#: activations with or without it, and a vision tower inside a VLM drops it (LLaVA keeps no CLIP projection).
+READOUT_PARAMETER_PREFIXES: tuple[str, ...] = ("head.",)
 
-    The fingerprint hashes every parameter's name, shape, dtype and first values, so two random-init
-    models of the same architecture (same ``model_name``) still differ.
-    """
+
+def _weights_fingerprint(state: Mapping[str, Any]) -> str:
     h = hashlib.sha256()
-    for pname, p in model.state_dict().items():
+    for pname, p in state.items():
         h.update(f"{pname}:{tuple(p.shape)}:{p.dtype};".encode())
         if p.numel():
             h.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def model_identity(model: Any, name: Optional[str] = None) -> dict[str, str]:
+    """Name, class and weight fingerprints of a model (a torch module): what a cache records and is checked
+    against on read, and what an SAE trained on that cache records as ``model_name`` / ``model_fingerprint``.
+
+    ``fingerprint`` hashes every parameter's name, shape, dtype and first values, so two random-init
+    models of the same architecture (same ``model_name``) still differ. ``trunk_fingerprint`` is the same
+    hash without the readout parameters (:data:`READOUT_PARAMETER_PREFIXES`): what SAEs record, so that an
+    SAE trained on a CLIP's vision part also matches the same tower inside a VLM. Without readout
+    parameters both are equal.
+    """
+    state = model.state_dict()
+    trunk = {k: v for k, v in state.items() if not k.startswith(READOUT_PARAMETER_PREFIXES)}
+    full = _weights_fingerprint(state)
     cfg = getattr(model, "cfg", None)
     return {
         "name": name or str(getattr(cfg, "model_name", None) or type(model).__name__),
         "class": type(model).__name__,
-        "fingerprint": "sha256:" + h.hexdigest()[:32],
+        "fingerprint": full,
+        "trunk_fingerprint": full if len(trunk) == len(state) else _weights_fingerprint(trunk),
     }
 
 
 def sae_model_metadata(identity: Mapping[str, Any]) -> dict[str, Any]:
     """The SAE metadata fields (``model_name``, ``model_fingerprint``) for a model's :func:`model_identity`
-    (as a cache records it under ``metadata["model"]``)."""
-    return {"model_name": identity.get("name"), "model_fingerprint": identity.get("fingerprint")}
+    (as a cache records it under ``metadata["model"]``): the trunk fingerprint, or the full one of a cache
+    made before trunk fingerprints were recorded."""
+    return {"model_name": identity.get("name"),
+            "model_fingerprint": identity.get("trunk_fingerprint") or identity.get("fingerprint")}
 
 
 def record_model_names(model: Any, names: Iterable[Optional[str]]) -> Any:
@@ -261,21 +281,22 @@ def _model_names(model: Any) -> list[str]:
     return names
 
 
-def _model_fingerprint(model: Any, sae: Any) -> Optional[str]:
-    """The fingerprint of the part of ``model`` the SAE reads, as a cache of that part records it (the vision
-    tower of a CLIP / VLM; a diffusion pipeline's raw denoiser)."""
+def _model_fingerprints(model: Any, sae: Any) -> tuple[str, ...]:
+    """The full and trunk fingerprints of the part of ``model`` the SAE reads, as a cache of that part records
+    them (the vision tower of a CLIP / VLM; a diffusion pipeline's raw denoiser); empty when unknown."""
     target, part = model, None
     if hasattr(model, "locate") and hasattr(model, "part"):
         try:
             part = model.locate(sae).part
         except Exception:  # an unknown hook: splicing reports it with its own message
-            return None
+            return ()
         target = model.part(part)
     if part == "denoiser":
         target = getattr(target, "denoiser", target)
     if not hasattr(target, "state_dict"):
-        return None
-    return model_identity(target)["fingerprint"]
+        return ()
+    identity = model_identity(target)
+    return tuple(dict.fromkeys((identity["fingerprint"], identity["trunk_fingerprint"])))
 
 
 def check_sae_model_match(
@@ -304,18 +325,19 @@ def check_sae_model_match(
         return None
     if model is not None:
         names = _model_names(model)
-        fingerprint = _model_fingerprint(model, sae) if recorded_fp else None
+        fingerprints = _model_fingerprints(model, sae) if recorded_fp else ()
         where = "this model"
     elif identity is not None:
         names = [str(n) for n in (identity.get("name"), *identity.get("names", ())) if n]
-        fingerprint = identity.get("fingerprint")
+        fingerprints = tuple(fp for fp in (identity.get("fingerprint"), identity.get("trunk_fingerprint")) if fp)
         where = "the model that made these activations"
     else:
         raise TypeError("check_sae_model_match needs a model or a model identity.")
     shown = repr(names[0]) if names else "an unnamed model"
-    if recorded_fp and fingerprint:
-        if recorded_fp == fingerprint:
+    if recorded_fp and fingerprints:
+        if recorded_fp in fingerprints:  # the full weights, or the trunk without readouts (the SAE's record)
             return None
+        fingerprint = fingerprints[-1]  # shown: the trunk's, what an SAE records
         name_agrees = bool(recorded_name) and any(_name_forms(str(recorded_name)) & _name_forms(n) for n in names)
         reason = (f"its weights differ (fingerprint {fingerprint}, recorded {recorded_fp}): other weights under the "
                   "same name, or the same weights in another dtype or processed (fold_ln...)"

@@ -56,9 +56,69 @@ def typographic_clip():
 
 # --------------------------------------------------------------------------------- splicing (add_sae)
 def test_bundled_sae_splices_silently_into_its_own_model(shapes_sae, shapes_clip):
-    assert shapes_sae.cfg.metadata.model_fingerprint == model_identity(shapes_clip.vision)["fingerprint"]
+    assert shapes_sae.cfg.metadata.model_fingerprint == model_identity(shapes_clip.vision)["trunk_fingerprint"]
     assert _splice(shapes_clip, shapes_sae) == []
     assert _splice(shapes_clip.vision, shapes_sae) == []
+
+
+def _splice_strictly(model, sae) -> None:
+    """Splice with every SAEModelMismatchWarning an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SAEModelMismatchWarning)
+        model.add_sae(sae)
+    model.reset_saes()
+
+
+def test_trunk_fingerprint_leaves_out_only_the_readout_head(shapes_clip):
+    identity = model_identity(shapes_clip.vision)
+    assert any(k.startswith("head.") for k in shapes_clip.vision.state_dict())
+    assert identity["trunk_fingerprint"] != identity["fingerprint"]
+    headless = {k: v for k, v in shapes_clip.vision.state_dict().items() if not k.startswith("head.")}
+    module = torch.nn.Module()
+    module.state_dict = lambda: headless  # the same weights, no readout
+    assert model_identity(module)["fingerprint"] == model_identity(module)["trunk_fingerprint"] \
+        == identity["trunk_fingerprint"]
+
+
+def test_bundled_clip_sae_splices_silently_into_the_same_tower_inside_a_vlm(shapes_sae, shapes_clip):
+    from sae_lens_multimodal import HookedVLM
+
+    vlm = HookedVLM.from_pretrained("shapes-vlm")  # its vision tower: shapes-clip's, without the CLIP projection
+    assert not any(k.startswith("head.") for k in vlm.part("vision").state_dict())
+    _splice_strictly(vlm, shapes_sae)
+    _splice_strictly(shapes_clip, shapes_sae)
+    _splice_strictly(shapes_clip.vision, shapes_sae)
+    assert check_sae_model_match(shapes_sae, identity=model_identity(vlm.part("vision")), on_mismatch="error") is None
+
+
+def test_clip_sae_still_warns_on_a_random_vit_of_the_same_architecture(shapes_sae, shapes_clip):
+    from sae_lens_multimodal.models.hooked_vit import HookedViT
+
+    torch.manual_seed(0)
+    random_vit = HookedViT(shapes_clip.vision.cfg)  # same architecture and head, other (random) weights
+    assert set(random_vit.state_dict()) == set(shapes_clip.vision.state_dict())
+    messages = _splice(random_vit, shapes_sae)
+    assert len(messages) == 1 and shapes_sae.cfg.metadata.model_fingerprint in messages[0]
+    with pytest.raises(SAEModelMismatchError):
+        check_sae_model_match(shapes_sae, identity=model_identity(random_vit), on_mismatch="error")
+
+
+def test_sae_recording_the_old_full_fingerprint_still_matches_its_model(shapes_clip, typographic_clip):
+    full = model_identity(shapes_clip.vision)["fingerprint"]  # what SAEs recorded before trunk fingerprints
+    old = _sae(64, CLIP_HOOK, model_name="shapes-clip", model_fingerprint=full)
+    _splice_strictly(shapes_clip, old)
+    _splice_strictly(shapes_clip.vision, old)
+    old_cache_identity = {"name": "shapes-clip", "fingerprint": full}  # a cache without trunk_fingerprint
+    assert check_sae_model_match(old, identity=old_cache_identity, on_mismatch="error") is None
+    assert len(_splice(typographic_clip, old)) == 1  # ... and still tells other weights apart
+
+
+def test_training_records_the_trunk_fingerprint_of_old_and_new_caches():
+    from sae_lens_multimodal.core.sae_metadata import sae_model_metadata
+
+    new = {"name": "m", "fingerprint": "sha256:full", "trunk_fingerprint": "sha256:trunk"}
+    assert sae_model_metadata(new) == {"model_name": "m", "model_fingerprint": "sha256:trunk"}
+    assert sae_model_metadata({"name": "m", "fingerprint": "sha256:full"})["model_fingerprint"] == "sha256:full"
 
 
 def test_matching_sae_is_silent_through_load_model_and_run_with_saes(shapes_sae):
@@ -229,7 +289,7 @@ def test_trained_sae_records_the_cache_model_fingerprint(two_models_and_caches):
     caches, sae_dir = two_models_and_caches
     recorded = json.loads((sae_dir / "cfg.json").read_text())["metadata"]
     made_by = ActivationCacheReader(caches[0][1]).metadata["model"]
-    assert recorded["model_fingerprint"] == made_by["fingerprint"] and recorded["model_fingerprint"]
+    assert recorded["model_fingerprint"] == made_by["trunk_fingerprint"] and recorded["model_fingerprint"]
     assert recorded["model_name"] == made_by["name"]
 
 

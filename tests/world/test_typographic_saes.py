@@ -39,7 +39,7 @@ def test_bundled_sae_fits_the_shipped_model(vit, hook):
     sae = SAE.from_pretrained(TYPOGRAPHIC_RELEASE, hook)
     meta = sae.cfg.metadata
     assert meta.hook_name == hook and meta.model_name == "shapes-clip-typographic"
-    assert meta.model_fingerprint == model_identity(vit)["fingerprint"]  # trained on these very weights
+    assert meta.model_fingerprint == model_identity(vit)["trunk_fingerprint"]  # trained on these very weights
     for text_prob in (0.0, 1.0):
         x = _resid(vit, hook, seed=31, text_prob=text_prob)
         with torch.no_grad():

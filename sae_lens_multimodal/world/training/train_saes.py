@@ -223,7 +223,7 @@ def train_clip_sae(out_root: os.PathLike = BUNDLED_SAES_DIR, *, seed: int = 0,
     torch.set_num_threads(1)
     start = time.perf_counter()
     vit = HookedViT.from_pretrained("shapes-clip").eval()
-    fingerprint = model_identity(vit)["fingerprint"]  # the SAE fits these weights only
+    fingerprint = model_identity(vit)["trunk_fingerprint"]  # the SAE fits these weights only (readout head aside)
 
     def rows(n: int, world_seed: int, text_prob: float) -> torch.Tensor:
         images, _ = ShapesWorld(32, seed=world_seed, text_prob=text_prob).sample(n)
@@ -328,7 +328,7 @@ def train_diffusion_sae(out_root: os.PathLike = BUNDLED_SAES_DIR, *, seed: int =
         "input_kind": "block_output", "cfg_branch": "cond", "guidance_scale": r.guidance_scale,
         "timesteps": f"every step of {r.num_inference_steps} DPM-Solver++ steps, in {len(r.timestep_ranges)} buckets",
         "normalization": {"kind": "per_bucket_scale", "status": "applied by the SAE (bucket_scaling_factors)"},
-        "source_format": "bundled", "model_fingerprint": model_identity(pipe.unet)["fingerprint"],
+        "source_format": "bundled", "model_fingerprint": model_identity(pipe.unet)["trunk_fingerprint"],
         "expected_l0": figures["l0"], "expected_variance_explained": figures["explained_variance"],
         "training": {
             "data": f"activations of {r.n_prompts} generations of the shapes-diffusion pipeline (DPM-Solver++, "

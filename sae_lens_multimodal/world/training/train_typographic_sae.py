@@ -80,7 +80,7 @@ def train_typographic_sae(out_root: Path = BUNDLED_SAES_DIR, *, hook: str = TYPO
     try:
         start = time.perf_counter()
         vit = HookedViT.from_pretrained(TYPOGRAPHIC_MODEL).eval()
-        fingerprint = model_identity(vit)["fingerprint"]  # the SAE fits these weights only
+        fingerprint = model_identity(vit)["trunk_fingerprint"]  # the SAE fits these weights only (readout head aside)
 
         def rows(n: int, world_seed: int, text_prob: float) -> torch.Tensor:
             images, _ = ShapesWorld(32, seed=world_seed, text_prob=text_prob, text_words=tuple(COLORS)).sample(n)

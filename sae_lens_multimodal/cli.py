@@ -119,7 +119,7 @@ def add_ground_truth_command(subparsers: "argparse._SubParsersAction[argparse.Ar
         "ground-truth",
         help=COMMANDS["ground-truth"][0],
         description="Run the shapes-world ground-truth checks on the shipped models and bundled SAEs and print "
-                    "the figures (free-label accuracy, steerable fraction vs baselines, per-timestep linear probes).",
+                    "one line per row of README.md's table 'What the shapes world lets us check' (--checks selects).",
     )
     add_arguments(parser)
 

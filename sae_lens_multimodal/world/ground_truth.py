@@ -1,27 +1,34 @@
 """Ground-truth checks on the shapes world: do the package's claims hold where the answer is known?
 
-    python -m sae_lens_multimodal.world.ground_truth            # or: sae-lens-mm ground-truth
-    python -m sae_lens_multimodal.world.ground_truth --quick    # smaller samples, about a minute
+    sae-lens-mm ground-truth                              # or: python -m sae_lens_multimodal.world.ground_truth
+    sae-lens-mm ground-truth --checks zero-shot,typographic
+    sae-lens-mm ground-truth --quick                      # tiny samples: every check runs, figures not comparable
 
-Four checks, each printed as a table (the functions doing the work live with their analyses):
+Prints one line per row of README.md's table "What the shapes world lets us check" (``README_ROWS``), in
+its order and wording, each computed by the function that owns the analysis:
 
-0. Labelers side by side (``world.labeler_checks.compare_labelers``): every labeler of
-   ``analysis.labelers`` (DN-CBM-style decoder projection, TextSpan-style, SpLiCE-style, image-side,
-   direct-path, causal, enrichment) on the features of every bundled shapes-CLIP SAE whose top images share
-   a factor value: accuracy / coverage / precision overall and per factor.
-1. Free-label accuracy (``world.feature_checks.label_accuracy``): for vision-SAE features whose top activating
-   images share a colour / shape / position, does each labeler's top label name that value?
-2. Steerability (``world.feature_checks.shapes_steerability``): the fraction of features whose clamping moves
-   zero-shot predictions toward their label beyond random-feature and random-direction baselines.
-3. Temporal probes (``analysis.temporal.timestep_probes``): at which denoising timestep colour, position and
-   shape become linearly decodable from the shapes UNet's activations.
+* zero-shot: ``world.clip.zero_shot_accuracy`` (2000 fresh images, 162 caption classes);
+* diffusion: ``world.eval_diffusion.evaluate_pipeline`` (4 images per prompt, 20 steps, guidance 2);
+* free-labels / steerability: ``world.feature_checks.shapes_ground_truth`` and ``shapes_steerability``
+  (``toward="promoted"`` for the second figure);
+* labelers (check 0): ``world.labeler_checks.compare_labelers`` via :func:`run_labeler_checks`;
+* probes: ``analysis.temporal.timestep_probes`` at the last up block, unconditional branch, 10 steps;
+* diffusion-patching: ``analysis.diffusion_patching.diffusion_patching`` (all blocks, "until" mode, 4 pairs,
+  8 steps; a factor is "fixed by t" from the first column with p(source value) >= 0.9);
+* typographic: ``world.typographic.typographic_analysis`` (block-0 SAE) and ``world.clip.typographic_attack``
+  on the plain shapes CLIP;
+* clip-patching: ``analysis.vision_patching.clip_activation_patching`` (red vs blue circle, as in
+  docs/causal-analysis.md).
 
-The same checks run in ``tests/world/test_ground_truth.py`` with thresholds.
+``run_ground_truth_checks`` / ``GroundTruthChecks`` keep the detailed tables of free labels, steerability and
+probes. ``tests/world/test_ground_truth.py`` checks that every README row has a printed line.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -29,7 +36,8 @@ import torch
 
 from sae_lens_multimodal.cli_options import positive_int
 
-__all__ = ["GroundTruthChecks", "run_ground_truth_checks", "main"]
+__all__ = ["CHECKS", "README_ROWS", "GroundTruthChecks", "ReadmeFigures", "parse_checks", "run_ground_truth_checks",
+           "run_readme_checks", "main"]
 
 
 @dataclass
@@ -75,10 +83,11 @@ LABELER_SAES: tuple[tuple[str, str, str], ...] = (
 
 
 def run_labeler_checks(
-    saes: tuple[tuple[str, str, str], ...] = LABELER_SAES, *, quick: bool = False, verbose: bool = True
+    saes: tuple[tuple[str, str, str], ...] = LABELER_SAES, *, quick: bool = False, verbose: bool = True,
+    n_images: int = 1000,
 ) -> list[Any]:
-    """Every labeler on every SAE of ``saes``: features judged on 1000 images (seed 7, as the free-label
-    check), labels made from 1000 other images (seed 8); causal effects on 64 of them (16 with ``quick``)."""
+    """Every labeler on every SAE of ``saes``: features judged on ``n_images`` images (seed 7, as the free-label
+    check), labels made from ``n_images`` other images (seed 8); causal effects on 64 of them (16 with ``quick``)."""
     from sae_lens import SAE
 
     from sae_lens_multimodal.models.hooked_clip import HookedCLIP
@@ -86,9 +95,9 @@ def run_labeler_checks(
     from sae_lens_multimodal.world.labeler_checks import compare_labelers
     from sae_lens_multimodal.world.shapes import ShapesWorld, to_tensor
 
-    images, factors = ShapesWorld(image_size=32, seed=7).sample(1000)
+    images, factors = ShapesWorld(image_size=32, seed=7).sample(n_images)
     x = to_tensor(images, mean=(0.5,) * 3, std=(0.5,) * 3)
-    ref = to_tensor(ShapesWorld(image_size=32, seed=8).sample(1000)[0], mean=(0.5,) * 3, std=(0.5,) * 3)
+    ref = to_tensor(ShapesWorld(image_size=32, seed=8).sample(n_images)[0], mean=(0.5,) * 3, std=(0.5,) * 3)
     out, models = [], {}
     for model_name, release, hook in saes:
         if model_name not in models:  # the model and its vocabulary embeddings, once per model
@@ -152,30 +161,349 @@ def run_ground_truth_checks(
     return checks
 
 
-def main(argv: Optional[list[str]] = None) -> GroundTruthChecks:
+# ------------------------------------------------------------------------------ the README's figures
+#: Check name -> the row of README.md's table "What the shapes world lets us check" whose figures it prints
+#: (README order). ``tests/world/test_ground_truth.py`` parses that table, so a row added there without a
+#: check here (or renamed) fails the test.
+README_ROWS: dict[str, str] = {
+    "zero-shot": "Shapes CLIP zero-shot over 162 caption classes",
+    "diffusion": "Shapes diffusion: generated images judged by the shapes CLIP (colour / shape / position)",
+    "free-labels": "Free-label accuracy: features whose top-20 images share a factor value, label names it "
+                   "(direct-path / causal)",
+    "labelers": "Labelers side by side (check 0; labels from other images than the ones judged): labelled "
+                "features named correctly, `shapes-clip-saes`",
+    "steerability": "Steerability: features whose clamping moves zero-shot predictions toward their label beyond "
+                    "baselines",
+    "probes": "Per-timestep linear probes at the last up block (unconditional branch, 10 steps)",
+    "diffusion-patching": "Diffusion patching (all blocks, first steps up to t)",
+    "typographic": "Typographic attack on `shapes-clip-typographic` (a wrong colour word written on the image)",
+    "clip-patching": "CLIP activation patching, red vs blue circle",
+}
+CHECKS: tuple[str, ...] = tuple(README_ROWS)
+
+
+def _pct(x: float, digits: int = 1) -> str:
+    """A percentage as the README writes it: ``97.7%``, but ``100%`` and ``0%`` without decimals."""
+    text = f"{100 * x:.{digits}f}"
+    return (text.split(".")[0] if float(text) in (0.0, 100.0) else text) + "%"
+
+
+_NAMES = {"color": "colour"}  # the README's spelling
+
+
+def _t(value: Any) -> str:
+    return "never" if value is None else f"t≈{int(value)}"
+
+
+@dataclass
+class ReadmeFigures:
+    """The figures of each check run: ``lines[check]`` is the printed line, ``results[check]`` what the
+    analysis returned, ``seconds[check]`` its wall time."""
+
+    lines: dict[str, str] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_table(self) -> str:
+        return "\n".join(f"| {README_ROWS[c]} | {line} |" for c, line in self.lines.items())
+
+    __str__ = to_table
+
+
+class _Context:
+    """Models, SAEs and shared runs loaded once per command (several checks use the same ones)."""
+
+    def __init__(self, quick: bool, progress: bool, hooks: tuple[str, ...], branches: tuple[str, ...]) -> None:
+        self.quick, self.progress, self.hooks, self.branches = quick, progress, hooks, branches
+        self._cache: dict[str, Any] = {}
+
+    def get(self, key: str, make: Any) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def clip(self, name: str = "shapes-clip") -> Any:
+        from sae_lens_multimodal.models.hooked_clip import HookedCLIP
+
+        return self.get(f"clip:{name}", lambda: HookedCLIP.from_pretrained(name))
+
+    def sae(self, release: str, hook: str) -> Any:
+        from sae_lens import SAE
+
+        return self.get(f"sae:{release}:{hook}", lambda: SAE.from_pretrained(release, hook))
+
+    def pipe(self) -> Any:
+        from sae_lens_multimodal.world.diffusion import load_shapes_pipeline
+
+        return self.get("pipe", load_shapes_pipeline)
+
+    def judge(self) -> Any:
+        from sae_lens_multimodal.world.eval_diffusion import FactorClassifier
+
+        return self.get("judge", FactorClassifier)
+
+    def vision_report(self) -> Any:
+        """Free-label accuracy and steerability toward the causal label (``shapes_ground_truth``), plus
+        steerability toward the most-promoted value on the same images and features."""
+        from sae_lens_multimodal.world.feature_checks import factor_text_embeddings, shapes_ground_truth, shapes_steerability
+        from sae_lens_multimodal.world.shapes import ShapesWorld, to_tensor
+
+        def make() -> tuple[Any, Any]:
+            model, sae = self.clip(), self.sae("shapes-clip-saes", "blocks.2.hook_resid_post")
+            n_images, n_steer, max_features = (200, 6, 8) if self.quick else (1000, 24, 64)
+            report = shapes_ground_truth(model, sae, n_images=n_images, n_steer_images=n_steer,
+                                         max_features=max_features, progress=self.progress, verbose=False)
+            # the same images shapes_ground_truth draws (seed 7)
+            x = to_tensor(ShapesWorld(image_size=32, seed=7).sample(n_steer)[0], mean=(0.5,) * 3, std=(0.5,) * 3)
+            promoted = shapes_steerability(model, sae, x, text=factor_text_embeddings(model), toward="promoted",
+                                           max_features=max_features, progress=self.progress)
+            return report, promoted
+
+        return self.get("vision", make)
+
+
+def _zero_shot(ctx: _Context) -> tuple[str, Any]:
+    from sae_lens_multimodal.world.clip import load_shapes_clip, zero_shot_accuracy
+
+    model, tokenizer = load_shapes_clip()
+    r = zero_shot_accuracy(model, tokenizer, n=200 if ctx.quick else 2000, verbose=False)
+    per = ", ".join(f"{_NAMES.get(k, k)} {_pct(v)}" for k, v in r.factor_accuracy.items())
+    return f"{_pct(r.accuracy, 2)} ({r.n_images} fresh images, {r.n_classes} classes; {per})", r
+
+
+def _diffusion(ctx: _Context) -> tuple[str, Any]:
+    from sae_lens_multimodal.world.causal import shapes_prompts
+    from sae_lens_multimodal.world.eval_diffusion import evaluate_pipeline
+
+    kwargs: dict[str, Any] = dict(prompts=shapes_prompts(9), images_per_prompt=1, num_inference_steps=4) if ctx.quick \
+        else dict(images_per_prompt=4, num_inference_steps=20)
+    r = evaluate_pipeline(ctx.pipe(), guidance_scale=2.0, seed=0, classifier=ctx.judge(), progress=ctx.progress, **kwargs)
+    acc = r.factor_accuracy
+    return (f"{_pct(acc['color'])} / {_pct(acc['shape'])} / {_pct(acc['position'])} ({r.n_images} images, "
+            f"{r.num_inference_steps} steps, guidance {r.guidance_scale:g}; all three {_pct(r.all_factors_accuracy)})"), r
+
+
+def _free_labels(ctx: _Context) -> tuple[str, Any]:
+    labels = ctx.vision_report()[0].labels
+    names = _NAMES
+    per = ", ".join(f"{names.get(k, k)} {_pct(d, 0)} / {_pct(c, 0)}"
+                    for k, (_, d, c) in sorted(labels.per_factor().items(), key=lambda kv: -kv[1][1]))
+    return (f"{_pct(labels.direct_accuracy)} / {_pct(labels.causal_accuracy)} over {labels.n_pure} features "
+            f"(chance {_pct(labels.chance())}); {per}"), labels
+
+
+#: How README.md names the labelers of ``analysis.labelers``.
+LABELER_NAMES = {"textspan": "TextSpan-style", "decoder-projection": "DN-CBM-style decoder projection",
+                 "splice": "SpLiCE-style"}
+
+
+def _labelers(ctx: _Context) -> tuple[str, Any]:
+    # causal effects on 16 images (run_labeler_checks' quick setting): the setting docs/clip.md and README measured
+    saes = LABELER_SAES[:1] if ctx.quick else LABELER_SAES
+    comparisons = run_labeler_checks(saes, quick=True, verbose=False, n_images=300 if ctx.quick else 1000)
+    first, rest = comparisons[0], comparisons[1:]
+    e = first.scores["enrichment"]
+    others = sorted(((n, s.precision()) for n, s in first.scores.items() if n != "enrichment"), key=lambda kv: -kv[1])
+    line = (f"`enrichment` {_pct(e.precision(), 0)} (coverage {_pct(e.coverage(), 0)}; "
+            + ", ".join(f"{_NAMES.get(f, f)} {_pct(e.accuracy(f), 0)}" for f in ("color", "shape", "position"))
+            + "); " + ", ".join(f"{LABELER_NAMES.get(n, n)} {_pct(p, 0)}" for n, p in others))
+    if rest:
+        line += "; typographic blocks 0-2: `enrichment` " + ", ".join(
+            f"{_pct(c.scores['enrichment'].precision(), 0)} (shape {_pct(c.scores['enrichment'].accuracy('shape'), 0)})"
+            for c in rest)
+    return line, comparisons
+
+
+def _steerability(ctx: _Context) -> tuple[str, Any]:
+    from sae_lens_multimodal.world.feature_checks import REAL_CLIP_STEERABLE_FRACTION
+
+    report, promoted = ctx.vision_report()
+    s = report.steerability
+    lo, hi = REAL_CLIP_STEERABLE_FRACTION
+    base = " / ".join(_pct(s.baseline_fraction_above(k)) for k in s.baseline_power)
+    return (f"{_pct(s.fraction_steerable, 0)} of {len(s.feature_ids)} ({base} of "
+            f"{' / '.join(s.baseline_power)} draws pass); toward the most-promoted value instead: "
+            f"{_pct(promoted.fraction_steerable, 0)} (real CLIP: {100 * lo:.0f}-{100 * hi:.0f}%)"), (s, promoted)
+
+
+def _probes(ctx: _Context) -> tuple[str, Any]:
+    from sae_lens_multimodal.analysis.temporal import timestep_probes
+
+    probes = [timestep_probes(ctx.pipe(), hook, cfg_branch=branch, n_train=36 if ctx.quick else 162,
+                              n_test=18 if ctx.quick else 108, num_inference_steps=4 if ctx.quick else 10,
+                              progress=ctx.progress)
+              for hook in ctx.hooks for branch in ctx.branches]
+    p = probes[0]
+    start = p.decodable_from(0.9)
+    order = sorted(p.factors, key=lambda f: -int(start[f]) if start[f] is not None else 1)  # earliest first
+    cells = [f"{_NAMES.get(f, f)} {'decodable (>= 0.9) ' if i == 0 else ''}from {_t(start[f])}" if start[f] is not None
+             else f"{_NAMES.get(f, f)} never above {float(p.accuracy[:, p.factors.index(f)].max()):.2f}"
+             for i, f in enumerate(order)]
+    at_start = ", ".join(f"{_NAMES.get(f, f)} {float(p.accuracy[0, i]):.2f} (chance {float(p.chance[i]):.2f})"
+                         for i, f in enumerate(p.factors))
+    return f"{', '.join(cells)}; at t={int(p.timesteps[0])}: {at_start} ({p.hook_name} [{p.cfg_branch}])", probes
+
+
+#: The prompt pairs of tests/analysis/test_diffusion_patching.py (and docs/causal-analysis.md): a source and the
+#: factor value it is swapped to; the full check also runs each pair in reverse (4 pairs).
+PATCHING_SOURCES: tuple[dict[str, str], ...] = (
+    {"color": "red", "shape": "circle", "position": "left"},
+    {"color": "green", "shape": "square", "position": "top"},
+)
+PATCHING_SWAPS: dict[str, dict[str, str]] = {"position": {"left": "right", "top": "bottom"},
+                                             "color": {"red": "blue", "green": "purple"}}
+
+
+def _patching_pairs(factor: str, both_ways: bool) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    source = [dict(p) for p in PATCHING_SOURCES]
+    target = [dict(p, **{factor: PATCHING_SWAPS[factor][p[factor]]}) for p in source]
+    return (source + target, target + source) if both_ways else (source, target)
+
+
+def _diffusion_patching(ctx: _Context) -> tuple[str, Any]:
+    from sae_lens_multimodal.analysis.diffusion_patching import diffusion_patching
+
+    out, cells = {}, []
+    for factor, name in (("position", "position is fixed"), ("color", "colour only")):
+        source, target = _patching_pairs(factor, both_ways=not ctx.quick)
+        r = diffusion_patching(ctx.pipe(), source, target, factor=factor, judge=ctx.judge(), per_block=False,
+                               timestep_mode="until", num_inference_steps=4 if ctx.quick else 8,
+                               progress=ctx.progress)
+        p = r["p_source"][0].tolist()
+        fixed = next((t for t, v in zip(r.timesteps, p) if v >= 0.9), None)
+        out[factor] = r
+        fixed_t = re.findall(r"\d+", str(fixed))[-1] if fixed is not None else None  # a column: "999..624"
+        cells.append(f"{name} by {_t(fixed_t)} (p_source {' '.join(f'{v:.3g}' for v in p)})")
+    return f"{'; '.join(cells)} ({len(source)} prompt pairs; columns {', '.join(map(str, r.timesteps))})", out
+
+
+def _typographic(ctx: _Context) -> tuple[str, Any]:
+    from sae_lens_multimodal.world.clip import load_shapes_clip, typographic_attack
+    from sae_lens_multimodal.world.typographic import typographic_analysis
+
+    model, sae = ctx.clip("shapes-clip-typographic"), ctx.sae("shapes-clip-typographic-saes", "blocks.0.hook_resid_post")
+    sizes = dict(n_discover=100, n_select=100, n_test=100, candidate_counts=(0, 8, 56)) if ctx.quick else {}
+    r = typographic_analysis(model, sae, seed=0, progress=ctx.progress, model_name="shapes-clip-typographic", **sizes)
+    plain, tokenizer = load_shapes_clip()
+    flips = typographic_attack(plain, tokenizer, n=100 if ctx.quick else 1000, verbose=False)["predicted_written_word"]
+    a = r.accuracy
+    return (f"accuracy {_pct(a['clean'])} → {_pct(a['attacked'])} under attack → {_pct(a['attacked_suppressed'])} "
+            f"with {r.n_suppressed} SAE text features suppressed (clean cost {100 * r.clean_cost:.1f} points; "
+            f"{r.n_test} test images); the plain shapes CLIP is not fooled ({_pct(flips)} flips)"), (r, flips)
+
+
+def _clip_patching(ctx: _Context) -> tuple[str, Any]:
+    # the setup of docs/causal-analysis.md ("Vision / CLIP: activation patching"), as tests/analysis runs it
+    from dataclasses import replace
+
+    from sae_lens_multimodal.analysis import ZeroShotClassifier, clip_activation_patching
+    from sae_lens_multimodal.world.causal import shape_patch_mask
+    from sae_lens_multimodal.world.shapes import COLORS, ShapesWorld, all_captions, caption, to_tensor
+
+    clip = ctx.clip()
+    classifier = ZeroShotClassifier(clip, all_captions(), templates=("{}",))
+    world = ShapesWorld(32, seed=3)
+    red = world.sample_factors(1, shape="circle", color="red", position="left", size="large", texture="plain")[0]
+    blue = replace(red, color="blue", rgb=COLORS["blue"])
+    x = to_tensor(world.render([red, blue]), mean=(0.5,) * 3, std=(0.5,) * 3)
+    region = shape_patch_mask(red, 32, 4)
+    with torch.no_grad():
+        r = clip_activation_patching(clip, x[:1], x[1:], classifier, caption(red), caption(blue), region_tokens=region,
+                                     heads=False)
+    grid = r.by_token["resid_pre"]
+    last = grid.shape[0] - 1
+    outside = [t for t in range(grid.shape[1]) if t not in region]
+    return (f"the circle's patches carry the colour at layer 0 ({float(r.region['resid_pre'][0]):.2f}), the CLS "
+            f"token by layer {last} ({float(grid[last, 0]):.2f}); every other token < 1e-4 at layer 0 (largest "
+            f"{float(grid[0, outside].abs().max()):.1e})"), r
+
+
+_CHECK_FUNCTIONS = {
+    "zero-shot": _zero_shot, "diffusion": _diffusion, "free-labels": _free_labels, "labelers": _labelers,
+    "steerability": _steerability, "probes": _probes, "diffusion-patching": _diffusion_patching,
+    "typographic": _typographic, "clip-patching": _clip_patching,
+}
+
+
+def parse_checks(text: str) -> tuple[str, ...]:
+    """``"all"`` or comma-separated check names -> the checks in README order; unknown names raise."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or names == ["all"]:
+        return CHECKS
+    unknown = [n for n in names if n not in README_ROWS]
+    if unknown:
+        raise ValueError(f"Unknown check(s) {unknown}; choose from {', '.join(CHECKS)} (or 'all').")
+    return tuple(c for c in CHECKS if c in names)
+
+
+def run_readme_checks(
+    checks: tuple[str, ...] = CHECKS,
+    *,
+    quick: bool = False,
+    hooks: tuple[str, ...] = ("up_blocks.2.resnets.1.hook_out",),
+    branches: tuple[str, ...] = ("uncond",),
+    progress: bool = False,
+    verbose: bool = True,
+) -> ReadmeFigures:
+    """Compute the figures of each check of README.md's shapes-world table (``checks``: names of
+    :data:`README_ROWS`) and print one line per check, ``<README row>: <figures>``, as each finishes."""
+    unknown = [c for c in checks if c not in README_ROWS]
+    if unknown:
+        raise ValueError(f"Unknown check(s) {unknown}; choose from {', '.join(CHECKS)}.")
+    ctx = _Context(quick, progress, hooks, branches)
+    out = ReadmeFigures()
+    for check in checks:
+        start = time.perf_counter()
+        line, result = _CHECK_FUNCTIONS[check](ctx)
+        out.lines[check], out.results[check] = line, result
+        out.seconds[check] = round(time.perf_counter() - start, 1)
+        if verbose:
+            print(f"{README_ROWS[check]}: {line}  [{check}, {out.seconds[check]:.0f} s]", flush=True)
+    return out
+
+
+def _checks_argument(text: str) -> tuple[str, ...]:
+    try:
+        return parse_checks(text)
+    except ValueError as err:  # argparse turns this into its one-line usage error, exit status 2
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def main(argv: Optional[list[str]] = None) -> ReadmeFigures:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="smaller samples (about a minute)")
-    parser.add_argument("--no-labelers", action="store_true", help="skip the side-by-side labeler table (check 0)")
+    parser.add_argument("--checks", type=_checks_argument, default=CHECKS,
+                        help="comma-separated checks to run, in README order: " + ", ".join(CHECKS) + " (default: all). "
+                        "At full size on one shared CPU core the diffusion check (648 images, 20 steps) takes "
+                        "about 4-5 minutes and the labelers check (4 SAEs) several minutes; the others under 3")
+    parser.add_argument("--quick", action="store_true",
+                        help="small samples and few steps, to see that every check runs (figures not comparable)")
+    parser.add_argument("--no-labelers", action="store_true", help="skip the labelers check (check 0)")
     parser.add_argument("--hooks", default="up_blocks.2.resnets.1.hook_out",
-                        help="comma-separated UNet hooks to probe (default: the last up block's output resnet)")
+                        help="comma-separated UNet hooks for the probes check (default: the last up block's output "
+                        "resnet; the printed line reports the first)")
     parser.add_argument("--branches", default="uncond", help="CFG branches to probe: uncond (what the sample "
                         "shows), cond (the prompt is an input there, so factors are decodable from the start)")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
 
 
-def run_from_args(args: argparse.Namespace) -> GroundTruthChecks:
+def run_from_args(args: argparse.Namespace) -> ReadmeFigures:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return run_ground_truth_checks(
+    checks = getattr(args, "checks", CHECKS)
+    if getattr(args, "no_labelers", False):
+        checks = tuple(c for c in checks if c != "labelers")
+    return run_readme_checks(
+        checks,
         quick=args.quick,
-        labelers=not args.no_labelers,
         hooks=tuple(h.strip() for h in args.hooks.split(",") if h.strip()),
         branches=tuple(b.strip() for b in args.branches.split(",") if b.strip()),
+        progress=getattr(args, "progress", False),
     )
 
 

@@ -5,15 +5,24 @@ t=999 -> >= 0.9 from t=500, position >= 0.9 from t=799, shape never above 0.78).
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from sae_lens_multimodal.cli import main as cli_main
 from sae_lens_multimodal.world.ground_truth import (
+    CHECKS,
     LABELER_SAES,
+    README_ROWS,
     GroundTruthChecks,
+    _pct,
+    parse_checks,
     run_ground_truth_checks,
     run_labeler_checks,
 )
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +103,43 @@ def test_cli_lists_the_ground_truth_command(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         cli_main(["ground-truth", "--help"])
     assert "--quick" in capsys.readouterr().out
+
+
+def readme_check_rows() -> list[str]:
+    """The "Check" cells of README.md's table under "What the shapes world lets us check"."""
+    section = README.read_text(encoding="utf-8").split("## What the shapes world lets us check", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert rows[0].startswith("| Check |") and set(rows[1]) <= set("|-")
+    return [line.split("|")[1].strip() for line in rows[2:]]
+
+
+def test_every_readme_row_has_a_check() -> None:
+    rows = readme_check_rows()
+    assert len(rows) == 9
+    assert list(README_ROWS.values()) == rows  # same rows, same wording, same order
+
+
+def test_ground_truth_command_prints_one_line_per_readme_row(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["ground-truth", "--quick"]) in (0, None)
+    out = capsys.readouterr().out.splitlines()
+    for row in readme_check_rows():
+        lines = [line for line in out if line.startswith(f"{row}: ")]
+        assert len(lines) == 1, (row, out)
+        assert re.search(r"\d", lines[0][len(row) + 2:]), lines[0]  # a figure, not an empty line
+
+
+def test_checks_are_selectable_and_typos_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_checks("all") == CHECKS
+    assert parse_checks("clip-patching, zero-shot") == ("zero-shot", "clip-patching")  # README order
+    with pytest.raises(ValueError, match="zero-shot"):
+        parse_checks("zero-shots")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["ground-truth", "--checks", "zero-shots"])
+    assert exit_info.value.code == 2 and "Unknown check" in capsys.readouterr().err
+    assert cli_main(["ground-truth", "--quick", "--checks", "clip-patching"]) in (0, None)
+    out = capsys.readouterr().out
+    assert out.count(README_ROWS["clip-patching"]) == 1 and README_ROWS["zero-shot"] not in out
+
+
+def test_percentages_are_written_as_in_the_readme() -> None:
+    assert [_pct(0.977), _pct(1.0), _pct(0.0), _pct(0.9865, 2), _pct(0.5625, 0)] == ["97.7%", "100%", "0%", "98.65%", "56%"]

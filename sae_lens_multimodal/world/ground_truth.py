@@ -254,7 +254,8 @@ class _Context:
             report = shapes_ground_truth(model, sae, n_images=n_images, n_steer_images=n_steer,
                                          max_features=max_features, progress=self.progress, verbose=False)
             # the same images shapes_ground_truth draws (seed 7)
-            x = to_tensor(ShapesWorld(image_size=32, seed=7).sample(n_steer)[0], mean=(0.5,) * 3, std=(0.5,) * 3)
+            images = ShapesWorld(image_size=32, seed=7).sample(n_images)[0][:n_steer]
+            x = to_tensor(images, mean=(0.5,) * 3, std=(0.5,) * 3)
             promoted = shapes_steerability(model, sae, x, text=factor_text_embeddings(model), toward="promoted",
                                            max_features=max_features, progress=self.progress)
             return report, promoted
@@ -478,8 +479,8 @@ def main(argv: Optional[list[str]] = None) -> ReadmeFigures:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checks", type=_checks_argument, default=CHECKS,
                         help="comma-separated checks to run, in README order: " + ", ".join(CHECKS) + " (default: all). "
-                        "At full size on one shared CPU core the diffusion check (648 images, 20 steps) takes "
-                        "about 4-5 minutes and the labelers check (4 SAEs) several minutes; the others under 3")
+                        "At the README's sizes the whole command takes about 5-6 minutes on 2 CPU threads, 3 of them in the "
+                        "diffusion check (648 images, 20 steps; kept at the README's size); every other check < 30 s")
     parser.add_argument("--quick", action="store_true",
                         help="small samples and few steps, to see that every check runs (figures not comparable)")
     parser.add_argument("--no-labelers", action="store_true", help="skip the labelers check (check 0)")

@@ -55,10 +55,10 @@ def test_shared_options_are_spelled_and_valued_the_same_everywhere():
             for opt in action.option_strings:
                 seen.setdefault(opt, {})[command] = (tuple(action.choices) if action.choices else None)
     # one spelling for the SAE directory and the denoising steps; the old ones only as deprecated aliases
-    assert set(seen["--sae-path"]) == {"evaluate", "dashboards", "steerability"}
+    assert set(seen["--sae-path"]) == {"evaluate", "dashboards", "steerability", "circuit"}
     assert set(seen["--sae"]) == {"evaluate"}
     assert set(seen["--num-inference-steps"]) >= {"cache", "evaluate", "dashboards", "demo"}
-    assert set(seen["--model-kind"]) == {"cache", "train", "evaluate", "dashboards", "steerability", "hooks"}
+    assert set(seen["--model-kind"]) == {"cache", "train", "evaluate", "dashboards", "steerability", "hooks", "circuit"}
     assert len(set(seen["--model-kind"].values())) == 1
     assert set(seen["--cfg-branch"].values()) == {("cond", "uncond", "both")}
     for opt in ("--release", "--sae-id", "--sae-path"):  # (`releases --release` filters the list: another meaning)

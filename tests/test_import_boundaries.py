@@ -69,7 +69,7 @@ def test_no_module_outside_the_world_imports_it_at_module_level_and_none_imports
 
 
 #: command-line front ends: they offer shapes-world inputs and commands, imported when a user asks for them
-CLI_FRONT_ENDS = {"cli.py", "reports/cli.py", "steering/cli.py"}
+CLI_FRONT_ENDS = {"cli.py", "reports/cli.py", "steering/cli.py", "analysis/circuit_cli.py"}
 
 
 def test_no_module_outside_the_world_imports_it_except_the_command_line_front_ends():

@@ -168,14 +168,16 @@ def add_circuit_command(subparsers: "argparse._SubParsersAction[argparse.Argumen
         description="Rank every SAE feature and error node (per position) by attribution patching for the clean -> "
                     "corrupted contrast, keep those above --node-threshold and the edges between consecutive SAE "
                     "hooks above --edge-threshold, measure faithfulness (mean ablation) and write circuit.json and "
-                    "circuit.html to --out. Example: sae-lens-mm circuit --model shapes-clip --release "
+                    "circuit.html to --out. Repeat --sae-id (with --release) or --sae-path for SAEs at several hooks. Example: sae-lens-mm circuit --model shapes-clip --release "
                     "shapes-clip-saes --sae-id blocks.2.hook_resid_post --shapes-contrast colour --out circ/",
     )
     add_model_option(parser)
     add_model_kind_option(parser)
     parser.add_argument("--release", help="SAE release for SAE.from_pretrained (list them: sae-lens-mm releases)")
-    parser.add_argument("--sae-id", action="append", metavar="ID", help="SAE id within --release (repeat for several hooks)")
-    parser.add_argument("--sae-path", action="append", metavar="DIR", help="a saved SAE directory (repeatable)")
+    parser.add_argument("--sae-id", action="append", metavar="ID", help="SAE id within --release")
+    parser.add_argument("--sae-path", action="append", metavar="DIR",
+                        help="directory of an SAE saved with SAELens (save_model / save_inference_model; "
+                             "SAE.load_from_disk), instead of --release")
     parser.add_argument("--clean", metavar="IMG", help="the clean image file")
     parser.add_argument("--corrupted", metavar="IMG", help="the corrupted image file")
     parser.add_argument("--metric", choices=["logit-diff"], default="logit-diff",

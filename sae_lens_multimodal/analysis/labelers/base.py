@@ -27,6 +27,7 @@ from sae_lens_multimodal.analysis.zero_shot import text_embeddings
 from sae_lens_multimodal.core.hooked_root import has_parts
 
 __all__ = [
+    "VocabularyLabeler",
     "TermScore",
     "FeatureLabel",
     "Labeler",
@@ -232,3 +233,17 @@ def labels_from_scores(
         terms = [TermScore(vocabulary[i], s, v)] if v >= min_validity else []
         out.append(FeatureLabel(feature=int(f), terms=terms, validity=v if terms else 0.0))
     return out
+
+
+class VocabularyLabeler:
+    """The shared entry of this package's labelers: resolve the inputs once (or reuse ``inputs`` computed for
+    several labelers), check the feature ids, then :meth:`label_resolved`, which is what each labeler computes."""
+
+    @torch.no_grad()
+    def label(self, model: Any, sae: Any, features: Sequence[int], vocabulary: VocabularyLike = None,
+              images: Any = None, *, inputs: Optional[LabelInputs] = None) -> list[FeatureLabel]:
+        inputs = resolve_inputs(model, sae, vocabulary, images, inputs)
+        return self.label_resolved(model, sae, inputs, check_features(features, inputs.acts.shape[1]))
+
+    def label_resolved(self, model: Any, sae: Any, inputs: LabelInputs, ids: list[int]) -> list[FeatureLabel]:
+        raise NotImplementedError

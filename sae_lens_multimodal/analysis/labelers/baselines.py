@@ -23,9 +23,8 @@ Each is written from the method's description for an SAE on a CLIP vision tower 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +34,10 @@ from sae_lens_multimodal.analysis.labelers.base import (
     FeatureLabel,
     LabelInputs,
     TermScore,
-    check_features,
+    VocabularyLabeler,
     labels_from_scores,
-    resolve_inputs,
 )
 from sae_lens_multimodal.analysis.labels import _sae_parts, _to_residual, label_features
-from sae_lens_multimodal.analysis.vocabulary import VocabularyLike
 
 __all__ = [
     "DecoderProjectionLabeler",
@@ -65,17 +62,13 @@ def _read(v: torch.Tensor, inputs: LabelInputs) -> torch.Tensor:
 
 
 @dataclass
-class DecoderProjectionLabeler:
+class DecoderProjectionLabeler(VocabularyLabeler):
     """DN-CBM style: the decoder direction through the final LN weight and the projection (no later layer)."""
 
     name: str = "decoder-projection"
     min_validity: float = 0.0
 
-    @torch.no_grad()
-    def label(self, model: Any, sae: Any, features: Sequence[int], vocabulary: VocabularyLike = None,
-              images: Any = None, *, inputs: Optional[LabelInputs] = None) -> list[FeatureLabel]:
-        inputs = resolve_inputs(model, sae, vocabulary, images, inputs)
-        ids = check_features(features, inputs.acts.shape[1])
+    def label_resolved(self, model: Any, sae: Any, inputs: LabelInputs, ids: list[int]) -> list[FeatureLabel]:
         vision = model.part("vision")
         w_dec, _ = _sae_parts(sae)
         dirs = _to_residual(vision, inputs.hook, w_dec[ids].to(vision.cfg.dtype))
@@ -85,7 +78,7 @@ class DecoderProjectionLabeler:
 
 
 @dataclass
-class TextSpanLabeler:
+class TextSpanLabeler(VocabularyLabeler):
     """TextSpan style: the text direction explaining most variance of the activation-weighted image embeddings.
 
     ``n_basis`` directions are chosen greedily (each projected out of the data and the remaining texts);
@@ -95,11 +88,7 @@ class TextSpanLabeler:
     n_basis: int = 3
     min_validity: float = 0.0
 
-    @torch.no_grad()
-    def label(self, model: Any, sae: Any, features: Sequence[int], vocabulary: VocabularyLike = None,
-              images: Any = None, *, inputs: Optional[LabelInputs] = None) -> list[FeatureLabel]:
-        inputs = resolve_inputs(model, sae, vocabulary, images, inputs)
-        ids = check_features(features, inputs.acts.shape[1])
+    def label_resolved(self, model: Any, sae: Any, inputs: LabelInputs, ids: list[int]) -> list[FeatureLabel]:
         centred = _degap_image(inputs.image_embeds - inputs.image_embeds.mean(0), inputs)
         out = []
         for f in ids:
@@ -135,7 +124,7 @@ def sparse_nonnegative_codes(v: torch.Tensor, dictionary: torch.Tensor, l1: floa
 
 
 @dataclass
-class SpliceLabeler:
+class SpliceLabeler(VocabularyLabeler):
     """SpLiCE style: sparse non-negative decomposition of the feature's causal effect on the embedding.
 
     Terms with weight >= ``min_share`` of the largest are returned (best first, at most ``max_terms``);
@@ -147,11 +136,7 @@ class SpliceLabeler:
     min_share: float = 0.5
     min_validity: float = 0.0
 
-    @torch.no_grad()
-    def label(self, model: Any, sae: Any, features: Sequence[int], vocabulary: VocabularyLike = None,
-              images: Any = None, *, inputs: Optional[LabelInputs] = None) -> list[FeatureLabel]:
-        inputs = resolve_inputs(model, sae, vocabulary, images, inputs)
-        ids = check_features(features, inputs.acts.shape[1])
+    def label_resolved(self, model: Any, sae: Any, inputs: LabelInputs, ids: list[int]) -> list[FeatureLabel]:
         effect = F.normalize(_degap_image(_causal_vectors(inputs, ids), inputs), dim=-1)
         D = inputs.text_degapped
         w = sparse_nonnegative_codes(effect, D, self.l1 * float((effect @ D.T).abs().max()))
@@ -185,51 +170,39 @@ def _causal_vectors(inputs: LabelInputs, ids: list[int]) -> torch.Tensor:
 
 
 @dataclass
-class ImageSideLabeler:
+class ImageSideLabeler(VocabularyLabeler):
     """The text nearest the mean embedding shift of the feature's ``top_k`` top-activating images."""
 
     name: str = "image-side"
     top_k: int = 20
     min_validity: float = 0.0
 
-    @torch.no_grad()
-    def label(self, model: Any, sae: Any, features: Sequence[int], vocabulary: VocabularyLike = None,
-              images: Any = None, *, inputs: Optional[LabelInputs] = None) -> list[FeatureLabel]:
-        inputs = resolve_inputs(model, sae, vocabulary, images, inputs)
-        ids = check_features(features, inputs.acts.shape[1])
+    def label_resolved(self, model: Any, sae: Any, inputs: LabelInputs, ids: list[int]) -> list[FeatureLabel]:
         mean = inputs.image_embeds.mean(0)
         shifts = torch.stack([inputs.image_embeds[inputs.top_images(f, self.top_k)].mean(0) - mean for f in ids])
         return labels_from_scores(ids, _read(shifts, inputs), inputs.vocabulary, min_validity=self.min_validity)
 
 
 @dataclass
-class DirectPathLabeler:
+class DirectPathLabeler(VocabularyLabeler):
     """This package's direct-path label; validity = the share of the real effect the direct path explains."""
 
     name: str = "direct-path"
     min_validity: float = 0.0
 
-    @torch.no_grad()
-    def label(self, model: Any, sae: Any, features: Sequence[int], vocabulary: VocabularyLike = None,
-              images: Any = None, *, inputs: Optional[LabelInputs] = None) -> list[FeatureLabel]:
-        inputs = resolve_inputs(model, sae, vocabulary, images, inputs)
-        ids = check_features(features, inputs.acts.shape[1])
+    def label_resolved(self, model: Any, sae: Any, inputs: LabelInputs, ids: list[int]) -> list[FeatureLabel]:
         report = _label_report(inputs, ids)
         return labels_from_scores(ids, report.direct_scores, inputs.vocabulary, validity=report.validity,
                                   min_validity=self.min_validity)
 
 
 @dataclass
-class CausalLabeler:
+class CausalLabeler(VocabularyLabeler):
     """This package's causal label (the feature added in the real forward pass); validity = the top score."""
 
     name: str = "causal"
     min_validity: float = 0.0
 
-    @torch.no_grad()
-    def label(self, model: Any, sae: Any, features: Sequence[int], vocabulary: VocabularyLike = None,
-              images: Any = None, *, inputs: Optional[LabelInputs] = None) -> list[FeatureLabel]:
-        inputs = resolve_inputs(model, sae, vocabulary, images, inputs)
-        ids = check_features(features, inputs.acts.shape[1])
+    def label_resolved(self, model: Any, sae: Any, inputs: LabelInputs, ids: list[int]) -> list[FeatureLabel]:
         report = _label_report(inputs, ids)
         return labels_from_scores(ids, report.causal_scores, inputs.vocabulary, min_validity=self.min_validity)

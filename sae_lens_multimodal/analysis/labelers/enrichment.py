@@ -16,9 +16,8 @@ at ``min_validity`` gets no label (abstains). The label's validity is that of it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -26,10 +25,8 @@ from sae_lens_multimodal.analysis.labelers.base import (
     FeatureLabel,
     LabelInputs,
     TermScore,
-    check_features,
-    resolve_inputs,
+    VocabularyLabeler,
 )
-from sae_lens_multimodal.analysis.vocabulary import VocabularyLike
 
 __all__ = ["EnrichmentLabeler", "otsu_thresholds", "term_presence", "term_correlations"]
 
@@ -78,7 +75,7 @@ def term_correlations(inputs: LabelInputs) -> torch.Tensor:
 
 
 @dataclass
-class EnrichmentLabeler:
+class EnrichmentLabeler(VocabularyLabeler):
     """Terms present on the feature's top images far more than on the reference images (module docs)."""
 
     name: str = "enrichment"
@@ -92,11 +89,7 @@ class EnrichmentLabeler:
     #: terms correlated with it" (both measured worse on the shapes world: docs/clip.md)
     presence: str = "auroc"
 
-    @torch.no_grad()
-    def label(self, model: Any, sae: Any, features: Sequence[int], vocabulary: VocabularyLike = None,
-              images: Any = None, *, inputs: Optional[LabelInputs] = None) -> list[FeatureLabel]:
-        inputs = resolve_inputs(model, sae, vocabulary, images, inputs)
-        ids = check_features(features, inputs.acts.shape[1])
+    def label_resolved(self, model: Any, sae: Any, inputs: LabelInputs, ids: list[int]) -> list[FeatureLabel]:
         if self.presence not in ("slot", "otsu", "auroc"):
             raise ValueError(f"presence must be 'auroc', 'otsu' or 'slot'; got {self.presence!r}.")
         if self.presence == "auroc":

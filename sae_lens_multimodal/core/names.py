@@ -8,10 +8,11 @@ what was not found, the nearest known names, and where the full list is.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from typing import Optional
 
-__all__ = ["close_matches", "unknown_name_message"]
+__all__ = ["close_matches", "expand_unet_alias", "unknown_name_message"]
 
 
 def close_matches(name: str, known: Iterable[str], n: int = 5) -> list[str]:
@@ -42,3 +43,19 @@ def unknown_name_message(what: str, name: object, known: Iterable[str], see: Opt
     else:
         where = ""
     return f"Unknown {what} {name!r}.{hint}{where}"
+
+
+# Short names of UNet transformer blocks: up.<block>.<index> / down.<block>.<index> / mid.<index>.
+_UNET_ALIAS = re.compile(r"^(?:(down|up)\.(\d+)\.(\d+)|mid\.(\d+))(?=\.|$)")
+
+
+def expand_unet_alias(name: str) -> str:
+    """A hook name with a short UNet block alias spelled out as the diffusers path
+    (``up.0.1.hook_out`` -> ``up_blocks.0.attentions.1.hook_out``); any other name unchanged. Needs no model,
+    so a cache's recorded hook can be matched without loading one."""
+    match = _UNET_ALIAS.match(name)
+    if match is None:
+        return name
+    kind, block, index, mid = match.groups()
+    prefix = f"mid_block.attentions.{mid}" if mid is not None else f"{kind}_blocks.{block}.attentions.{index}"
+    return prefix + name[match.end():]

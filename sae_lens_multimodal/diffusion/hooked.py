@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -25,6 +24,7 @@ from transformer_lens.hook_points import HookPoint
 
 from sae_lens_multimodal.core.hooked_root import MultimodalHookedRootModule, unknown_hook_error
 from sae_lens_multimodal.core.contract import HookSpec
+from sae_lens_multimodal.core.names import expand_unet_alias
 from sae_lens_multimodal.models.registry import resolve_model_name
 from sae_lens_multimodal.diffusion.pipeline_classes import load_checked
 from sae_lens_multimodal.diffusion._attention import (
@@ -55,8 +55,6 @@ SUPPORTED_DITS = {
 }
 #: Flux is called with ``timestep / 1000``; multiply back to report scheduler units.
 TIMESTEP_SCALE = {"flux": 1000.0}
-
-_UNET_ALIAS = re.compile(r"^(?:(down|up)\.(\d+)\.(\d+)|mid\.(\d+))(?=\.|$)")
 
 
 def _family(denoiser: nn.Module, supported: dict[str, str]) -> str | None:
@@ -331,12 +329,7 @@ class HookedDenoiser(MultimodalHookedRootModule):
         """Resolve a short alias (``up.1.1.hook_out``) to the diffusers path (``up_blocks.1.attentions.1.hook_out``)."""
         if name in self.mod_dict or self.family != "unet":
             return name
-        match = _UNET_ALIAS.match(name)
-        if match is None:
-            return name
-        kind, block, index, mid = match.groups()
-        prefix = f"mid_block.attentions.{mid}" if mid is not None else f"{kind}_blocks.{block}.attentions.{index}"
-        return prefix + name[match.end():]
+        return expand_unet_alias(name)
 
     def aliases(self) -> dict[str, str]:
         """Short alias -> canonical block path, for the blocks of this model."""

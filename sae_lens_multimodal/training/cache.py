@@ -29,6 +29,7 @@ import torch
 
 from sae_lens_multimodal.core.atomic import atomic_save, atomic_write_json
 from sae_lens_multimodal.core.files import UnreadableFileError, load_npy
+from sae_lens_multimodal.core.names import expand_unet_alias
 from sae_lens_multimodal.core.sae_metadata import model_identity  # defined with the SAE metadata it fills
 
 __all__ = [
@@ -60,20 +61,6 @@ class IncompleteCacheError(ValueError):
     fewer rows. Re-running the command that made the cache computes only the missing shards."""
 
 
-# The short UNet block aliases of HookedDiffusionPipeline.canonical_hook_name (``up.0.1.hook_out`` ->
-# ``up_blocks.0.attentions.1.hook_out``), spelled here so that matching a cache's hook needs no model.
-_UNET_ALIAS = re.compile(r"^(?:(down|up)\.(\d+)\.(\d+)|mid\.(\d+))(?=\.|$)")
-
-
-def _unet_canonical(name: str) -> str:
-    m = _UNET_ALIAS.match(name)
-    if m is None:
-        return name
-    kind, block, index, mid = m.groups()
-    prefix = f"mid_block.attentions.{mid}" if mid is not None else f"{kind}_blocks.{block}.attentions.{index}"
-    return prefix + name[m.end():]
-
-
 def same_hook(metadata: dict[str, Any], name: str) -> bool:
     """Whether hook ``name`` (canonical or an alias) is the hook the cache ``metadata`` records: its
     ``hook_name`` or ``hook_alias`` (the spelling it was cached under), or, for diffusion caches, the same
@@ -81,7 +68,8 @@ def same_hook(metadata: dict[str, Any], name: str) -> bool:
     recorded = {metadata.get("hook_name"), metadata.get("hook_alias")} - {None}
     if name in recorded:
         return True
-    return metadata.get("kind") == "diffusion" and _unet_canonical(name) in {_unet_canonical(str(r)) for r in recorded}
+    expanded = {expand_unet_alias(str(r)) for r in recorded}
+    return metadata.get("kind") == "diffusion" and expand_unet_alias(name) in expanded
 
 
 def _read_json(path: Path, what: str, fix: str) -> Any:

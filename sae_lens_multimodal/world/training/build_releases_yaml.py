@@ -333,6 +333,20 @@ def bundled_releases() -> dict[str, Any]:
             "saes": [{"id": "blocks.2.hook_resid_post", "path": "blocks.2.hook_resid_post", "l0": 8.0,
                       "variance_explained": 0.9695}],
         },
+        "shapes-clip-layer-saes": {
+            "format": "bundled", "repo_id": f"{BUNDLED_ROOT}/shapes-clip-layer-saes", "model": "shapes-clip",
+            "model_class_name": "HookedViT",
+            "description": "Bundled TopK SAEs (64 -> 512, k=8) on the residual stream after every block (0-3) of the "
+                           "shapes-world CLIP's vision tower, all 65 tokens, the recipe of shapes-clip-saes: one SAE "
+                           "per layer, for sparse feature circuits with edges between layers (docs/circuits.md). Ships "
+                           "with the package: loads offline. Figures in cfg.metadata.evaluation.",
+            "regenerate": f"{TRAIN_SAES} --which clip-layers",
+            "defaults": {"token_policy": "all", "input_kind": "block_output", "architecture": "topk", "d_in": 64,
+                         "d_sae": 512, "k": 8, "context_size": 65, "source_model": "shapes-clip (vision tower)"},
+            # l0 / variance_explained: cfg.json metadata.evaluation of the shipped weights (1000 fresh images)
+            "saes": [{"id": f"blocks.{layer}.hook_resid_post", "path": f"blocks.{layer}.hook_resid_post", "l0": 8.0,
+                      "variance_explained": ev} for layer, ev in ((0, 0.9869), (1, 0.9793), (2, 0.9691), (3, 0.9629))],
+        },
         "shapes-diffusion-saes": {
             "format": "bundled", "repo_id": f"{BUNDLED_ROOT}/shapes-diffusion-saes", "model": "shapes-diffusion",
             "model_class_name": "HookedUNet",

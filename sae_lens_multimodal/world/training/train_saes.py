@@ -2,6 +2,7 @@
 
     python -m sae_lens_multimodal.world.training.train_saes                 # both; overwrites weights/saes/
     python -m sae_lens_multimodal.world.training.train_saes --which clip    # only the vision SAE
+    python -m sae_lens_multimodal.world.training.train_saes --which clip-layers  # shapes-clip-layer-saes (blocks 0-3)
     python -m sae_lens_multimodal.world.training.train_saes --which diffusion --out /tmp/saes --seed 1
 
 Both go through the package's own training path: an activation store (``ImageActivationStore`` /
@@ -13,6 +14,8 @@ complete (written next to the target, then renamed), so an interrupted run never
 
 * vision: ``blocks.2.hook_resid_post`` of ``HookedViT.from_pretrained("shapes-clip")`` (= the vision
   tower of ``HookedCLIP.from_pretrained("shapes-clip")``), every token (CLS + 64 patches), TopK.
+* vision, every block (release ``shapes-clip-layer-saes``, for circuits across layers): the same recipe at
+  ``blocks.{0,1,2,3}.hook_resid_post`` (``--which clip-layers``).
 * diffusion: ``up_blocks.0.attentions.1.hook_out`` of the shapes-diffusion UNet, channel-last 8x8
   tokens, recorded during real generations (DPM-Solver++, 20 steps, guidance 2) on the conditional
   half of the classifier-free-guidance batch, one TopK dictionary per timestep bucket
@@ -44,6 +47,8 @@ __all__ = [
     "BUNDLED_SAES_DIR",
     "CLIP_RELEASE",
     "CLIP_HOOK",
+    "CLIP_LAYER_RELEASE",
+    "CLIP_LAYER_HOOKS",
     "DIFFUSION_RELEASE",
     "DIFFUSION_HOOK",
     "DIFFUSION_TIMESTEP_RANGES",
@@ -59,6 +64,9 @@ __all__ = [
 
 CLIP_RELEASE = "shapes-clip-saes"
 CLIP_HOOK = "blocks.2.hook_resid_post"
+#: One SAE per block of the shapes CLIP's vision tower (4 blocks), for circuits with edges between layers.
+CLIP_LAYER_RELEASE = "shapes-clip-layer-saes"
+CLIP_LAYER_HOOKS = tuple(f"blocks.{i}.hook_resid_post" for i in range(4))
 DIFFUSION_RELEASE = "shapes-diffusion-saes"
 DIFFUSION_HOOK = "up_blocks.0.attentions.1.hook_out"
 #: Four buckets of five DPM-Solver steps each (the 20-step schedule is 50, 100, ..., 500, 549, ..., 999).
@@ -126,7 +134,22 @@ def diffusion_prompts(n: int, seed: int) -> list[str]:
 
 
 def _diffusion_rows(pipeline: Any, prompts: Sequence[str], seed_offset: int, recipe: DiffusionSAERecipe,
-                    progress: bool) -> Any:
+                    progress: bool, cache: Optional[Path] = None) -> Any:
+    """Activation rows of real generations; ``cache`` (a .pt file) is reused when it exists and written
+    otherwise, so a second SAE on the same generations (train_conditioned_sae.py) skips the generating."""
+    from sae_lens_multimodal.training.cache import ActivationChunk
+
+    if cache is not None and cache.exists():
+        return ActivationChunk(**torch.load(cache))
+    rows = _generate_diffusion_rows(pipeline, prompts, seed_offset, recipe, progress)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"acts": rows.acts, "sample": rows.sample, "timestep": rows.timestep, "branch": rows.branch}, cache)
+    return rows
+
+
+def _generate_diffusion_rows(pipeline: Any, prompts: Sequence[str], seed_offset: int, recipe: DiffusionSAERecipe,
+                             progress: bool) -> Any:
     from sae_lens_multimodal.training.cache import ActivationChunk
     from sae_lens_multimodal.training.diffusion_store import DiffusionActivationStore
 
@@ -208,8 +231,10 @@ def train_topk_vision_sae(
 
 
 def train_clip_sae(out_root: os.PathLike = BUNDLED_SAES_DIR, *, seed: int = 0,
-                   recipe: Optional[ClipSAERecipe] = None, progress: bool = True) -> dict[str, Any]:
-    """Train the vision SAE and write ``<out_root>/shapes-clip-saes/blocks.2.hook_resid_post/``.
+                   recipe: Optional[ClipSAERecipe] = None, progress: bool = True, hook: str = CLIP_HOOK,
+                   release: str = CLIP_RELEASE) -> dict[str, Any]:
+    """Train the vision SAE at ``hook`` and write ``<out_root>/<release>/<hook>/`` (default
+    ``shapes-clip-saes/blocks.2.hook_resid_post/``).
 
     Returns the figures written into its metadata (``evaluation``, ``training``).
     """
@@ -227,21 +252,21 @@ def train_clip_sae(out_root: os.PathLike = BUNDLED_SAES_DIR, *, seed: int = 0,
 
     def rows(n: int, world_seed: int, text_prob: float) -> torch.Tensor:
         images, _ = ShapesWorld(32, seed=world_seed, text_prob=text_prob).sample(n)
-        store = ImageActivationStore(vit, CLIP_HOOK, clip_pixels(images), token_policy="all", batch_size=256,
+        store = ImageActivationStore(vit, hook, clip_pixels(images), token_policy="all", batch_size=256,
                                      model_name="shapes-clip", progress=progress)
-        return torch.cat(list(store.activation_batches(CLIP_HOOK)))
+        return torch.cat(list(store.activation_batches(hook)))
 
     acts = rows(r.n_images, seed, r.text_prob)
     cache_s = time.perf_counter() - start
-    sae, shipped, steps = train_topk_vision_sae(acts, hook=CLIP_HOOK, model_name="shapes-clip", recipe=r, seed=seed)
+    sae, shipped, steps = train_topk_vision_sae(acts, hook=hook, model_name="shapes-clip", recipe=r, seed=seed)
     train_s = time.perf_counter() - start
     del acts
     fresh = rows(r.eval_images, seed + 1000, r.eval_text_prob)
     figures = _overall(evaluate_sae(shipped, fresh, n_rows=len(fresh)), r.d_sae)
     with_text = _overall(evaluate_sae(shipped, rows(r.eval_images, seed + 2000, 0.5), n_rows=10**9), r.d_sae)
     metadata = {
-        "release": CLIP_RELEASE, "sae_id": CLIP_HOOK, "model_name": "shapes-clip", "model_class_name": "HookedViT",
-        "hook_name": CLIP_HOOK, "token_policy": "all", "input_kind": "block_output", "cfg_branch": None,
+        "release": release, "sae_id": hook, "model_name": "shapes-clip", "model_class_name": "HookedViT",
+        "hook_name": hook, "token_policy": "all", "input_kind": "block_output", "cfg_branch": None,
         "normalization": {"kind": "none"}, "source_format": "bundled", "model_fingerprint": fingerprint,
         "expected_l0": figures["l0"], "expected_variance_explained": figures["explained_variance"],
         "training": {
@@ -253,7 +278,7 @@ def train_clip_sae(out_root: os.PathLike = BUNDLED_SAES_DIR, *, seed: int = 0,
             "lr": r.lr, "lr_end": r.lr_end, "lr_warm_up_steps": r.lr_warm_up_steps,
             "dead_feature_window": r.dead_feature_window,
             "caching_seconds": round(cache_s, 1), "wall_seconds": round(train_s, 1), **_environment(),
-            "command": REGENERATE + " --which clip",
+            "command": REGENERATE + (" --which clip" if release == CLIP_RELEASE else f" --which clip-layers --hook {hook}"),
         },
         "evaluation": {
             "data": f"{r.eval_images} fresh images, ShapesWorld(32, seed={seed + 1000}, text_prob={r.eval_text_prob}),"
@@ -263,7 +288,7 @@ def train_clip_sae(out_root: os.PathLike = BUNDLED_SAES_DIR, *, seed: int = 0,
                                   "text_prob=0.5)", **with_text},
         },
     }
-    write_sae_folder(sae, Path(out_root) / CLIP_RELEASE / CLIP_HOOK, metadata)
+    write_sae_folder(sae, Path(out_root) / release / hook, metadata)
     return metadata
 
 
@@ -366,7 +391,10 @@ def _summary(name: str, meta: dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--which", choices=("clip", "diffusion", "all"), default="all")
+    parser.add_argument("--which", choices=("clip", "clip-layers", "diffusion", "all"), default="all",
+                        help="all = clip and diffusion; clip-layers = shapes-clip-layer-saes (not in all)")
+    parser.add_argument("--hook", action="append", default=None,
+                        help=f"with --which clip-layers: only this hook; repeat for several (default: {list(CLIP_LAYER_HOOKS)})")
     parser.add_argument("--out", default=str(BUNDLED_SAES_DIR),
                         help="root folder of the releases (default: the package's weights/saes/)")
     parser.add_argument("--seed", type=int, default=0)
@@ -384,6 +412,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                          eval_prompts=1, batch_prompts=2)
     if args.which in ("clip", "all"):
         print(_summary(CLIP_RELEASE, train_clip_sae(args.out, seed=args.seed, recipe=clip_recipe)))
+    if args.which == "clip-layers":
+        for hook in args.hook or CLIP_LAYER_HOOKS:
+            meta = train_clip_sae(args.out, seed=args.seed, recipe=clip_recipe, hook=hook, release=CLIP_LAYER_RELEASE)
+            print(_summary(f"{CLIP_LAYER_RELEASE}/{hook}", meta))
     if args.which in ("diffusion", "all"):
         print(_summary(DIFFUSION_RELEASE, train_diffusion_sae(args.out, seed=args.seed, recipe=diff_recipe)))
 

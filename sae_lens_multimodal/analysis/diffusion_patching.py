@@ -65,8 +65,13 @@ def as_hooked_pipeline(pipe: Any) -> Any:
 
 def unet_blocks(hooked: Any) -> list[str]:
     """Block-level modules (resnets and attention blocks, not their inner transformer blocks) of a hooked
-    UNet in execution order: down blocks, mid block, up blocks; each has ``.hook_out``."""
+    UNet in execution order: down blocks, mid block, up blocks; each has ``.hook_out``. For a DiT (PixArt,
+    SD3, Flux: no UNet blocks), its transformer blocks in order (Flux: then its single-stream blocks)."""
     names = [n[: -len(".hook_out")] for n in hooked.hook_dict if n.endswith(".hook_out")]
+    dit = [n for n in names if n.split(".")[0] in ("transformer_blocks", "single_transformer_blocks")
+           and len(n.split(".")) == 2 and n.split(".")[1].isdigit()]
+    if dit and not any(n.split(".")[0] in ("down_blocks", "mid_block", "up_blocks") for n in names):
+        return sorted(dit, key=lambda n: (n.startswith("single_"), int(n.split(".")[1])))
     blocks = [n for n in names if n.split(".")[-2] in ("resnets", "attentions") and "transformer_blocks" not in n]
 
     def order(name: str) -> tuple:
@@ -220,7 +225,7 @@ def diffusion_patching(
             "shape": "circle", "position": "left"}``, captioned by the factor world), which also give the
             factor values the judge scores.
         blocks: block module paths (``"up_blocks.0.attentions.1"``; aliases allowed) or ``"auto"`` (every
-            resnet and attention block of the UNet in execution order).
+            resnet and attention block of the UNet, or every transformer block of a DiT, in execution order).
         include_all_blocks: add a row patching every block at once; ``per_block``: a row per block.
         timesteps: the columns: scheduler timesteps of this run (default every one), or windows (lists
             of timesteps patched together, e.g. the first and the second half of the schedule).

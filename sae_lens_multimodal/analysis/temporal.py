@@ -306,15 +306,20 @@ def feature_timecourse(
 
 
 # ---------------------------------------------------------------------------------------------- probes
-def pool_activations(act: torch.Tensor, pooling: str = "grid", grid: int = 3) -> torch.Tensor:
+def pool_activations(act: torch.Tensor, pooling: str = "grid", grid: int = 3,
+                     token_grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """[B, h, w, c] channel-last maps (or [B, seq, c] tokens) -> [B, features] probe inputs:
     ``"mean"`` over positions, ``"grid"`` (average-pooled to grid x grid cells: keeps where things are
-    at the resolution of the world's 3x3 positions), or ``"flatten"``."""
+    at the resolution of the world's 3x3 positions), or ``"flatten"``. ``token_grid``: the (rows, columns)
+    of [B, seq, c] image tokens (a DiT's hook contract ``grid``), so ``"grid"`` pools them as a map; tokens
+    without one are averaged."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}.")
     act = act.float()
     if pooling == "flatten":
         return act.reshape(act.shape[0], -1)
+    if act.ndim == 3 and token_grid is not None and act.shape[1] == token_grid[0] * token_grid[1]:
+        act = act.reshape(act.shape[0], token_grid[0], token_grid[1], act.shape[-1])
     if pooling == "mean" or act.ndim == 3:
         return act.reshape(act.shape[0], -1, act.shape[-1]).mean(1)
     maps = act.permute(0, 3, 1, 2)
@@ -424,6 +429,7 @@ def _run_pooled(hooked: Any, world: FactorWorld, prompts: list[dict[str, str]], 
     gen = torch.Generator().manual_seed(seed)
     chunks: dict[str, list[torch.Tensor]] = {p: [] for p in poolings}
     timesteps: list[Any] = []
+    token_grid = hooked.hook_spec(name).grid  # a DiT's image tokens as rows x columns (None for maps)
     for i in tqdm(range(0, len(prompts), batch_size), desc=f"caching (seed {seed})"):
         text = world.captions(prompts[i:i + batch_size])
         _, cache = hooked.run_with_cache(
@@ -432,7 +438,7 @@ def _run_pooled(hooked: Any, world: FactorWorld, prompts: list[dict[str, str]], 
         )
         timesteps = list(cache.timesteps)
         for p in poolings:
-            chunks[p].append(torch.stack([pool_activations(cache[name, t, cfg_branch], p) for t in timesteps]))
+            chunks[p].append(torch.stack([pool_activations(cache[name, t, cfg_branch], p, token_grid=token_grid) for t in timesteps]))
     return timesteps, {p: torch.cat(c, dim=1) for p, c in chunks.items()}
 
 

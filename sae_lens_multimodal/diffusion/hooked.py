@@ -14,6 +14,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,9 @@ class Installation:
                 handles, widths = install_block(module, streams)
                 self.handles += handles
                 self.block_hooks[path] = list(widths)
-                self.specs.update({sp.name: sp for sp in block_hook_specs(path, streams)})
+                grid = self._image_token_grid()
+                self.specs.update({sp.name: (replace(sp, grid=grid) if grid and sp.layout == "tokens" else sp)
+                                   for sp in block_hook_specs(path, streams)})
             if hasattr(module, "processor") and hasattr(module, "set_processor"):
                 parent = path.rsplit(".", 1)[0] if "." in path else ""
                 single = kinds.get(parent) == "FluxSingleTransformerBlock"
@@ -127,6 +130,15 @@ class Installation:
                 self.specs.update({sp.name: sp for sp in attention_hook_specs(path, module, widths)})
         self.handles.append(self.denoiser.register_forward_pre_hook(self._enter, with_kwargs=True))
         self.handles.append(self.denoiser.register_forward_hook(self._exit, with_kwargs=True, always_call=True))
+
+    def _image_token_grid(self) -> tuple[int, int] | None:
+        """Rows x columns (row-major) of a patchifying DiT's image tokens at its native size: the block hooks'
+        contract ``grid``, so analyses can put tokens back on the image (PixArt / DiT; None otherwise)."""
+        cfg = getattr(self.denoiser, "config", None)
+        patch, size = getattr(cfg, "patch_size", None), getattr(cfg, "sample_size", None)
+        if self.family not in ("pixart", "dit") or not isinstance(patch, int) or not isinstance(size, int) or patch < 1:
+            return None
+        return (size // patch, size // patch)
 
     def refresh(self) -> None:
         """Re-wrap attention processors that were replaced since installation (e.g. set_attn_processor)."""

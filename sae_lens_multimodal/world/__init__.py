@@ -1,7 +1,7 @@
 """The shapes world: procedurally drawn images with known ground truth, and the small models trained on it.
 
 Importing this package registers its models (``"shapes-clip"``, ``"shapes-clip-typographic"``,
-``"shapes-diffusion"``, ``"shapes-vlm"``) with :mod:`sae_lens_multimodal.models.registry` and its pipeline class with
+``"shapes-diffusion"``, ``"shapes-dit"``, ``"shapes-vlm"``) with :mod:`sae_lens_multimodal.models.registry` and its pipeline class with
 :mod:`sae_lens_multimodal.diffusion.pipeline_classes` and its factor world (captions, factor values, prompt
 sets and judge of factor-dict prompts) with :mod:`sae_lens_multimodal.analysis.factor_worlds`, the registries
 any other package uses; the model registry imports this package on the first lookup of a ``shapes-`` name. The scripts that trained the shipped
@@ -17,6 +17,7 @@ from sae_lens_multimodal.world.paths import (
     SHAPES_CLIP_DIR,
     SHAPES_CLIP_TYPOGRAPHIC_DIR,
     SHAPES_DIFFUSION_DIR,
+    SHAPES_DIT_DIR,
     SHAPES_VLM_DIR,
 )
 from sae_lens_multimodal.world.shapes import (
@@ -70,6 +71,14 @@ register_model(
     kind="diffusion",
 )
 register_model(
+    "shapes-dit",
+    str(SHAPES_DIT_DIR),
+    "Small text-to-image diffusion transformer (ShapesDiTPipeline: a PixArt-style PixArtTransformer2DModel on "
+    "32x32 RGB pixels, cross-attending to the shapes-clip text tower) trained on the shapes world; "
+    "see sae_lens_multimodal/world/README.md.",
+    kind="diffusion",
+)
+register_model(
     "shapes-vlm",
     str(SHAPES_VLM_DIR),
     "Small transformers LLaVA (LlavaForConditionalGeneration: the shapes-clip vision tower, frozen; a GELU "
@@ -82,4 +91,6 @@ register_pipeline_class("ShapesDiffusionPipeline", "sae_lens_multimodal.world.di
                         cfg_layout="batched")
 # Factor-dict prompts of the shapes pipeline are captioned, sampled and judged by the shapes world
 # (diffusion_patching, ablate_components, timestep_probes find it from the pipeline).
-register_factor_world(SHAPES_FACTOR_WORLD, pipeline_classes=["ShapesDiffusionPipeline"])
+# PixArtAlphaPipeline's conventions ([negative, positive] batched); same lazy import.
+register_pipeline_class("ShapesDiTPipeline", "sae_lens_multimodal.world.dit:ShapesDiTPipeline", cfg_layout="batched")
+register_factor_world(SHAPES_FACTOR_WORLD, pipeline_classes=["ShapesDiffusionPipeline", "ShapesDiTPipeline"])

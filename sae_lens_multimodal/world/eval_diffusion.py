@@ -174,7 +174,8 @@ def evaluate_pipeline(
     }
 
     # The ceiling: the same classifier on real world images of the same combinations.
-    world = ShapesWorld(image_size=int(pipe.unet.config.sample_size), seed=seed + 12345)
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer  # shapes-diffusion's UNet or shapes-dit's DiT
+    world = ShapesWorld(image_size=int(denoiser.config.sample_size), seed=seed + 12345)
     real_factors = [world.sample_factors(1, **{k: t[k] for k in factors})[0] for t in truth]
     real_pred = classifier.predict(world.render(real_factors))
     reference = {f: float(np.mean([p == getattr(r, f) for p, r in zip(real_pred[f], real_factors)])) for f in factors}

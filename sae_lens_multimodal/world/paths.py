@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["WEIGHTS_DIR", "SHAPES_CLIP_DIR", "SHAPES_CLIP_TYPOGRAPHIC_DIR", "SHAPES_DIFFUSION_DIR", "SHAPES_VLM_DIR",
+__all__ = ["WEIGHTS_DIR", "SHAPES_CLIP_DIR", "SHAPES_CLIP_TYPOGRAPHIC_DIR", "SHAPES_DIFFUSION_DIR", "SHAPES_DIT_DIR", "SHAPES_VLM_DIR",
            "BUNDLED_SAES_DIR"]
 
 WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
@@ -16,6 +16,8 @@ SHAPES_CLIP_TYPOGRAPHIC_DIR: Path = WEIGHTS_DIR / "shapes_clip_typographic"
 #: The text-to-image pipeline (diffusers layout: model_index.json + one folder per component).
 #: Registered name: "shapes-diffusion".
 SHAPES_DIFFUSION_DIR: Path = WEIGHTS_DIR / "shapes_diffusion"
+#: The text-to-image diffusion transformer (PixArt-style DiT; diffusers layout). Registered name: "shapes-dit".
+SHAPES_DIT_DIR: Path = WEIGHTS_DIR / "shapes_dit"
 #: The shapes VLM (transformers LLaVA layout: config.json, model.safetensors, processor files).
 #: Registered name: "shapes-vlm".
 SHAPES_VLM_DIR: Path = WEIGHTS_DIR / "shapes_vlm"

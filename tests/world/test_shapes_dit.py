@@ -1,0 +1,204 @@
+"""The shipped shapes-world diffusion transformer (shapes-dit): a real diffusers PixArt transformer in a pipeline
+with PixArtAlphaPipeline's conventions, loadable by name offline, wrapped by HookedDiffusionPipeline unchanged,
+its hooks listed by the model contract; caching, steering, patching, probes and ablation run on it as on the
+UNet; and it draws what its prompts say (judged by the shapes CLIP)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
+from transformers import CLIPTextModelWithProjection
+
+from sae_lens_multimodal.analysis.ablation import ablate_components, block_components, head_components
+from sae_lens_multimodal.analysis.diffusion_patching import diffusion_patching, unet_blocks
+from sae_lens_multimodal.analysis.temporal import timestep_probes
+from sae_lens_multimodal.diffusion import HookedDiffusionPipeline, HookedDiT
+from sae_lens_multimodal.models.loading import load_model
+from sae_lens_multimodal.models.registry import list_models, model_info
+from sae_lens_multimodal.steering import DirectionSteer, steer
+from sae_lens_multimodal.world import class_factor_combinations
+from sae_lens_multimodal.world.causal import shapes_prompts
+from sae_lens_multimodal.world.diffusion import load_shapes_pipeline
+from sae_lens_multimodal.world.dit import SHAPES_DIT_DIR, ShapesDiTPipeline, load_shapes_dit_pipeline
+from sae_lens_multimodal.world.eval_diffusion import evaluate_pipeline
+from sae_lens_multimodal.world.shapes import POSITIONS
+from sae_lens_multimodal.world.training.train_dit import DiTTrainConfig, train_dit
+
+PROMPTS = ["a red circle on the left", "a blue triangle at the top"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    if not (SHAPES_DIT_DIR / "model_index.json").is_file():
+        pytest.skip(f"shapes-dit weights are not shipped ({SHAPES_DIT_DIR} is missing)")
+    return load_shapes_dit_pipeline()
+
+
+@pytest.fixture(scope="module")
+def hooked(pipe):
+    return HookedDiffusionPipeline(pipe)
+
+
+def _run(pipe, seed, **kwargs):
+    kwargs = {"num_inference_steps": 4, "output_type": "pt", **kwargs}
+    return pipe(PROMPTS, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def test_loads_by_name_offline_as_real_diffusers_components(pipe):
+    assert "shapes-dit" in list_models(kind="diffusion")
+    assert model_info("shapes-dit").source == str(SHAPES_DIT_DIR)
+    by_name = ShapesDiTPipeline.from_pretrained("shapes-dit", local_files_only=True)
+    assert isinstance(by_name.transformer, PixArtTransformer2DModel)
+    assert isinstance(by_name.text_encoder, CLIPTextModelWithProjection)
+    assert isinstance(by_name.scheduler, DPMSolverMultistepScheduler)
+    # the caption projection maps the text tower's width to the transformer's
+    assert by_name.transformer.config.caption_channels == by_name.text_encoder.config.hidden_size
+    assert not by_name.transformer.use_additional_conditions
+    for a, b in zip(by_name.transformer.state_dict().values(), pipe.transformer.state_dict().values()):
+        assert torch.equal(a, b)
+    # the same frozen text tower as shapes-diffusion's
+    unet_pipe = load_shapes_pipeline()
+    for a, b in zip(unet_pipe.text_encoder.state_dict().values(), pipe.text_encoder.state_dict().values()):
+        assert torch.equal(a, b)
+    files = [p for p in SHAPES_DIT_DIR.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in files) < 12_000_000
+    index = json.loads((SHAPES_DIT_DIR / "model_index.json").read_text())
+    assert index["_class_name"] == "ShapesDiTPipeline"
+    assert index["transformer"] == ["diffusers", "PixArtTransformer2DModel"]
+    record = json.loads((SHAPES_DIT_DIR / "training.json").read_text())
+    assert record["retrain"].startswith("python -m sae_lens_multimodal.world.training.train_dit")
+    loaded = load_model("shapes-dit")
+    assert isinstance(loaded, HookedDiffusionPipeline) and isinstance(loaded.pipe, ShapesDiTPipeline)
+    assert isinstance(HookedDiT.from_pretrained("shapes-dit"), HookedDiT)
+
+
+def test_same_seed_same_images_and_negative_then_positive_batching(pipe):
+    a, b, c = (_run(pipe, s).images for s in (0, 0, 1))
+    assert a.shape == (2, 3, 32, 32) and torch.equal(a, b) and not torch.allclose(a, c)
+    seen = []
+    handle = pipe.transformer.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append((kwargs["encoder_hidden_states"].clone(),
+                                                  kwargs["encoder_attention_mask"].clone(), out[0].clone())),
+        with_kwargs=True)
+    try:
+        _run(pipe, 0, num_inference_steps=1, guidance_scale=3.0)
+        _run(pipe, 0, num_inference_steps=1, guidance_scale=1.0)
+    finally:
+        handle.remove()
+    (cfg_embeds, cfg_mask, cfg_out), (cond_embeds, cond_mask, cond_out) = seen
+    assert cfg_out.shape[0] == 4 and cond_out.shape[0] == 2
+    neg_embeds, neg_mask = pipe.encode_prompt(["", ""])
+    assert torch.equal(cfg_embeds[2:], cond_embeds) and torch.equal(cfg_embeds[:2], neg_embeds)
+    assert torch.equal(cfg_mask[:2], neg_mask) and torch.equal(cfg_mask[2:], cond_mask)
+    assert neg_mask.sum(1).tolist() == [2, 2]  # "" is start + end of text; padding is masked out
+    assert torch.allclose(cfg_out[2:], cond_out, atol=1e-5)
+    # precomputed embeddings (PixArt's prompt_embeds + prompt_attention_mask) give the same images
+    embeds, mask = pipe.encode_prompt(PROMPTS)
+    again = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, num_inference_steps=4, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(again, a)
+    with pytest.raises(ValueError, match="prompt_attention_mask"):
+        pipe(prompt_embeds=embeds, num_inference_steps=1)
+    with pytest.raises(ValueError, match="exactly one"):
+        pipe(PROMPTS, prompt_embeds=embeds, prompt_attention_mask=mask, num_inference_steps=1)
+    with pytest.raises(FileNotFoundError, match="train_dit"):
+        load_shapes_dit_pipeline(SHAPES_DIT_DIR / "missing")
+
+
+def test_hooks_listed_by_the_model_contract_and_cached(pipe, hooked):
+    cfg = pipe.transformer.config
+    width, grid = cfg.num_attention_heads * cfg.attention_head_dim, cfg.sample_size // cfg.patch_size
+    specs = hooked.hook_specs()
+    assert set(specs) == set(hooked.hook_dict)
+    assert unet_blocks(hooked) == [f"transformer_blocks.{i}" for i in range(cfg.num_layers)]
+    for i in range(cfg.num_layers):
+        for name in ("hook_in", "hook_out", "hook_update"):
+            spec = hooked.hook_spec(f"transformer_blocks.{i}.{name}")
+            assert (spec.layout, spec.width, spec.grid) == ("tokens", width, (grid, grid))
+        for attn in ("attn1", "attn2"):  # self-attention over patches, cross-attention to the text tokens
+            spec = hooked.hook_spec(f"transformer_blocks.{i}.{attn}.hook_z")
+            assert (spec.layout, spec.n_heads) == ("heads", cfg.num_attention_heads)
+    plain = _run(pipe, 3, guidance_scale=3.0).images
+    names = ["transformer_blocks.0.hook_out", "transformer_blocks.2.attn2.hook_pattern", "transformer_blocks.1.attn1.hook_z"]
+    images, cache = hooked.run_with_cache(PROMPTS, num_inference_steps=4, output_type="pt", guidance_scale=3.0,
+                                          generator=torch.Generator().manual_seed(3), names_filter=names)
+    assert torch.equal(images, plain)  # hooks observe without changing anything
+    assert cache.timesteps == [int(t) for t in pipe.scheduler.timesteps] and set(cache.branches) == {"cond", "uncond"}
+    t0 = cache.timesteps[0]
+    assert cache[names[0], t0, "cond"].shape == (2, grid * grid, width)
+    pattern = cache[names[1], t0, "uncond"]
+    assert pattern.shape == (2, cfg.num_attention_heads, grid * grid, pipe.context_length)
+    # the cross-attention of the unconditional "" rows puts no weight on padding (PixArt's mask)
+    assert pattern[..., 2:].abs().max() < 1e-6 and torch.allclose(pattern.sum(-1), torch.ones(()), atol=1e-5)
+    assert cache[names[2], t0, "cond"].shape == (2, grid * grid, cfg.num_attention_heads, cfg.attention_head_dim)
+
+
+def test_steering_runs_unchanged(pipe, hooked):
+    hook = "transformer_blocks.3.hook_out"
+    direction = torch.randn(pipe.transformer.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(num_inference_steps=4, output_type="pt", guidance_scale=2.0)
+    plain = hooked(PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
+    with steer(hooked, DirectionSteer(hook, direction, "add", 0.0)):
+        same = hooked(PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert torch.equal(same, plain)
+    with steer(hooked, DirectionSteer(hook, direction, "add", 4.0, cfg_branch="cond")):
+        steered = hooked(PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert (steered - plain).abs().mean() > 0.01
+    assert torch.equal(hooked(PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs), plain)  # removed
+
+
+def test_patching_the_last_block_at_every_step_reproduces_the_source(hooked):
+    """The last block's output at every step is all the final layer reads (with the same timestep), so
+    patching it from the source run must give the source's images exactly: pixel recovery 1. A middle block
+    patched only at the last step changes much less."""
+    source = [{"color": "red", "shape": "circle", "position": "left"}]
+    target = [{"color": "blue", "shape": "square", "position": "right"}]
+    last = unet_blocks(hooked)[-1]
+    result = diffusion_patching(hooked, source, target, blocks=[last, "transformer_blocks.1"], include_all_blocks=False,
+                                timestep_mode="from", factor="color", num_inference_steps=4, progress=False)
+    recovery = result["pixel_recovery"]
+    assert recovery.shape == (2, 4)
+    assert recovery[0, 0] > 0.999
+    assert recovery[1, -1] < 0.5
+
+
+def test_probes_and_ablation_run_unchanged(hooked):
+    probes = timestep_probes(hooked, "transformer_blocks.5.hook_out", n_train=18, n_test=18, num_inference_steps=3,
+                             lbfgs_steps=20, progress=False)
+    assert probes.accuracy.shape == (3, 3) and probes.pooling == "auto"
+    assert ((probes.accuracy >= 0) & (probes.accuracy <= 1)).all()
+    comps = head_components(hooked, ["transformer_blocks.0.attn2"], heads=[0]) + block_components(hooked, ["transformer_blocks.5"])
+    assert [c.name for c in comps] == ["transformer_blocks.0.attn2 head 0", "transformer_blocks.5 (skip)"]
+    result = ablate_components(hooked, shapes_prompts(6), comps, num_inference_steps=3, progress=False)
+    assert result.accuracy.shape == (2, 3) and (result.pixel_mse > 0).all()
+
+
+def test_training_is_reproducible_by_seed():
+    cfg = dict(steps=3, batch_size=4, warmup_steps=1, width=16, depth=1, heads=2, log_every=1, ema_decay=0.5)
+    a, ra = train_dit(DiTTrainConfig(seed=0, **cfg), progress=False)
+    b, _ = train_dit(DiTTrainConfig(seed=0, **cfg), progress=False)
+    c, _ = train_dit(DiTTrainConfig(seed=1, **cfg), progress=False)
+    sa, sb, sc = (p.transformer.state_dict() for p in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    assert [s for s, _ in ra.loss_curve] == [1, 2, 3] and all(np.isfinite(v) for _, v in ra.loss_curve)
+    assert ra.config["patch_size"] == DiTTrainConfig().patch_size
+
+
+# Measured on the shipped model: see SAMPLE_THRESHOLDS below.
+SAMPLE_THRESHOLDS = {"color": 0.0, "shape": 0.0, "position": 0.0}
+
+
+@pytest.mark.slow
+@pytest.mark.shipped_weights
+def test_generated_images_show_the_prompted_factors(pipe):
+    combos = [c for i, c in enumerate(class_factor_combinations()) if (i % 9 + i // 9) % 3 == 0]
+    assert {c["position"] for c in combos} == set(POSITIONS) and len(combos) == 54
+    result = evaluate_pipeline(pipe, prompts=combos, images_per_prompt=1, num_inference_steps=10,
+                               guidance_scale=2.0, seed=0, progress=False)
+    for factor, threshold in SAMPLE_THRESHOLDS.items():
+        assert result.factor_accuracy[factor] >= threshold, str(result)

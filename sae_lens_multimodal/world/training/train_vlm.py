@@ -2,6 +2,7 @@
 
     python -m sae_lens_multimodal.world.training.train_vlm                   # overwrites weights/shapes_vlm/
     python -m sae_lens_multimodal.world.training.train_vlm --out /tmp/vlm --seed 1 --steps 600
+    python -m sae_lens_multimodal.world.training.train_vlm --tower shapes-clip-typographic  # weights/shapes_vlm_typographic/
 
 The model is :func:`sae_lens_multimodal.world.vlm.build_shapes_vlm`: the shipped shapes CLIP's vision tower
 (frozen), a GELU projector and a small Llama, a transformers ``LlavaForConditionalGeneration``. Every step
@@ -31,11 +32,21 @@ import numpy as np
 import torch
 
 from sae_lens_multimodal.core.atomic import atomic_directory
-from sae_lens_multimodal.world.paths import SHAPES_VLM_DIR
+from sae_lens_multimodal.world.paths import (
+    SHAPES_CLIP_DIR,
+    SHAPES_CLIP_TYPOGRAPHIC_DIR,
+    SHAPES_VLM_DIR,
+    SHAPES_VLM_TYPOGRAPHIC_DIR,
+)
 
-__all__ = ["VLMRecipe", "training_batch", "train_vlm", "main"]
+__all__ = ["TOWERS", "VLMRecipe", "training_batch", "train_vlm", "main"]
 
 REGENERATE = "python -m sae_lens_multimodal.world.training.train_vlm"
+#: Vision towers a shapes VLM can be built on: name -> (the CLIP's folder, where that VLM is shipped).
+TOWERS: dict[str, tuple[Path, Path]] = {
+    "shapes-clip": (SHAPES_CLIP_DIR, SHAPES_VLM_DIR),
+    "shapes-clip-typographic": (SHAPES_CLIP_TYPOGRAPHIC_DIR, SHAPES_VLM_TYPOGRAPHIC_DIR),
+}
 
 
 @dataclass
@@ -43,6 +54,7 @@ class VLMRecipe:
     """Settings of the shapes VLM (the defaults made the shipped one)."""
 
     seed: int = 0
+    tower: str = "shapes-clip"  # the shipped CLIP whose vision tower is used (a key of TOWERS)
     steps: int = 1800
     batch_size: int = 64
     lr: float = 2e-3
@@ -110,14 +122,16 @@ def evaluate(model: Any, processor: Any, recipe: VLMRecipe) -> dict[str, Any]:
 
 def train_vlm(recipe: VLMRecipe, out: Optional[Path] = SHAPES_VLM_DIR) -> dict[str, Any]:
     """Build, train, evaluate and (unless ``out`` is None) save the VLM; returns the figures."""
+    if recipe.tower not in TOWERS:
+        raise ValueError(f"Unknown vision tower {recipe.tower!r}; choose one of {sorted(TOWERS)}.")
     from sae_lens_multimodal.world.shapes import ShapesWorld
     from sae_lens_multimodal.world.vlm import build_shapes_vlm
 
     from sae_lens_multimodal.models.vlm import HookedVLM
 
     torch.set_num_threads(1)
-    model, processor = build_shapes_vlm(d_model=recipe.d_model, n_layers=recipe.n_layers, n_heads=recipe.n_heads,
-                                        d_mlp=recipe.d_mlp, vision_feature_layer=recipe.vision_feature_layer,
+    model, processor = build_shapes_vlm(TOWERS[recipe.tower][0], d_model=recipe.d_model, n_layers=recipe.n_layers,
+                                        n_heads=recipe.n_heads, d_mlp=recipe.d_mlp, vision_feature_layer=recipe.vision_feature_layer,
                                         vision_feature_select_strategy=recipe.vision_feature_select_strategy,
                                         seed=recipe.seed)
     HookedVLM.from_pretrained(model)  # the evaluation's conversions fail (if they do) now, not after training
@@ -165,7 +179,7 @@ def train_vlm(recipe: VLMRecipe, out: Optional[Path] = SHAPES_VLM_DIR) -> dict[s
         "history": history,
         "torch": torch.__version__,
         "machine": platform.machine(),
-        "regenerate": REGENERATE,
+        "regenerate": REGENERATE + ("" if recipe.tower == "shapes-clip" else f" --tower {recipe.tower}"),
         "continued_from": previous,
     }
     if out is not None:
@@ -183,11 +197,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(VLMRecipe):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    parser.add_argument("--out", type=Path, default=SHAPES_VLM_DIR, help="output directory (default: the shipped model)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: the shipped model of --tower, see TOWERS)")
     parser.add_argument("--no-save", action="store_true", help="train and evaluate only")
     args = parser.parse_args(argv)
     recipe = VLMRecipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(VLMRecipe)})
-    train_vlm(recipe, None if args.no_save else args.out)
+    if recipe.tower not in TOWERS:
+        parser.error(f"--tower must be one of {sorted(TOWERS)}; got {recipe.tower!r}.")
+    out = args.out if args.out is not None else TOWERS[recipe.tower][1]
+    train_vlm(recipe, None if args.no_save else out)
 
 
 if __name__ == "__main__":

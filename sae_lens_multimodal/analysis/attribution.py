@@ -21,6 +21,10 @@ inputs.
   error node's ``(error' - error) . g`` at each position, with ``g = dm/dx`` (the gradient of the unspliced
   model, which equals the spliced one's when the error term passes gradients, as in Marks et al. 2024).
   Features and error together sum to the position's estimate (exactly for an affine decoder).
+* MLP transcoders (SAELens ``Transcoder`` / ``SkipTranscoder``, in ``saes`` too): the MLP's output is written
+  ``mlp_out = decode(encode(mlp_in)) + error`` (analysis/transcoder_sites.py); the nodes sit at the output
+  hook (``cfg.metadata.hook_name_out``), features computed from the input hook's clean / corrupted values,
+  with the same estimates (``g = dm/d mlp_out``).
 * Attention saturation (AtP*'s QK fix, Kramar et al. 2024): for queries and keys (``attn.hook_q`` /
   ``hook_k``, or ``hook_rot_q`` / ``hook_rot_k`` in rotary models) the linear estimate through the softmax is
   poor where the pattern saturates. With ``attention_fix=True`` their estimate recomputes the attention
@@ -48,6 +52,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
+from sae_lens_multimodal.analysis.transcoder_sites import dictionary_map, is_transcoder, read_hook, reconstruct
 from sae_lens_multimodal.core.contract import HookSpec
 from sae_lens_multimodal.core.denoising import branch_rows, check_cfg_branch
 
@@ -251,18 +256,9 @@ def resolve_hooks(model: Any, hooks: Union[str, Sequence[str]], per: str, saes: 
 
 
 def sae_map(model: Any, saes: Any) -> dict[str, Any]:
-    """SAEs by the full hook name they read (located through the model contract)."""
-    if saes is None:
-        return {}
-    items = list(saes.values()) if isinstance(saes, Mapping) else list(saes) if isinstance(saes, (list, tuple)) else [saes]
-    out: dict[str, Any] = {}
-    for sae in items:
-        spec = model.locate(sae)
-        model.sae_width_check(sae, spec)
-        if spec.name in out:
-            raise ValueError(f"Two SAEs read hook {spec.name!r}; pass one per hook.")
-        out[spec.name] = sae
-    return out
+    """SAEs by the full hook name they rewrite (located through the model contract); a transcoder by the MLP
+    output hook it writes (analysis/transcoder_sites.py)."""
+    return dictionary_map(model, saes)
 
 
 @contextmanager
@@ -384,8 +380,8 @@ def attribution_patching(
         metric: the model's output -> a scalar tensor (differentiable), e.g. a logit difference.
         hooks: hook names (``model.hook_spec`` names or aliases).
         per: the unit: ``"position"``, ``"head"``, ``"head_position"``, ``"feature"`` or ``"hook"``.
-        saes: SAELens SAEs (a list, or a dict) at some of the hooks: with ``per="feature"`` their features
-            and error nodes are the units (their hooks are added to ``hooks``).
+        saes: SAELens SAEs and transcoders (a list, or a dict) at some of the hooks: with ``per="feature"``
+            their features and error nodes are the units (the hooks they rewrite are added to ``hooks``).
         device: where to run; the model (fp32) must already be there.
         timestep: for a denoiser: the timestep of the call (scheduler units).
         cfg_branch: for a denoiser call on a batched-CFG batch (unconditional rows first): patch only
@@ -418,19 +414,21 @@ def attribution_patching(
             elif spec.name.rpartition(".")[2] in _QK_HOOKS:
                 warnings.warn(f"No QK fix for {spec.name!r} (no scores/pattern hooks, rotary applied later, or "
                               "no attention scale found): its estimate is linear.", stacklevel=2)
-    extra = sorted({n for parts in fixes.values() for n in parts[:4]} - {s.name for s in specs})
+    reads = {h: read_hook(model, t) for h, t in sae_by_hook.items() if is_transcoder(t)}  # transcoder inputs
+    extra = sorted(({n for parts in fixes.values() for n in parts[:4]} | set(reads.values())) - {s.name for s in specs})
     names = [s.name for s in specs] + extra
+    corrupt_names = [s.name for s in specs] + sorted(set(reads.values()) - {s.name for s in specs})
 
     was_training = model.training
     model.eval()
     clean_acts: dict[str, torch.Tensor] = {}
     corrupt_acts: dict[str, torch.Tensor] = {}
     try:
-        with torch.no_grad(), recording(model, [s.name for s in specs], corrupt_acts, leaf=False):
+        with torch.no_grad(), recording(model, corrupt_names, corrupt_acts, leaf=False):
             corrupted_value = float(scalar_metric(metric, call_model(model, corrupted, timestep)))
         with torch.enable_grad(), recording(model, names, clean_acts, leaf=True):
             value = scalar_metric(metric, call_model(model, clean, timestep))
-        missing = [n for n in names if n not in clean_acts] + [s.name for s in specs if s.name not in corrupt_acts]
+        missing = [n for n in names if n not in clean_acts] + [n for n in corrupt_names if n not in corrupt_acts]
         if missing:
             raise RuntimeError(f"Hooks {missing} did not run in the forward pass; name hooks this call reaches.")
         wanted = [n for n in names if n not in extra or n.endswith("hook_pattern")]
@@ -449,7 +447,9 @@ def attribution_patching(
         g = torch.zeros_like(a) if g is None else g.detach()
         rows = batch_rows(cfg_branch, a.shape[0]) if spec.layout != "flat_tokens" else slice(None)
         if spec.name in sae_by_hook:
-            scores[spec.name], errors[spec.name] = _sae_units(sae_by_hook[spec.name], spec, a, a2, g, rows)
+            read = reads.get(spec.name)
+            x_read = None if read is None else (clean_acts[read].detach(), corrupt_acts[read])
+            scores[spec.name], errors[spec.name] = _sae_units(sae_by_hook[spec.name], spec, a, a2, g, rows, x_read)
             methods[spec.name] = "sae"
         elif spec.name in fixes:
             scores[spec.name] = _fixed_units(spec, fixes[spec.name], clean_acts, grads, a2 - a, per, rows)
@@ -480,18 +480,21 @@ def _fixed_units(spec: HookSpec, parts: tuple, acts: dict, grads: dict, delta: t
     return out.cpu()
 
 
-def _sae_units(sae: Any, spec: HookSpec, x: torch.Tensor, x2: torch.Tensor, g: torch.Tensor,
-               rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature and error-node estimates at one hook: ([positions..., d_sae], [positions...])."""
+def _sae_units(sae: Any, spec: HookSpec, x: torch.Tensor, x2: torch.Tensor, g: torch.Tensor, rows: slice,
+               x_read: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature and error-node estimates at one hook: ([positions..., d_sae], [positions...]). For a
+    transcoder ``x_read`` holds its (clean, corrupted) inputs; ``x``, ``x2`` and ``g`` are at the hook it writes."""
+    r, r2 = (x, x2) if x_read is None else x_read
     with torch.no_grad():
-        f2 = sae.encode(x2)
-        err2 = x2 - sae.decode(f2).to(x2.dtype)
-        f = sae.encode(x)  # last: an SAE that normalises per input decodes with the clean input's scale
+        f2 = sae.encode(r2)
+        err2 = x2 - reconstruct(sae, r2, f2).to(x2.dtype)
+        f = sae.encode(r)  # last: an SAE that normalises per input decodes with the clean input's scale
     with torch.enable_grad():
         f_leaf = f.detach().requires_grad_(True)
         recon = sae.decode(f_leaf)
         (w_dec_g,) = torch.autograd.grad((recon.to(g.dtype) * g).sum(), f_leaf)
-    err = x - recon.detach().to(x.dtype)
+    with torch.no_grad():
+        err = x - reconstruct(sae, r, f).to(x.dtype)
     axes = _AXES[spec.layout]
     lead = axes[: 2 if spec.layout in ("tokens", "heads", "scale") else 3 if spec.layout == "spatial" else 1]
     feat_in = lead + "s"

@@ -15,6 +15,10 @@ values. Normalised as ``(m(C) - m(empty)) / (m(full) - m(empty))``: 1 for the fu
 one, by construction. :func:`completeness` is the same measure for the complement (every node except the
 circuit's; near 0 when the circuit holds all that matters). :func:`faithfulness_curve` gives both against
 circuit size, nodes taken in order of |attribution|.
+
+MLP transcoders (SAELens ``Transcoder`` / ``SkipTranscoder``) mix freely with SAEs in ``saes``: a transcoder's
+nodes are its features and error node at the MLP output hook it writes (its features computed from the MLP's
+input, analysis/transcoder_sites.py), and they are found, joined by edges and mean-ablated like an SAE's.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from sae_lens_multimodal.analysis.attribution import (
     to_device,
 )
 from sae_lens_multimodal.analysis.circuits_edges import edge_attribution
+from sae_lens_multimodal.analysis.transcoder_sites import decomposition_hooks, reconstruct
 from sae_lens_multimodal.core.atomic import atomic_write_text
 
 __all__ = [
@@ -153,7 +158,8 @@ def load_circuit(path: Union[str, Path]) -> Circuit:
 
 # ------------------------------------------------------------------------------------------ finding
 def _ordered_saes(model: Any, saes: Any) -> dict[str, Any]:
-    """SAEs by hook, in the order the hooks run (by layer; the contract's listing order breaks ties)."""
+    """SAEs and transcoders by the hook they rewrite, in the order the hooks run (by layer; the contract's
+    listing order breaks ties)."""
     by_hook = sae_map(model, saes)
     if not by_hook:
         raise ValueError("Pass at least one SAE: saes={hook: sae, ...} (or a list of SAEs).")
@@ -194,7 +200,8 @@ def find_circuit(
     Args:
         model / clean / corrupted / metric / device / timestep / cfg_branch: as
             :func:`~sae_lens_multimodal.analysis.attribution.attribution_patching`.
-        saes: SAELens SAEs, ``{hook: sae}`` or a list (each located by its metadata hook name).
+        saes: SAELens SAEs and MLP transcoders, ``{hook: sae}`` or a list (each located by its metadata hook
+            names; a transcoder's nodes sit at the MLP output hook it writes), mixed freely.
         node_threshold: keep nodes (features and error nodes, per position) with ``|attribution| >=`` this.
         edge_threshold: keep edges between kept nodes of consecutive SAE hooks with ``|attribution| >=`` this.
         max_nodes: at most this many nodes (the largest |attribution| first), after the threshold.
@@ -254,19 +261,16 @@ def mean_activations(model: Any, saes: Any, reference: Sequence[Inputs], *, devi
         raise ValueError("Pass at least one reference input for the mean ablation.")
     sums: dict[str, list[Any]] = {h: [0.0, 0.0, 0] for h in by_hook}
 
-    def make(hook_name: str, sae: Any):
-        def keep(act: torch.Tensor, hook: Any) -> None:
-            f = sae.encode(act)
-            err = act - sae.decode(f).to(act.dtype)
-            s = sums[hook_name]
-            s[0], s[1], s[2] = s[0] + f.sum(0), s[1] + err.sum(0), s[2] + act.shape[0]
-
-        return keep
+    def keep(hook_name: str, sae: Any, x_read: torch.Tensor, act: torch.Tensor) -> None:
+        f = sae.encode(x_read)
+        err = act - reconstruct(sae, x_read, f).to(act.dtype)
+        s = sums[hook_name]
+        s[0], s[1], s[2] = s[0] + f.sum(0), s[1] + err.sum(0), s[2] + act.shape[0]
 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), model.hooks(fwd_hooks=[(h, make(h, s)) for h, s in by_hook.items()]):
+        with torch.no_grad(), model.hooks(fwd_hooks=decomposition_hooks(model, by_hook, keep)):
             for inputs in reference:
                 call_model(model, to_device(inputs, device), timestep)
     finally:
@@ -299,21 +303,17 @@ def _ablated(model: Any, saes: Mapping[str, Any], means: Mapping[str, tuple[torc
              masks: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
     """Hooks that mean-ablate every node outside ``masks`` (removed on exit, also on error)."""
 
-    def make(hook_name: str, sae: Any):
+    def ablate(hook_name: str, sae: Any, x_read: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         mean_f, mean_e = means[hook_name]
         keep_f, keep_e = masks[hook_name]
+        f = sae.encode(x_read)
+        err = act - reconstruct(sae, x_read, f).to(act.dtype)
+        f = torch.where(keep_f, f, mean_f)
+        ke = keep_e.reshape(keep_e.shape + (1,) * (err.dim() - 1 - keep_e.dim()))
+        err = torch.where(ke, err, mean_e)
+        return reconstruct(sae, x_read, f).to(act.dtype) + err
 
-        def ablate(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            f = sae.encode(act)
-            err = act - sae.decode(f).to(act.dtype)
-            f = torch.where(keep_f, f, mean_f)
-            ke = keep_e.reshape(keep_e.shape + (1,) * (err.dim() - 1 - keep_e.dim()))
-            err = torch.where(ke, err, mean_e)
-            return sae.decode(f).to(act.dtype) + err
-
-        return ablate
-
-    with model.hooks(fwd_hooks=[(h, make(h, s)) for h, s in saes.items()]):
+    with model.hooks(fwd_hooks=decomposition_hooks(model, saes, ablate)):
         yield
 
 

@@ -12,6 +12,11 @@ through the model between A and B. With ``freeze_attention=True`` (the published
 attention patterns and LayerNorm scales of the blocks from A to B are held at their clean values for the
 gradient (the forward values are unchanged). For each downstream feature the edges from every upstream
 node sum, to first order, to that feature's node estimate (tested).
+
+Either side may be an MLP transcoder (analysis/transcoder_sites.py): upstream, its features and error node
+rewrite the MLP's output; downstream, its features are computed from the MLP's input, so ``dd/du`` runs
+through the frozen LayerNorm into the transcoder's encoder (the MLP itself is not on the path), as in
+transcoder circuits (Dunefsky et al. 2024; Ameisen et al. 2025).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from sae_lens_multimodal.analysis.attribution import (
     scalar_metric,
     to_device,
 )
+from sae_lens_multimodal.analysis.transcoder_sites import is_transcoder, read_hook, reconstruct
 
 __all__ = ["EdgeAttribution", "edge_attribution"]
 
@@ -79,10 +85,13 @@ def edge_attribution(
     if getattr(model, "_acts_to_saes", None):
         raise ValueError("The model has SAEs spliced in; call model.reset_saes() and pass them as upstream= / downstream=.")
     saes = sae_map(model, [upstream, downstream])
+    if len(saes) != 2:
+        raise ValueError("upstream and downstream rewrite the same hook; pass dictionaries at two hooks.")
     (a_name, sae_a), (b_name, sae_b) = list(saes.items())
-    spec_a, spec_b = model.hook_spec(a_name), model.hook_spec(b_name)
+    a_read, b_read = read_hook(model, sae_a), read_hook(model, sae_b)  # = the written hook for an SAE
+    spec_a, spec_b = model.hook_spec(a_name), model.hook_spec(b_read)
     if spec_a.layer is not None and spec_b.layer is not None and spec_a.layer > spec_b.layer:
-        raise ValueError(f"upstream {a_name!r} runs after downstream {b_name!r}; swap them.")
+        raise ValueError(f"upstream {a_name!r} runs after downstream {b_read!r}; swap them.")
     if top_k < 1 and targets is None:
         raise ValueError(f"top_k must be >= 1; got {top_k}.")
     clean, corrupted = to_device(clean, device), to_device(corrupted, device)
@@ -101,48 +110,60 @@ def edge_attribution(
     def keep(act: torch.Tensor, hook: Any) -> None:
         store[hook.name] = act.detach()
 
+    watched = list(dict.fromkeys([a_read, a_name, b_read, b_name]))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), model.hooks(fwd_hooks=[(a_name, keep), (b_name, keep)]):
+        with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep) for n in watched]):
             call_model(model, corrupted, timestep)
-        x_a2, x_b2 = store.pop(a_name), store.pop(b_name)
+        x_a2, r_a2, r_b2 = store[a_name], store[a_read], store[b_read]
         leaves: dict[str, torch.Tensor] = {}
 
+        def capture_a(act: torch.Tensor, hook: Any) -> None:
+            leaves["r_a"] = act
+
         def split(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            r = leaves.pop("r_a", act)  # a transcoder's input, captured earlier in this pass
             with torch.no_grad():
-                f = sae_a.encode(act)
-                err = act - sae_a.decode(f).to(act.dtype)
+                f = sae_a.encode(r)
+                err = act - reconstruct(sae_a, r, f).to(act.dtype)
             leaves["f"] = f.detach().requires_grad_(True)
             leaves["err"] = err.detach().requires_grad_(True)
-            return sae_a.decode(leaves["f"]).to(act.dtype) + leaves["err"]
+            return reconstruct(sae_a, r, leaves["f"]).to(act.dtype) + leaves["err"]
 
-        def record(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            act = act.view_as(act)
-            leaves["x_b"] = act
-            return act
+        def record(key: str):
+            def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+                act = act.view_as(act)
+                leaves[key] = act
+                return act
+            return fn
 
         def freeze(act: torch.Tensor, hook: Any) -> torch.Tensor:
             return act.detach()
 
-        hooks = [(a_name, split), (b_name, record)] + [(n, freeze) for n in frozen]
+        hooks = ([(a_read, capture_a)] if is_transcoder(sae_a) else []) + [(a_name, split), (b_name, record("x_b"))]
+        if is_transcoder(sae_b):
+            hooks.append((b_read, record("r_b")))
+        hooks += [(n, freeze) for n in frozen]
         with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
             value = scalar_metric(metric, call_model(model, clean, timestep))
             x_b = leaves["x_b"]
+            r_b = leaves.get("r_b", x_b)
             (g_b,) = torch.autograd.grad(value, x_b, retain_graph=True)
-            f_b = sae_b.encode(x_b)
+            f_b = sae_b.encode(r_b)
             probe = f_b.detach().requires_grad_(True)
             (w_dec_g,) = torch.autograd.grad((sae_b.decode(probe).to(g_b.dtype) * g_b).sum(), probe)
             rows_b = batch_rows(cfg_branch, f_b.shape[0])
             with torch.no_grad():
-                node = ((sae_b.encode(x_b2) - f_b.detach()) * w_dec_g)[rows_b].sum(0)  # [*positions, d_sae]
+                node = ((sae_b.encode(r_b2) - f_b.detach()) * w_dec_g)[rows_b].sum(0)  # [*positions, d_sae]
             if targets is None:
                 order = node.flatten().abs().topk(min(top_k, node.numel())).indices
                 targets = [tuple(int(j) for j in torch.unravel_index(i, node.shape)) for i in order]
             f_a, err_a = leaves["f"], leaves["err"]
             with torch.no_grad():
-                d_f = sae_a.encode(x_a2) - f_a
-                d_err = (x_a2 - sae_a.decode(sae_a.encode(x_a2)).to(x_a2.dtype)) - err_a
+                f_a2 = sae_a.encode(r_a2)
+                d_f = f_a2 - f_a
+                d_err = (x_a2 - reconstruct(sae_a, r_a2, f_a2).to(x_a2.dtype)) - err_a
             rows_a = batch_rows(cfg_branch, f_a.shape[0])
             feature_edges, error_edges, scores = [], [], []
             for target in targets:

@@ -4,7 +4,9 @@ The reference attribution patching estimates: for each unit of each hook (a posi
 position, an SAE feature at a position or the SAE's error at a position, the whole hook) the clean input is
 rerun with that unit set to its value on the corrupted input, and ``metric(patched) - metric(clean)`` is
 recorded. One forward pass per unit (units where the two runs agree exactly are skipped: their effect is 0).
-SAE features are patched with the error term kept: ``x + decode(f with f_i := f'_i) - decode(f)``.
+SAE features are patched with the error term kept: ``x + decode(f with f_i := f'_i) - decode(f)``; a
+transcoder's the same at the MLP output hook it writes, ``f`` and ``f'`` computed from the MLP's clean and
+corrupted inputs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from sae_lens_multimodal.analysis.attribution import (
     to_device,
     unit_axes,
 )
+from sae_lens_multimodal.analysis.transcoder_sites import is_transcoder, read_hook, reconstruct
 
 __all__ = ["exact_patching"]
 
@@ -64,14 +67,16 @@ def exact_patching(
         raise ValueError(f"SAEs give feature units: pass per='feature' (got per={per!r}), or leave saes out.")
     specs = resolve_hooks(model, hooks, per, sae_by_hook)
     clean, corrupted = to_device(clean, device), to_device(corrupted, device)
+    reads = {h: read_hook(model, t) for h, t in sae_by_hook.items() if is_transcoder(t)}  # transcoder inputs
+    names = list(dict.fromkeys([s.name for s in specs] + list(reads.values())))
     was_training = model.training
     model.eval()
     try:
         corrupt_acts: dict[str, torch.Tensor] = {}
-        with recording(model, [s.name for s in specs], corrupt_acts, leaf=False):
+        with recording(model, names, corrupt_acts, leaf=False):
             corrupted_value = float(scalar_metric(metric, call_model(model, corrupted, timestep)))
         clean_acts: dict[str, torch.Tensor] = {}
-        with recording(model, [s.name for s in specs], clean_acts, leaf=False):
+        with recording(model, names, clean_acts, leaf=False):
             base = float(scalar_metric(metric, call_model(model, clean, timestep)))
         scores, errors, methods = {}, {}, {}
         for spec in specs:
@@ -79,8 +84,10 @@ def exact_patching(
             rows = batch_rows(cfg_branch, a.shape[0]) if spec.layout != "flat_tokens" else slice(None)
             axes = _AXES[spec.layout]
             if spec.name in sae_by_hook:
+                read = reads.get(spec.name)
+                x_read = None if read is None else (clean_acts[read], corrupt_acts[read])
                 scores[spec.name], errors[spec.name] = _sae_exact(
-                    model, spec, sae_by_hook[spec.name], clean, metric, timestep, a, a2, rows, base, progress)
+                    model, spec, sae_by_hook[spec.name], clean, metric, timestep, a, a2, rows, base, progress, x_read)
                 methods[spec.name] = "exact"
                 continue
             keep = unit_axes(spec, per)
@@ -107,14 +114,17 @@ def exact_patching(
 
 
 def _sae_exact(model: Any, spec: Any, sae: Any, clean: Inputs, metric: Metric, timestep: Any, x: torch.Tensor,
-               x2: torch.Tensor, rows: slice, base: float, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               x2: torch.Tensor, rows: slice, base: float, progress: bool,
+               x_read: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each (position, feature) and each position's error node patched alone, the rest of the SAE
-    decomposition (and its error term) kept."""
-    f2 = sae.encode(x2)
-    err2 = x2 - sae.decode(f2).to(x2.dtype)
-    f = sae.encode(x)
+    decomposition (and its error term) kept. A transcoder's (clean, corrupted) inputs are ``x_read``; the
+    patch goes into the hook it writes (its input, upstream, is the clean run's in every patched run)."""
+    r, r2 = (x, x2) if x_read is None else x_read
+    f2 = sae.encode(r2)
+    err2 = x2 - reconstruct(sae, r2, f2).to(x2.dtype)
+    f = sae.encode(r)
     recon = sae.decode(f).to(x.dtype)
-    err = x - recon
+    err = x - reconstruct(sae, r, f).to(x.dtype)
     lead = f.shape[:-1]  # batch and position axes
     flat_tokens = spec.layout == "flat_tokens"
     pos_shape = lead if flat_tokens else lead[1:]

@@ -364,6 +364,24 @@ def bundled_releases() -> dict[str, Any]:
             "saes": [{"id": "up_blocks.0.attentions.1.hook_out", "path": "up_blocks.0.attentions.1.hook_out",
                       "l0": 8.0, "variance_explained": 0.9896}],
         },
+        "shapes-clip-transcoders": {
+            "format": "bundled", "repo_id": f"{BUNDLED_ROOT}/shapes-clip-transcoders", "model": "shapes-clip",
+            "model_class_name": "HookedViT",
+            "description": "Bundled MLP transcoders (SAELens Transcoder, ReLU, 64 -> 512 -> 64) for the 4 MLPs of the "
+                           "shapes-world CLIP's vision tower: each reads blocks.L.ln2.hook_normalized (the MLP's input) "
+                           "and predicts blocks.L.hook_mlp_out (cfg.metadata.hook_name_out), all 65 tokens, trained with "
+                           "an L1 penalty on shapes-world images. Splice with model.add_sae(tc, use_error_term=True) or "
+                           "pass to find_circuit. Ships with the package: loads offline. Figures in "
+                           "cfg.metadata.evaluation.",
+            "regenerate": "python -m sae_lens_multimodal.world.training.train_transcoders",
+            # input_kind: the MLP reads the block-middle residual stream, LayerNorm-normalised (ln2.hook_normalized)
+            "defaults": {"token_policy": "all", "input_kind": "block_middle", "architecture": "transcoder",
+                         "d_in": 64, "d_sae": 512, "context_size": 65, "source_model": "shapes-clip (vision tower)"},
+            # l0 / variance_explained (of the MLP output): cfg.json metadata.evaluation (1000 fresh images)
+            "saes": [{"id": f"blocks.{layer}.mlp", "path": f"blocks.{layer}.mlp",
+                      "hook_name": f"blocks.{layer}.ln2.hook_normalized", "l0": l0, "variance_explained": ev}
+                     for layer, l0, ev in ((0, 7.1, 0.9524), (1, 13.6, 0.9597), (2, 24.9, 0.9517), (3, 33.4, 0.9605))],
+        },
         "shapes-clip-typographic-saes": {
             "format": "bundled", "repo_id": f"{BUNDLED_ROOT}/shapes-clip-typographic-saes",
             "model": "shapes-clip-typographic", "model_class_name": "HookedViT",

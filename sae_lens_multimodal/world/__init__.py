@@ -1,7 +1,7 @@
 """The shapes world: procedurally drawn images with known ground truth, and the small models trained on it.
 
 Importing this package registers its models (``"shapes-clip"``, ``"shapes-clip-typographic"``,
-``"shapes-diffusion"``, ``"shapes-dit"``, ``"shapes-vlm"``) with :mod:`sae_lens_multimodal.models.registry` and its pipeline class with
+``"shapes-diffusion"``, ``"shapes-dit"``, ``"shapes-vlm"``, ``"shapes-vlm-typographic"``) with :mod:`sae_lens_multimodal.models.registry` and its pipeline classes with
 :mod:`sae_lens_multimodal.diffusion.pipeline_classes` and its factor world (captions, factor values, prompt
 sets and judge of factor-dict prompts) with :mod:`sae_lens_multimodal.analysis.factor_worlds`, the registries
 any other package uses; the model registry imports this package on the first lookup of a ``shapes-`` name. The scripts that trained the shipped
@@ -19,6 +19,7 @@ from sae_lens_multimodal.world.paths import (
     SHAPES_DIFFUSION_DIR,
     SHAPES_DIT_DIR,
     SHAPES_VLM_DIR,
+    SHAPES_VLM_TYPOGRAPHIC_DIR,
 )
 from sae_lens_multimodal.world.shapes import (
     ShapesDataset,
@@ -84,6 +85,13 @@ register_model(
     "Small transformers LLaVA (LlavaForConditionalGeneration: the shapes-clip vision tower, frozen; a GELU "
     "projector; a 3-layer width-128 Llama) trained to answer questions about a shapes-world image's colour, "
     "shape, position, size and texture; see sae_lens_multimodal/world/README.md.",
+    kind="vlm",
+)
+register_model(
+    "shapes-vlm-typographic",
+    str(SHAPES_VLM_TYPOGRAPHIC_DIR),
+    "The shapes-vlm recipe on the shapes-clip-typographic vision tower (train_vlm --tower shapes-clip-typographic), "
+    "for typographic attacks on a VLM; see docs/vlm.md.",
     kind="vlm",
 )
 # Batches [uncond, cond] like StableDiffusionPipeline; imported (with diffusers) only when a saved one is loaded.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = ["WEIGHTS_DIR", "SHAPES_CLIP_DIR", "SHAPES_CLIP_TYPOGRAPHIC_DIR", "SHAPES_DIFFUSION_DIR", "SHAPES_DIT_DIR", "SHAPES_VLM_DIR",
-           "BUNDLED_SAES_DIR"]
+           "SHAPES_VLM_TYPOGRAPHIC_DIR", "BUNDLED_SAES_DIR"]
 
 WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
 #: The shapes CLIP (open_clip local-dir layout). Registered name: "shapes-clip".
@@ -21,5 +21,8 @@ SHAPES_DIT_DIR: Path = WEIGHTS_DIR / "shapes_dit"
 #: The shapes VLM (transformers LLaVA layout: config.json, model.safetensors, processor files).
 #: Registered name: "shapes-vlm".
 SHAPES_VLM_DIR: Path = WEIGHTS_DIR / "shapes_vlm"
+#: The same VLM recipe on the shapes-clip-typographic vision tower (train_vlm --tower shapes-clip-typographic),
+#: for typographic attacks on a VLM. Registered name: "shapes-vlm-typographic".
+SHAPES_VLM_TYPOGRAPHIC_DIR: Path = WEIGHTS_DIR / "shapes_vlm_typographic"
 #: The bundled SAEs, one folder per release and SAE id (loaded through the "bundled" release format).
 BUNDLED_SAES_DIR: Path = WEIGHTS_DIR / "saes"

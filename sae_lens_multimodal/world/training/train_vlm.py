@@ -38,6 +38,7 @@ from sae_lens_multimodal.world.paths import (
     SHAPES_VLM_DIR,
     SHAPES_VLM_TYPOGRAPHIC_DIR,
 )
+from sae_lens_multimodal.world.training.train_clip import _write_own_colour  # the typographic CLIP's data recipe
 
 __all__ = ["TOWERS", "VLMRecipe", "training_batch", "train_vlm", "main"]
 
@@ -67,18 +68,28 @@ class VLMRecipe:
     vision_feature_layer: int = -1  # the tower's last residual stream (LLaVA-1.5 uses -2: shape stayed at 94%)
     vision_feature_select_strategy: str = "full"  # keep the CLS token
     text_prob: float = 0.25  # share of training images with a written word
+    # The typographic CLIP's data recipe (train_clip --variant typographic), off by default: write each image's own
+    # colour name on this share of the word-free images and fade its colour towards grey by up to typographic_fade.
+    typographic_prob: float = 0.0
+    typographic_fade: float = 0.0
     log_every: int = 50
     eval_images: int = 1000  # held-out images per evaluation (each factor asked about 1/5 of them)
     eval_seed: int = 10_000  # the held-out images' seed; training draws from seed .. (never this one)
     init: str = ""  # a previous run's folder to continue training from (its weights; the seed draws new images)
 
 
-def training_batch(processor: Any, world: Any, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:
+def training_batch(processor: Any, world: Any, rng: np.random.Generator, batch_size: int,
+                   recipe: Optional["VLMRecipe"] = None) -> dict[str, torch.Tensor]:
     """One batch: fresh images, one question each, the answer and end-of-text appended; ``labels`` is -100
-    everywhere but the answer and end-of-text tokens (right padding)."""
+    everywhere but the answer and end-of-text tokens (right padding). With ``recipe.typographic_prob`` > 0,
+    some images carry their own colour name (the typographic CLIP's training data; answers stay the truth)."""
     from sae_lens_multimodal.world.vlm import ASKED_FACTORS, EOS, QUESTIONS, answer_of, prompt
 
-    images, truth = world.sample(batch_size)
+    if recipe is not None and recipe.typographic_prob > 0:  # (draws nothing otherwise: default runs stay identical)
+        truth, _ = _write_own_colour(world.sample_factors(batch_size), recipe, rng)  # type: ignore[arg-type]
+        images = world.render(truth)
+    else:
+        images, truth = world.sample(batch_size)
     asked = [ASKED_FACTORS[i] for i in rng.integers(len(ASKED_FACTORS), size=batch_size)]
     questions = [QUESTIONS[f][rng.integers(len(QUESTIONS[f]))] for f in asked]
     prompts = [prompt(q) for q in questions]
@@ -154,7 +165,7 @@ def train_vlm(recipe: VLMRecipe, out: Optional[Path] = SHAPES_VLM_DIR) -> dict[s
     model.model.vision_tower.eval()
     running = None
     for step in range(recipe.steps):
-        batch = training_batch(processor, world, rng, recipe.batch_size)
+        batch = training_batch(processor, world, rng, recipe.batch_size, recipe)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

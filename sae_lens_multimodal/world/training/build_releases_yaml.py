@@ -352,9 +352,12 @@ def bundled_releases() -> dict[str, Any]:
             "model_class_name": "HookedUNet",
             "description": "Bundled timestep-bucketed SAE (4 buckets of 5 DPM-Solver steps, TopK 64 -> 256 each, k=8) on "
                            "the output of the shapes-diffusion UNet's up_blocks.0.attentions.1 (8x8 channel-last "
-                           "tokens), conditional branch of guidance-2 generations. Ships with the package: loads "
-                           "offline. Figures in cfg.metadata.evaluation.",
-            "regenerate": f"{TRAIN_SAES} --which diffusion",
+                           "tokens), conditional branch of guidance-2 generations; and, under the id "
+                           "'up_blocks.0.attentions.1.hook_out.conditioned', a timestep-conditioned SAE (one TopK "
+                           "dictionary 64 -> 512, k=8, for every timestep; encoder scale and bias per bucket) on the same "
+                           "hook and data. Ship with the package: load offline. Figures in cfg.metadata.evaluation.",
+            "regenerate": f"{TRAIN_SAES} --which diffusion (the .conditioned SAE: python -m "
+                          "sae_lens_multimodal.world.training.train_conditioned_sae)",
             "defaults": {"token_policy": "all", "input_kind": "block_output", "architecture": "timestep_bucketed",
                          "d_in": 64, "d_sae": 256, "k": 8, "cfg_branch": "cond", "guidance_scale": 2.0,
                          "timesteps": "every step of 20 DPM-Solver++ steps; buckets [0,275) [275,525) [525,775) "
@@ -362,7 +365,15 @@ def bundled_releases() -> dict[str, Any]:
                          "source_model": "shapes-diffusion (UNet2DConditionModel)"},
             # l0 / variance_explained: cfg.json metadata.evaluation of the shipped weights (48 fresh generations)
             "saes": [{"id": "up_blocks.0.attentions.1.hook_out", "path": "up_blocks.0.attentions.1.hook_out",
-                      "l0": 8.0, "variance_explained": 0.9896}],
+                      "l0": 8.0, "variance_explained": 0.9896},
+                     # one dictionary for every timestep (encoder scale/bias per bucket), same hook and data;
+                     # evaluated on the same 48 fresh generations (docs/diffusion-time.md)
+                     {"id": "up_blocks.0.attentions.1.hook_out.conditioned",
+                      "path": "up_blocks.0.attentions.1.hook_out.conditioned",
+                      "hook_name": "up_blocks.0.attentions.1.hook_out", "architecture": "timestep_conditioned",
+                      "d_sae": 512, "l0": 8.0, "variance_explained": 0.9863,
+                      "notes": "timestep-conditioned: one dictionary for all timesteps; regenerate with python -m "
+                               "sae_lens_multimodal.world.training.train_conditioned_sae"}],
         },
         "shapes-clip-transcoders": {
             "format": "bundled", "repo_id": f"{BUNDLED_ROOT}/shapes-clip-transcoders", "model": "shapes-clip",

@@ -178,6 +178,7 @@ README_ROWS: dict[str, str] = {
     "diffusion-patching": "Diffusion patching (all blocks, first steps up to t)",
     "typographic": "Typographic attack on `shapes-clip-typographic` (a wrong colour word written on the image)",
     "clip-patching": "CLIP activation patching, red vs blue circle",
+    "diffusion-time": "Features across denoising time: timestep-conditioned vs bucketed SAE, `shapes-diffusion-saes`",
 }
 CHECKS: tuple[str, ...] = tuple(README_ROWS)
 
@@ -419,10 +420,16 @@ def _clip_patching(ctx: _Context) -> tuple[str, Any]:
             f"{float(grid[0, outside].abs().max()):.1e})"), r
 
 
+def _diffusion_time(ctx: _Context) -> tuple[str, Any]:
+    from sae_lens_multimodal.world.timestep_features import ground_truth_line  # generates images: only when run
+
+    return ground_truth_line(quick=ctx.quick, progress=ctx.progress)
+
+
 _CHECK_FUNCTIONS = {
     "zero-shot": _zero_shot, "diffusion": _diffusion, "free-labels": _free_labels, "labelers": _labelers,
     "steerability": _steerability, "probes": _probes, "diffusion-patching": _diffusion_patching,
-    "typographic": _typographic, "clip-patching": _clip_patching,
+    "typographic": _typographic, "clip-patching": _clip_patching, "diffusion-time": _diffusion_time,
 }
 
 

@@ -116,6 +116,22 @@ def image_contrast(model: Any, kind: str, args: argparse.Namespace) -> tuple[Any
                      "(use analysis.circuits.find_circuit from Python for VLMs and diffusion denoisers).")
 
 
+def _top_images(model: Any, saes: list[Any], circuit: Any, k: int) -> dict[str, list[Any]]:
+    """node id -> its feature's ``k`` top images (activation at the node's position) among fresh shapes-world
+    images."""
+    from sae_lens_multimodal.analysis.circuits import _ordered_saes
+    from sae_lens_multimodal.world.circuits import node_activations, probe_set, top_images
+
+    import torch
+    from PIL import Image
+
+    images, _ = probe_set(1000)
+    pixels = torch.stack([model.preprocess(Image.fromarray(p)) for p in images])  # the model's own preprocessing
+    feats = [n for n in circuit.nodes if n.feature != "error"]
+    tops = top_images(node_activations(model, _ordered_saes(model, saes), feats, images, pixels=pixels), k)
+    return {n.id: [images[i] for i in top] for n, top in zip(feats, tops)}
+
+
 def run_circuit(args: argparse.Namespace) -> int:
     import torch
 
@@ -154,7 +170,8 @@ def run_circuit(args: argparse.Namespace) -> int:
         def links(hook: str, feature: int) -> str:
             return template.format(hook=hook, feature=feature)
 
-    circuit.to_html(out / "circuit.html", dashboards=links, title=f"Circuit: {args.model}")
+    images = _top_images(model, saes, circuit, args.top_images) if args.top_images and args.shapes_contrast else None
+    circuit.to_html(out / "circuit.html", dashboards=links, images=images, title=f"Circuit: {args.model}")
     print(f"{len(circuit.nodes)} nodes, {len(circuit.edges)} edges; faithfulness {circuit.faithfulness:.3f}, "
           f"completeness {circuit.completeness:.3f}; metric clean {circuit.clean_metric:.3f}, corrupted "
           f"{circuit.corrupted_metric:.3f}")
@@ -198,6 +215,9 @@ def add_circuit_command(subparsers: "argparse._SubParsersAction[argparse.Argumen
     parser.add_argument("--no-edges", action="store_true", help="skip edges (one backward pass per downstream node)")
     parser.add_argument("--dashboards", metavar="TEMPLATE",
                         help="link each feature node to its dashboard: a URL / path with {hook} and {feature}")
+    parser.add_argument("--top-images", type=int, default=4, metavar="N",
+                        help="with --shapes-contrast: show each feature node's N top images (activation at its "
+                             "position, over 1000 fresh shapes-world images) in the HTML; 0: none (default: 4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed, also of the shapes pairs (default: 0)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for circuit.json and circuit.html")
     parser.set_defaults(handler=run_circuit)

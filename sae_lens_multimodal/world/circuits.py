@@ -211,13 +211,14 @@ def probe_set(n: int = 3000, seed: int = 99) -> tuple[np.ndarray, list[ShapeFact
 
 @torch.no_grad()
 def node_activations(clip: Any, saes: dict[str, Any], nodes: Sequence[CircuitNode], images: np.ndarray,
-                     batch_size: int = 500) -> torch.Tensor:
-    """[n_images, n_nodes]: each feature node's SAE activation at its position (error nodes: the error norm)."""
+                     batch_size: int = 500, pixels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[n_images, n_nodes]: each feature node's SAE activation at its position (error nodes: the error norm).
+    ``pixels``: the model's input for ``images`` when it is not shapes-clip's preprocessing."""
     by_hook: dict[str, list[int]] = {}
     for i, n in enumerate(nodes):
         by_hook.setdefault(n.hook, []).append(i)
     out = torch.zeros(len(images), len(nodes))
-    x = _pixels(images)
+    x = _pixels(images) if pixels is None else pixels
     for start in range(0, len(images), batch_size):
         batch: dict[str, torch.Tensor] = {}
 
@@ -461,6 +462,29 @@ def _summary_rows(factor: str, result: CanonicalCircuit, truth: GroundTruth) -> 
         "curve": f"| {_NAMES.get(factor, factor)} | " + ", ".join(f"{n}: {f:.2f} / {cc:.2f}" for n, f, cc in c.curve
                                                              if n in (1, 2, 5, 10, 20, 25, 50, 100, 150, 200)) + " |",
     }
+
+
+def ground_truth_line(clip: Any = None, quick: bool = False) -> tuple[str, dict[str, Any]]:
+    """The ``circuit`` line of ``sae-lens-mm ground-truth``: size and faithfulness of each canonical circuit,
+    and what ablating its factor-pure features does to the zero-shot accuracy of its factor and of the others
+    (``quick``: the colour circuit only, fewer images)."""
+    if clip is None:
+        from sae_lens_multimodal.models.hooked_clip import HookedCLIP
+
+        clip = HookedCLIP.from_pretrained("shapes-clip")
+    saes = load_layer_saes()
+    probe = probe_set(1000 if quick else 3000)
+    parts, results = [], {}
+    for factor in (("color",) if quick else FACTORS):
+        result = canonical_circuit(factor, clip=clip, saes=saes)
+        truth = ground_truth_checks(result, clip, probe=probe, n_images=100 if quick else 300)
+        a, c = truth.ablation, result.circuit
+        others = min(a["pure"][k] for k in FACTORS if k != factor)
+        parts.append(f"{_NAMES.get(factor, factor)} {len(c.nodes)} nodes, faithfulness {c.faithfulness:.2f}, ablating "
+                     f"its {a['n_pure']} pure features: {_NAMES.get(factor, factor)} accuracy {a['clean'][factor]:.2f}->"
+                     f"{a['pure'][factor]:.2f}, others >= {others:.2f}")
+        results[factor] = (result, truth)
+    return "; ".join(parts), results
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

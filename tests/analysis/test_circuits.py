@@ -167,6 +167,36 @@ def test_html_graph_in_chromium(tiny, tmp_path, browser):  # noqa: F811
     assert len([link for link in check.links if link and link.startswith("dash/")]) == n_links
 
 
+def test_html_graph_shows_top_images_in_chromium(tiny, tmp_path, browser):  # noqa: F811
+    import numpy as np
+
+    from sae_lens_multimodal.analysis.circuit_html import image_uri
+
+    vit, x, x2, metric, saes = tiny
+    circuit = find_circuit(vit, x, x2, metric, saes=saes, node_threshold=0.0, max_nodes=6, edge_threshold=1e-4)
+    features = [n for n in circuit.nodes if n.feature != "error"]
+    rng = np.random.default_rng(0)
+    thumbs = {n.id: [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(3)] for n in features}
+    by_feature = {features[0].hook: {features[0].feature: [rng.integers(0, 256, (8, 8), dtype=np.uint8)]}}
+    page = circuit.to_html(tmp_path / "c.html", images=thumbs, labels=lambda h, f: f"feature {f}",
+                           dashboards=lambda h, f: f"dash/{f}.html")
+    text = page.read_text()
+    assert "http" not in text.replace("http://www.w3.org/2000/svg", "")  # self-contained: images inline
+    assert text.count("data:image/png;base64,") == 3 * len(features)
+    check = browser.check(page, sections=["circuit-graph", "node-table"] + [f"node-row-{i}" for i in range(6)],
+                          screenshot=tmp_path / "c.png")
+    assert check.ok, check.problems
+    assert check.n_images == 3 * len(features) and not check.broken_images  # the table's <img>, all decoded
+    # the graph's nodes carry their thumbnails too (SVG <image>), and their dashboard links
+    assert len([link for link in check.links if link and link.startswith("dash/")]) == 2 * len(features)
+    # {hook: {feature: images}} and a grey uint8 [H, W] image work as well; bad images are refused clearly
+    assert circuit.to_html(tmp_path / "d.html", images=by_feature).read_text().count("data:image/png") == 1
+    with pytest.raises(ValueError, match="data: URI"):
+        circuit.to_html(tmp_path / "e.html", images={features[0].id: ["pic.png"]})
+    with pytest.raises(ValueError, match="uint8"):
+        image_uri(np.zeros((4, 4, 3)))
+
+
 def test_cli_writes_json_and_html(tmp_path, capsys):
     from sae_lens_multimodal.cli import main
 
@@ -177,6 +207,8 @@ def test_cli_writes_json_and_html(tmp_path, capsys):
     circuit = load_circuit(out / "circuit.json")
     assert circuit.nodes and circuit.faithfulness is not None and len(circuit.curve) > 1
     assert (out / "circuit.html").read_text().startswith("<!DOCTYPE html>")
+    n_features = sum(1 for n in circuit.nodes if n.feature != "error")
+    assert 0 < (out / "circuit.html").read_text().count("data:image/png;base64,") <= 4 * n_features  # --top-images 4
     assert "faithfulness" in capsys.readouterr().out
     rc = main(["circuit", "--model", "shapes-clip", "--release", "shapes-clip-saes", "--sae-id",
                "blocks.2.hook_resid_post", "--out", str(out)])

@@ -95,7 +95,8 @@ class VLMTypographicResult:
     """Colour accuracy (per condition of :data:`VLM_CONDITIONS`) and written-word rate of each model on the same
     test split. ``rows[name]``: ``color_accuracy`` {condition: value}, ``written_word`` {condition: value},
     ``n_suppressed``, ``features`` (the suppressed latent indices). ``selection``: per candidate count, the
-    VLM's attacked / clean colour accuracy on the selection split."""
+    VLM's attacked / clean colour accuracy on the selection split (``other_selections``: the same for the VLMs
+    passed as ``also``)."""
 
     n_test: int
     seed: int
@@ -104,6 +105,7 @@ class VLMTypographicResult:
     rows: dict[str, dict[str, Any]]
     selection: list[dict[str, float]]
     clip_accuracy_162: dict[str, float]
+    other_selections: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)
 
     def to_table(self) -> str:
         lines = [f"Typographic attack, {self.n_test} test images (seed {self.seed + 2}): colour accuracy; suppression "
@@ -185,12 +187,15 @@ def vlm_typographic_study(
     max_clean_cost: float = 0.05,
     batch_size: int = 250,
     progress: bool = False,
+    also: Optional[dict[str, Any]] = None,
 ) -> VLMTypographicResult:
     """The CLIP-only typographic study and the same attack on ``shapes-vlm-typographic`` (with suppression) and
     on the plain ``shapes-vlm``, on the same test split. Defaults load the shipped models and bundled SAE;
-    the split sizes, ``candidate_counts`` and ``max_clean_cost`` are the CLIP-only study's."""
-    if not candidate_counts or min(candidate_counts) < 0:
-        raise ValueError(f"candidate_counts must be non-negative feature counts; got {list(candidate_counts)}.")
+    the split sizes, ``candidate_counts`` and ``max_clean_cost`` are the CLIP-only study's. ``also``: more VLMs
+    on the typographic tower (name -> HookedVLM), measured as shapes-vlm-typographic."""
+    if not candidate_counts or min(candidate_counts) != 0:
+        raise ValueError(f"candidate_counts must be non-negative feature counts including 0 (the unsuppressed "
+                         f"baseline of the selection rule); got {list(candidate_counts)}.")
     clip = clip if clip is not None else HookedCLIP.from_pretrained("shapes-clip-typographic")
     sae = sae if sae is not None else SAE.from_pretrained(*TYPOGRAPHIC_SAE)
     vlm = vlm if vlm is not None else HookedVLM.from_pretrained(TYPOGRAPHIC_VLM)
@@ -201,35 +206,47 @@ def vlm_typographic_study(
     ranked = [f.index for f in clip_study.features]  # tower + SAE only: the same ranking inside the VLM
 
     select = build_attack_set(n_select, seed=seed + 1)
-    selection = []
-    for k in sorted({min(k, len(ranked)) for k in candidate_counts}):
-        steers = _ablate(sae, ranked[:k])
-        att = attack_rates(colour_answers(vlm, select.attacked, steers=steers, batch_size=batch_size), select, "clean")
-        cln = attack_rates(colour_answers(vlm, select.clean, steers=steers, batch_size=batch_size), select, "clean")
-        selection.append({"n_features": k, "attacked_accuracy": att["color_accuracy"],
-                          "clean_accuracy": cln["color_accuracy"]})
-    base = next((s["clean_accuracy"] for s in selection if s["n_features"] == 0), None)
-    if base is None:
-        base = attack_rates(colour_answers(vlm, select.clean, batch_size=batch_size), select, "clean")["color_accuracy"]
-    allowed = [s for s in selection if base - s["clean_accuracy"] <= max_clean_cost + 1e-12]
-    best = max(allowed or selection[:1], key=lambda s: (s["attacked_accuracy"], -s["n_features"]))
-    k = int(best["n_features"])
-
     test = build_attack_set(n_test, seed=seed + 2)
     c = clip_study
     rows: dict[str, dict[str, Any]] = {
         "shapes-clip-typographic, zero-shot (CLIP-only study)": {
             "color_accuracy": dict(c.color_accuracy), "written_word": dict(c.written_word_rate),
             "n_suppressed": c.n_suppressed, "features": list(c.suppressed_features)},
-        f"shapes-vlm-typographic, answer ({k} features chosen on the VLM)": _vlm_row(vlm, sae, test, ranked[:k],
-                                                                                    batch_size),
     }
-    if c.n_suppressed != k:
-        rows[f"shapes-vlm-typographic, answer (the CLIP's {c.n_suppressed} features)"] = _vlm_row(
-            vlm, sae, test, c.suppressed_features, batch_size)
+    selections: dict[str, list[dict[str, float]]] = {}
+    for name, model in {TYPOGRAPHIC_VLM: vlm, **(also or {})}.items():
+        selections[name] = _selection(model, sae, ranked, select, candidate_counts, batch_size)
+        k = _chosen_count(selections[name], max_clean_cost)
+        rows[f"{name}, answer ({k} feature{'' if k == 1 else 's'} chosen on the VLM)"] = _vlm_row(
+            model, sae, test, ranked[:k], batch_size)
+        if c.n_suppressed != k:
+            rows[f"{name}, answer (the CLIP's {c.n_suppressed} features)"] = _vlm_row(
+                model, sae, test, c.suppressed_features, batch_size)
     rows["shapes-vlm (plain tower), answer"] = _vlm_row(plain_vlm, None, test, [], batch_size)
+    selection = selections.pop(TYPOGRAPHIC_VLM)
     return VLMTypographicResult(n_test=n_test, seed=seed, max_clean_cost=max_clean_cost, sae=TYPOGRAPHIC_SAE, rows=rows,
-                                selection=selection, clip_accuracy_162=dict(c.accuracy))
+                                selection=selection, clip_accuracy_162=dict(c.accuracy), other_selections=selections)
+
+
+def _selection(model: Any, sae: Any, ranked: Sequence[int], select: TypographicAttackSet,
+               candidate_counts: Sequence[int], batch_size: int) -> list[dict[str, float]]:
+    """Per candidate count k: the VLM's colour accuracy on the selection split, attacked and clean, with the top k
+    ranked features ablated."""
+    out = []
+    for k in sorted({min(k, len(ranked)) for k in candidate_counts}):
+        steers = _ablate(sae, ranked[:k])
+        att = attack_rates(colour_answers(model, select.attacked, steers=steers, batch_size=batch_size), select, "clean")
+        cln = attack_rates(colour_answers(model, select.clean, steers=steers, batch_size=batch_size), select, "clean")
+        out.append({"n_features": k, "attacked_accuracy": att["color_accuracy"], "clean_accuracy": cln["color_accuracy"]})
+    return out
+
+
+def _chosen_count(selection: list[dict[str, float]], max_clean_cost: float) -> int:
+    """The CLIP-only study's rule: the best attacked accuracy whose clean accuracy falls by at most
+    ``max_clean_cost`` from no suppression (ties: fewer features)."""
+    base = selection[0]["clean_accuracy"]  # counts are sorted and include 0 (see vlm_typographic_study)
+    allowed = [s for s in selection if base - s["clean_accuracy"] <= max_clean_cost + 1e-12]
+    return int(max(allowed or selection[:1], key=lambda s: (s["attacked_accuracy"], -s["n_features"]))["n_features"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -237,13 +254,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--n-test", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="folder for vlm_typographic.png / .json")
+    parser.add_argument("--also", action="append", default=[], metavar="NAME=DIR",
+                        help="another VLM on the typographic tower to measure (a train_vlm output folder)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    result = vlm_typographic_study(n_test=args.n_test, seed=args.seed, progress=False)
+    also = {}
+    for item in args.also:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory:
+            parser.error(f"--also takes NAME=DIR; got {item!r}.")
+        also[name] = HookedVLM.from_pretrained(directory)
+    result = vlm_typographic_study(n_test=args.n_test, seed=args.seed, progress=False, also=also)
     print(result.to_table())
-    print("\nselection split, shapes-vlm-typographic (features suppressed -> colour accuracy attacked / clean):")
-    for s in result.selection:
-        print(f"  {int(s['n_features']):3d} -> {s['attacked_accuracy']:.1%} / {s['clean_accuracy']:.1%}")
+    print("\nselection split (features suppressed -> colour accuracy attacked / clean):")
+    for name, selection in {TYPOGRAPHIC_VLM: result.selection, **result.other_selections}.items():
+        print(f"  {name}")
+        for s in selection:
+            print(f"  {int(s['n_features']):3d} -> {s['attacked_accuracy']:.1%} / {s['clean_accuracy']:.1%}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         result.plot(args.out / "vlm_typographic.png")

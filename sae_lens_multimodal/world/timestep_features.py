@@ -422,30 +422,33 @@ class TimestepFeatureStudy:
 
     # -------------------------------------------------------------------------------------- figures
     def plot_curves(self, path: PathLike, latents: Optional[Sequence[int]] = None) -> Path:
-        """Mean activation (input units) of conditioned latents over t, and the bucketed SAE's latents with
-        the same indices drawn per bucket (unconnected): the jumps the conditioned SAE removes."""
+        """Mean activation of conditioned latents over t (each divided by its maximum; default: the six most
+        active factor-selective ones), and of the bucketed SAE's six most active latent indices drawn per bucket
+        (unconnected: latent i is another feature in each bucket)."""
         fig, ax = new_figure(1, 2, figsize=(11, 3.6))
         t = np.array(self.timesteps)
         cls = self.classification
-        latents = list(latents) if latents is not None else [cls.latents[i] for i in np.argsort(
-            -np.nan_to_num(np.array(cls.best_lift), nan=-1))[:6]]
+        cond, buck = self.curves["conditioned"], self.curves["bucketed"]
+        if latents is None:
+            selective = [i for i, f in zip(cls.latents, cls.best_factor) if f is not None]
+            latents = sorted(selective, key=lambda i: -float(cond[:, i].mean()))[:6]
         edges = [(a + b) / 2 for a, b, e1, e2 in zip(t[:-1], t[1:], self.buckets[:-1], self.buckets[1:]) if e1 != e2]
         for i in latents:
             label = f"latent {i}" + (f" ({cls.best_factor[cls.latents.index(i)]})" if i in cls.latents else "")
-            ax[0, 0].plot(t, self.curves["conditioned"][:, i], marker=".", label=label)
+            ax[0, 0].plot(t, cond[:, i] / max(float(cond[:, i].max()), 1e-12), marker=".", label=label)
         b = np.array(self.buckets)
-        top = np.argsort(-self.curves["bucketed"].max(0))[:6]
-        for k, i in enumerate(top):
+        norm = buck / np.maximum(buck.max(0, keepdims=True), 1e-12)
+        for k, i in enumerate(np.argsort(-norm.mean(0))[:6]):
             for bucket in sorted(set(self.buckets)):
                 sel = b == bucket
-                ax[0, 1].plot(t[sel], self.curves["bucketed"][sel, i], marker=".", color=f"C{k}",
+                ax[0, 1].plot(t[sel], norm[sel, i], marker=".", color=f"C{k}",
                               label=f"latent {i}" if bucket == self.buckets[0] else None)
         for a, title in ((ax[0, 0], "conditioned SAE: one dictionary"), (ax[0, 1], "bucketed SAE: latent i per bucket")):
             for e in edges:
                 a.axvline(e, color="grey", lw=0.8, ls=":")
             a.invert_xaxis()
             a.set_xlabel("timestep t (denoising runs right)")
-            a.set_ylabel("mean activation (input units)")
+            a.set_ylabel("mean activation / its maximum")
             a.set_title(title, fontsize=10)
             a.legend(fontsize=7)
         return save_figure(fig, path)
@@ -519,8 +522,8 @@ def timestep_feature_study(n_prompts: int = 96, *, seed: int = 2000, rows: Optio
 
 
 def ground_truth_line(quick: bool = False, progress: bool = False) -> tuple[str, TimestepFeatureStudy]:
-    """The ``sae-lens-mm ground-truth`` line (check ``diffusion-time``): the study on 96 generations (16 quick)."""
-    study = timestep_feature_study(16 if quick else 96, progress=progress)
+    """The ``sae-lens-mm ground-truth`` line (check ``diffusion-time``): the study on 96 generations (12 quick)."""
+    study = timestep_feature_study(12 if quick else 96, progress=progress)
     return study.summary(), study
 
 

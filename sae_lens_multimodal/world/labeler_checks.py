@@ -14,6 +14,10 @@ Scoring (the ground truth maps each term to its factor; nothing else uses it):
   named correctly / labelled;
 * per factor, over the features pure in it: accuracy = the label has a term of that factor and it is the
   shared value; coverage = the label has a term of that factor; precision = accuracy / coverage.
+* multi-factor slots: features at the 90% bar are rarely pure in two factors (1-4 per SAE), too few to
+  score, so slots are scored on the features whose top images share a value in two factors or more at the
+  lower bar ``multi_purity`` (75%): each such factor is a slot, right when the label has a term of that
+  factor and it is the shared value; reported as slots right / slots and the count of features.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class LabelerScore:
 
     overall: list[int] = field(default_factory=lambda: [0, 0, 0])
     per_factor: dict[str, list[int]] = field(default_factory=lambda: {f: [0, 0, 0] for f in FACTORS})
+    #: multi-factor features: [features, features with every slot right, slots, slots right]
+    slots: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
 
     @staticmethod
     def _rates(n: int, labelled: int, correct: int) -> tuple[float, float, float]:
@@ -53,6 +59,10 @@ class LabelerScore:
     def precision(self, factor: Optional[str] = None) -> float:
         return self._rates(*(self.overall if factor is None else self.per_factor[factor]))[2]
 
+    def slot_accuracy(self) -> float:
+        """Right slots / slots over the multi-factor features (0 when there are none)."""
+        return self.slots[3] / max(1, self.slots[2])
+
 
 @dataclass
 class LabelerComparison:
@@ -62,6 +72,7 @@ class LabelerComparison:
     n_features: int  # features active on at least top_k scoring images
     n_pure: int
     n_multi: int  # pure in two factors or more
+    multi_purity: float = 0.75
     scores: dict[str, LabelerScore]
     labels: dict[str, list[FeatureLabel]] = field(default_factory=dict)
     pure: list[dict[str, str]] = field(default_factory=list)
@@ -69,10 +80,14 @@ class LabelerComparison:
     def to_table(self) -> str:
         head = (f"labelers at {self.hook_name}: {self.n_pure} of {self.n_features} features pure (>= 90% of top-20 "
                 f"images share a value; {self.n_multi} in two factors); cells: accuracy / coverage / precision")
-        lines = [head, f"{'labeler':<19} {'overall':<16} " + " ".join(f"{f:<16}" for f in FACTORS)]
+        n_slot = next(iter(self.scores.values())).slots if self.scores else [0, 0, 0, 0]
+        head += (f"; slots: {n_slot[0]} features share a value in two factors or more at "
+                 f">= {self.multi_purity:.0%} ({n_slot[2]} slots): slots right / slots, all slots right")
+        lines = [head, f"{'labeler':<19} {'overall':<16} " + " ".join(f"{f:<16}" for f in FACTORS) + " slots"]
         for name, s in self.scores.items():
             cells = [f"{s.accuracy(f):.0%} / {s.coverage(f):.0%} / {s.precision(f):.0%}" for f in (None, *FACTORS)]
-            lines.append(f"{name:<19} " + " ".join(f"{c:<16}" for c in cells))
+            slots = f"{s.slots[3]}/{s.slots[2]}, {s.slots[1]}/{s.slots[0]}"
+            lines.append(f"{name:<19} " + " ".join(f"{c:<16}" for c in cells) + " " + slots)
         return "\n".join(lines)
 
     __str__ = to_table
@@ -95,38 +110,51 @@ def compare_labelers(
     top_k: int = 20,
     purity: float = 0.9,
     n_effect_images: int = 64,
+    multi_purity: float = 0.75,
 ) -> LabelerComparison:
     """Score ``labelers`` (default: every one in ``LABELERS``) on the features of ``sae`` pure in a factor on
     ``images`` / ``factors``; the labelers use ``reference_images`` and the vocabulary ``text`` = (terms,
-    embeddings). ``n_effect_images``: reference images on which the causal effects are measured."""
+    embeddings). ``n_effect_images``: reference images on which the causal effects are measured;
+    ``multi_purity``: the bar for the multi-factor slot scoring (module docs)."""
     if len(images) != len(factors):
         raise ValueError(f"{len(images)} images but {len(factors)} factor sets.")
     words, emb = text
     term_factor = {v: f for f in FACTORS for v in ShapesWorld.factor_values[f]}  # for scoring only
     scoring = prepare_inputs(model, sae, words, images, text_embeds=emb)
     acts = scoring.acts
-    ids, pure, shares = [], [], []
+    ids, pure, multi, shares = [], [], [], []
     for feat in ((acts > 0).sum(0) >= top_k).nonzero()[:, 0].tolist():
         top = acts[:, feat].topk(top_k).indices.tolist()
         sh = _shares(factors, top)
-        p = {f: max(sh[f].items(), key=lambda kv: kv[1])[0] for f in FACTORS if max(sh[f].values()) >= purity}
-        if p:
+        modal = {f: max(sh[f].items(), key=lambda kv: kv[1]) for f in FACTORS}
+        p = {f: v for f, (v, share) in modal.items() if share >= purity}
+        m = {f: v for f, (v, share) in modal.items() if share >= multi_purity}
+        if p or len(m) >= 2:
             ids.append(feat)
             pure.append(p)
+            multi.append(m if len(m) >= 2 else {})
             shares.append(sh)
     n_features = int(((acts > 0).sum(0) >= top_k).sum())
     inputs = prepare_inputs(model, sae, words, reference_images, text_embeds=emb)
     inputs.cache["n_effect_images"] = n_effect_images
     makers = labelers if labelers is not None else {name: make() for name, make in LABELERS.items()}
-    result = LabelerComparison(hook_name=f"vision.{scoring.hook}", n_features=n_features, n_pure=len(ids),
-                               n_multi=sum(len(p) > 1 for p in pure), scores={}, pure=pure)
+    result = LabelerComparison(hook_name=f"vision.{scoring.hook}", n_features=n_features, n_pure=sum(map(bool, pure)),
+                               n_multi=sum(len(p) > 1 for p in pure), multi_purity=multi_purity, scores={}, pure=pure)
     if not ids:
         return result
     for name, labeler in makers.items():
         labels = labeler.label(model, sae, ids, inputs=inputs)
         s = LabelerScore()
-        for lab, p, sh in zip(labels, pure, shares):
+        for lab, p, m, sh in zip(labels, pure, multi, shares):
             terms = [t.term for t in lab.terms]
+            if m:
+                right = sum(v in terms for v in m.values())
+                s.slots[0] += 1
+                s.slots[1] += right == len(m)
+                s.slots[2] += len(m)
+                s.slots[3] += right
+            if not p:
+                continue
             s.overall[0] += 1
             if terms:
                 s.overall[1] += 1

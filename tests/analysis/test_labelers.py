@@ -20,11 +20,14 @@ from sae_lens_multimodal.analysis.labelers import (
     EnrichmentLabeler,
     FeatureLabel,
     Labeler,
+    LabelInputs,
     TermScore,
     context_text_embeddings,
+    degap_text,
     prepare_inputs,
     sparse_nonnegative_codes,
 )
+from sae_lens_multimodal.analysis.vocabulary import load_vocabulary
 from sae_lens_multimodal.models.hooked_clip import HookedCLIP
 from sae_lens_multimodal.world import ShapesWorld, all_captions, to_tensor
 from sae_lens_multimodal.world.shapes import COLORS, SHAPES
@@ -134,3 +137,70 @@ def test_sparse_nonnegative_codes_recover_a_known_sparse_combination():
     assert set(w.topk(2).indices.tolist()) == {3, 7}
     assert w[3] == pytest.approx(1.99, abs=0.02) and w[7] == pytest.approx(0.99, abs=0.02)
     assert (w[[i for i in range(12) if i not in (3, 7)]] == 0).all()
+
+
+def _two_attribute_inputs() -> tuple[LabelInputs, list[str]]:
+    """Synthetic reference images with two independent attributes: A (3 values, like a shape) and B (9 values,
+    like a position); an image embeds as its A direction + its B direction + noise, each term's text is its
+    direction. Feature 0 fires on (A0, B0) images; features 1-12 each on one value (the SAE's other features)."""
+    g = torch.Generator().manual_seed(0)
+    n, terms = 1800, [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(9)]
+    a, b = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 9, (n,), generator=g)
+    basis = torch.eye(12)
+    embeds = F.normalize(basis[a] + basis[3 + b] + 0.3 * torch.randn(n, 12, generator=g), dim=-1)
+    jitter = 1 + torch.rand(n, 13, generator=g)
+    fires = torch.stack([(a == 0) & (b == 0)] + [a == i for i in range(3)] + [b == i for i in range(9)], dim=1)
+    inputs = LabelInputs(model=None, sae=None, hook="blocks.0.hook_resid_post", vocabulary=load_vocabulary(terms),
+                         images=torch.zeros(n, 3, 4, 4), text=basis, text_degapped=degap_text(basis),
+                         image_embeds=embeds, acts=fires.float() * jitter)
+    return inputs, terms
+
+
+def test_calibration_keeps_a_three_valued_term_beside_a_nine_valued_one():
+    """Every top image of feature 0 has a0 and b0, but raw 2 AUROC - 1 cannot exceed 1 - base rate: a0 gets
+    ~0.67, b0 ~0.89, and the relative rule (0.85 x the first) drops a0. Divided by each term's ceiling over
+    the SAE's features, both are ~1 and the label has both slots (the shape-vs-position case of docs/clip.md)."""
+    inputs, _ = _two_attribute_inputs()
+    (raw,) = EnrichmentLabeler(calibrate=False).label_resolved(None, None, inputs, [0])
+    assert raw.label == "b0"
+    (cal,) = EnrichmentLabeler().label_resolved(None, None, inputs, [0])
+    assert {t.term for t in cal.terms} == {"a0", "b0"} and cal.validity > 0.9
+    single = EnrichmentLabeler().label_resolved(None, None, inputs, list(range(1, 13)))
+    assert [lab.label for lab in single] == [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(9)]
+    with pytest.raises(ValueError, match="ceiling_quantile"):
+        EnrichmentLabeler(ceiling_quantile=0.0).label_resolved(None, None, inputs, [0])
+
+
+#: Measured with compare_labelers (enrichment only; judged on 1000 images of seed 7, labels from 1000 of seed 8),
+#: 2026-12-03: overall accuracy / precision and per-factor accuracy per bundled SAE.
+#:   shapes-clip-saes block 2:        93% / 94%; colour 99%, shape 84% (21/25), position 100%
+#:   typographic block 0:             89% / 91%; colour 92%, shape 71% (12/17), position 96%
+#:   typographic block 1:             92% / 92%; colour 98%, shape 93% (13/14), position 94%
+#:   typographic block 2:             92% / 92%; colour 98%, shape 75% (15/20), position 95%
+#: The bars are the issue's (>= 80% overall, >= 70% per factor, precision >= 90%); their margin is thin where
+#: stated: shape at typographic block 0 is one feature above 70%, precision 1-2 points above 90%.
+@pytest.mark.shipped_weights
+def test_enrichment_meets_the_bars_at_every_bundled_shapes_clip_sae():
+    from sae_lens import SAE
+
+    from sae_lens_multimodal.world.feature_checks import factor_text_embeddings
+    from sae_lens_multimodal.world.ground_truth import LABELER_SAES
+    from sae_lens_multimodal.world.labeler_checks import compare_labelers
+
+    images, factors = ShapesWorld(image_size=32, seed=7).sample(1000)
+    x = to_tensor(images, mean=(0.5,) * 3, std=(0.5,) * 3)
+    ref = to_tensor(ShapesWorld(image_size=32, seed=8).sample(1000)[0], mean=(0.5,) * 3, std=(0.5,) * 3)
+    models: dict = {}
+    for model_name, release, hook in LABELER_SAES:
+        if model_name not in models:
+            model = HookedCLIP.from_pretrained(model_name)
+            models[model_name] = (model, factor_text_embeddings(model))
+        model, text = models[model_name]
+        c = compare_labelers(model, SAE.from_pretrained(release, hook), x, factors, ref, text,
+                             labelers={"enrichment": EnrichmentLabeler()})
+        s = c.scores["enrichment"]
+        assert c.n_pure >= 100, (release, hook)
+        assert s.accuracy() >= 0.8 and s.precision() >= 0.9 and s.coverage() >= 0.95, (release, hook, str(c))
+        for factor in ("color", "shape", "position"):
+            assert s.accuracy(factor) >= 0.7, (release, hook, factor, str(c))
+        assert s.slots[0] >= 10 and s.slot_accuracy() >= 0.5, (release, hook, str(c))

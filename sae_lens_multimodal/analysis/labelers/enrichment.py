@@ -12,12 +12,20 @@ images, positively or negatively (alternatives of one attribute, "red" / "blue",
 the label when its validity reaches ``min_validity`` and ``relative`` times the first term's validity, and
 it is not correlated (``|r| >= slot_correlation``) with a term already in the label. A feature with no term
 at ``min_validity`` gets no label (abstains). The label's validity is that of its weakest term.
+
+**Calibration** (``calibrate=True``, the default): the raw ``2 * AUROC - 1`` of a term cannot exceed one minus
+the share of images that have it, so a value of a three-valued attribute (a shape: at most 0.67) loses to a
+value of a nine-valued one (a position: 0.89) even when every top image has the first and only half have the
+second; the relative rule then drops the right term. Each term's validity is therefore divided by its
+*ceiling*: the ``ceiling_quantile`` quantile (0.99) of the term's raw validity over all features of the SAE
+active on at least ``top_k`` reference images (at least ``min_ceiling``), i.e. what this SAE's most
+term-selective features reach. It needs no attribute names: only the SAE, the CLIP and the images.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -28,7 +36,7 @@ from sae_lens_multimodal.analysis.labelers.base import (
     VocabularyLabeler,
 )
 
-__all__ = ["EnrichmentLabeler", "otsu_thresholds", "term_presence", "term_correlations"]
+__all__ = ["EnrichmentLabeler", "otsu_thresholds", "term_presence", "term_correlations", "term_ceilings"]
 
 
 def otsu_thresholds(scores: torch.Tensor, bins: int = 64) -> torch.Tensor:
@@ -74,16 +82,39 @@ def term_correlations(inputs: LabelInputs) -> torch.Tensor:
     return inputs.cache["term_correlations"]
 
 
+def _score_ranks(inputs: LabelInputs) -> torch.Tensor:
+    """[N, V] quantile in [0, 1] of each reference image's zero-shot score for each term among all images."""
+    if "score_ranks" not in inputs.cache:
+        scores = inputs.image_embeds @ inputs.text_degapped.T
+        inputs.cache["score_ranks"] = scores.argsort(0).argsort(0).float() / max(1, len(scores) - 1)
+    return inputs.cache["score_ranks"]
+
+
+def term_ceilings(inputs: LabelInputs, top_k: int, quantile: float, minimum: float,
+                  raw: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[V] each term's ceiling: the ``quantile`` of ``raw(top images)`` over every feature active on at least
+    ``top_k`` reference images, at least ``minimum`` (1 for every term when no feature is that active)."""
+    alive = ((inputs.acts > 0).sum(0) >= top_k).nonzero()[:, 0].tolist()
+    if not alive:
+        return torch.ones(len(inputs.vocabulary))
+    per_feature = torch.stack([raw(inputs.top_images(f, top_k)) for f in alive])  # [F, V]
+    return per_feature.quantile(quantile, dim=0).clamp_min(minimum)
+
+
 @dataclass
 class EnrichmentLabeler(VocabularyLabeler):
     """Terms present on the feature's top images far more than on the reference images (module docs)."""
 
     name: str = "enrichment"
     top_k: int = 20
-    min_validity: float = 0.4
+    min_validity: float = 0.5
     slot_correlation: float = 0.2
     max_terms: int = 4
-    relative: float = 0.8
+    relative: float = 0.85
+    #: divide each term's validity by its ceiling over the SAE's features (module docs)
+    calibrate: bool = True
+    ceiling_quantile: float = 0.99
+    min_ceiling: float = 0.5
     #: "auroc" (default, module docs); "otsu": the share of top images whose score is above the term's Otsu
     #: threshold, minus that share over all images; "slot": the same with "the term wins zero-shot among the
     #: terms correlated with it" (both measured worse on the shapes world: docs/clip.md)
@@ -92,12 +123,23 @@ class EnrichmentLabeler(VocabularyLabeler):
     def label_resolved(self, model: Any, sae: Any, inputs: LabelInputs, ids: list[int]) -> list[FeatureLabel]:
         if self.presence not in ("slot", "otsu", "auroc"):
             raise ValueError(f"presence must be 'auroc', 'otsu' or 'slot'; got {self.presence!r}.")
+        if not 0.0 < self.ceiling_quantile <= 1.0 or not 0.0 < self.min_ceiling <= 1.0:
+            raise ValueError("ceiling_quantile and min_ceiling must be in (0, 1].")
         if self.presence == "auroc":
-            scores = inputs.image_embeds @ inputs.text_degapped.T
-            ranks = scores.argsort(0).argsort(0).float() / max(1, len(scores) - 1)  # [N, V] quantile of each score
+            ranks = _score_ranks(inputs)
+
+            def raw(top: torch.Tensor) -> torch.Tensor:
+                return 2 * ranks[top].mean(0) - 1
         else:
             present = (slot_winners(inputs, self.slot_correlation) if self.presence == "slot" else term_presence(inputs)).float()
             base = present.mean(0)
+
+            def raw(top: torch.Tensor) -> torch.Tensor:
+                return present[top].mean(0) - base
+        key = ("ceilings", self.presence, self.top_k, self.ceiling_quantile, self.min_ceiling, self.slot_correlation)
+        if self.calibrate and key not in inputs.cache:
+            inputs.cache[key] = term_ceilings(inputs, self.top_k, self.ceiling_quantile, self.min_ceiling, raw)
+        ceiling = inputs.cache[key] if self.calibrate else torch.ones(len(inputs.vocabulary))
         corr = term_correlations(inputs).abs()
         out = []
         for f in ids:
@@ -105,12 +147,8 @@ class EnrichmentLabeler(VocabularyLabeler):
             if len(top) == 0:
                 out.append(FeatureLabel(feature=f))
                 continue
-            if self.presence == "auroc":
-                share = ranks[top].mean(0)
-                validity = 2 * share - 1
-            else:
-                share = present[top].mean(0)
-                validity = share - base
+            score = raw(top)
+            validity = (score / ceiling).clamp(-1, 1)
             chosen: list[int] = []
             for j in validity.argsort(descending=True).tolist():
                 floor = self.min_validity if not chosen else max(self.min_validity, self.relative * float(validity[chosen[0]]))
@@ -118,6 +156,6 @@ class EnrichmentLabeler(VocabularyLabeler):
                     break
                 if all(float(corr[j, c]) < self.slot_correlation for c in chosen):
                     chosen.append(j)
-            terms = [TermScore(inputs.vocabulary[j], float(share[j]), float(validity[j])) for j in chosen]
+            terms = [TermScore(inputs.vocabulary[j], float(score[j]), float(validity[j])) for j in chosen]
             out.append(FeatureLabel(feature=f, terms=terms, validity=min((t.validity for t in terms), default=0.0)))
         return out

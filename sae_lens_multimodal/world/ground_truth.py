@@ -18,7 +18,9 @@ its order and wording, each computed by the function that owns the analysis:
 * typographic: ``world.typographic.typographic_analysis`` (block-0 SAE) and ``world.clip.typographic_attack``
   on the plain shapes CLIP;
 * clip-patching: ``analysis.vision_patching.clip_activation_patching`` (red vs blue circle, as in
-  docs/causal-analysis.md).
+  docs/causal-analysis.md);
+* vlm-answers, vlm-knockout, vlm-steering, vlm-typographic: ``world.vlm_report.GROUND_TRUTH_CHECKS`` (shapes-vlm
+  and shapes-vlm-typographic; docs/vlm.md).
 
 ``run_ground_truth_checks`` / ``GroundTruthChecks`` keep the detailed tables of free labels, steerability and
 probes. ``tests/world/test_ground_truth.py`` checks that every README row has a printed line.
@@ -179,6 +181,10 @@ README_ROWS: dict[str, str] = {
     "typographic": "Typographic attack on `shapes-clip-typographic` (a wrong colour word written on the image)",
     "clip-patching": "CLIP activation patching, red vs blue circle",
     "diffusion-time": "Features across denoising time: timestep-conditioned vs bucketed SAE, `shapes-diffusion-saes`",
+    "vlm-answers": "shapes-vlm answers about the image (greedy, held-out images), per factor",
+    "vlm-knockout": "shapes-vlm attention knockout: the block where each factor reaches the answer",
+    "vlm-steering": "Steering shapes-vlm's colour answer by clamping a vision-SAE colour feature in its tower",
+    "vlm-typographic": "Typographic attack on `shapes-vlm-typographic` (the VLM on the typographic CLIP's tower)",
 }
 CHECKS: tuple[str, ...] = tuple(README_ROWS)
 
@@ -311,8 +317,12 @@ def _labelers(ctx: _Context) -> tuple[str, Any]:
             + "); " + ", ".join(f"{LABELER_NAMES.get(n, n)} {_pct(p, 0)}" for n, p in others))
     if rest:
         line += "; typographic blocks 0-2: `enrichment` " + ", ".join(
-            f"{_pct(c.scores['enrichment'].precision(), 0)} (shape {_pct(c.scores['enrichment'].accuracy('shape'), 0)})"
-            for c in rest)
+            f"{_pct(c.scores['enrichment'].precision(), 0)} (" + ", ".join(
+                f"{_NAMES.get(f, f)} {_pct(c.scores['enrichment'].accuracy(f), 0)}" for f in ("color", "shape", "position"))
+            + ")" for c in rest)
+    slots = [c.scores["enrichment"].slots for c in comparisons]  # multi-factor features, one slot per factor
+    line += (f"; multi-factor slots right {sum(s[3] for s in slots)}/{sum(s[2] for s in slots)} "
+             f"over {sum(s[0] for s in slots)} features")
     return line, comparisons
 
 
@@ -420,6 +430,16 @@ def _clip_patching(ctx: _Context) -> tuple[str, Any]:
             f"{float(grid[0, outside].abs().max()):.1e})"), r
 
 
+def _vlm(check: str) -> Any:
+    """A check whose body is in world/vlm_report.py (imported when it runs: it loads transformers' LLaVA)."""
+    def run(ctx: _Context) -> tuple[str, Any]:
+        from sae_lens_multimodal.world.vlm_report import GROUND_TRUTH_CHECKS
+
+        return GROUND_TRUTH_CHECKS[check](ctx)
+
+    return run
+
+
 def _diffusion_time(ctx: _Context) -> tuple[str, Any]:
     from sae_lens_multimodal.world.timestep_features import ground_truth_line  # generates images: only when run
 
@@ -430,6 +450,7 @@ _CHECK_FUNCTIONS = {
     "zero-shot": _zero_shot, "diffusion": _diffusion, "free-labels": _free_labels, "labelers": _labelers,
     "steerability": _steerability, "probes": _probes, "diffusion-patching": _diffusion_patching,
     "typographic": _typographic, "clip-patching": _clip_patching, "diffusion-time": _diffusion_time,
+    **{check: _vlm(check) for check in ("vlm-answers", "vlm-knockout", "vlm-steering", "vlm-typographic")},
 }
 
 
@@ -486,8 +507,9 @@ def main(argv: Optional[list[str]] = None) -> ReadmeFigures:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checks", type=_checks_argument, default=CHECKS,
                         help="comma-separated checks to run, in README order: " + ", ".join(CHECKS) + " (default: all). "
-                        "At the README's sizes the whole command takes about 5-6 minutes on 2 CPU threads, 3 of them in the "
-                        "diffusion check (648 images, 20 steps; kept at the README's size); every other check < 30 s")
+                        "At the README's sizes the whole command takes about 7-8 minutes on 2 CPU threads, 3 of them in the "
+                        "diffusion check (648 images, 20 steps; kept at the README's size), about 1 in vlm-typographic; "
+                        "every other check < 30 s")
     parser.add_argument("--quick", action="store_true",
                         help="small samples and few steps, to see that every check runs (figures not comparable)")
     parser.add_argument("--no-labelers", action="store_true", help="skip the labelers check (check 0)")

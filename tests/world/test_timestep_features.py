@@ -50,7 +50,9 @@ def test_activation_correlation_breaks_a_decoder_tie() -> None:
     both = match_dictionaries(w_a, w_b, acts_a=acts_a, acts_b=acts_b)
     assert dict(both.pairs) == truth
     assert min(both.correlation) > 0.9
-    assert dict(by_cosine.pairs) != truth or True  # the tie may fall either way without activations
+    tied = [s for (a, b), s in zip(by_cosine.pairs, by_cosine.cosine) if b in (truth[i], truth[j])]
+    assert len(tied) == 2  # without activations both tied latents are still matched, on cosine alone
+    assert np.isnan(by_cosine.correlation).all()
     restricted = match_dictionaries(w_a, w_b, latents_a=[2, 3], latents_b=[truth[2], truth[3]])
     assert dict(restricted.pairs) == {2: truth[2], 3: truth[3]}
 
@@ -118,21 +120,41 @@ def test_conditioned_sae_loads_by_name_on_the_bucketed_hook(shipped: tuple) -> N
 def test_conditioned_sae_explains_the_variance_the_bucketed_one_does(shipped: tuple) -> None:
     bucketed, conditioned, rows = shipped
     ev_c, ev_b = tf._ev(conditioned, rows), tf._ev(bucketed, rows)
-    # measured on these 8 generations: conditioned 0.9859 (per bucket >= 0.898), bucketed 0.9894: margin 0.02
-    assert ev_c["overall"] >= 0.965
-    assert ev_c["overall"] >= ev_b["overall"] - 0.02
-    assert min(v for _, v in ev_c["buckets"]) >= 0.87
+    # measured on these 8 generations: conditioned 0.9835 (lowest bucket 0.916), bucketed 0.9874 (gap 0.004)
+    assert ev_c["overall"] >= 0.965  # margin 0.018
+    assert ev_c["overall"] >= ev_b["overall"] - 0.02  # margin 0.016
+    assert min(v for _, v in ev_c["buckets"]) >= 0.88  # margin 0.036
 
 
 @pytest.mark.shipped_weights
 def test_conditioned_curves_do_not_jump_at_bucket_edges(shipped: tuple) -> None:
     bucketed, conditioned, rows = shipped
     buckets = tf.buckets_of(bucketed, rows.timesteps)
-    assert sum(a != b for a, b in zip(buckets, buckets[1:])) == 3  # three edges in the 20-step schedule
+    assert sum(a != b for a, b in zip(buckets, buckets[1:])) == 3  # edges t = 775, 525, 275 of the 20 steps
     c_cond = tf.continuity(tf.latent_activations(conditioned, rows), buckets)
     c_buck = tf.continuity(tf.latent_activations(bucketed, rows), buckets)
-    # measured: conditioned persistence 0.89 within buckets, 0.89 across edges; bucketed 0.88 within, 0.00
-    # across (latent i is another feature after the edge); curve jumps at edges 0.04 vs 0.29.
-    assert c_cond.persistence_at_edges >= 0.75 and c_cond.persistence_at_edges >= c_cond.persistence_within - 0.1
-    assert abs(c_buck.persistence_at_edges) <= 0.1 and c_buck.persistence_within >= 0.75
-    assert c_cond.jump_at_edges <= 0.5 * c_buck.jump_at_edges
+    edges = [i for i, e in enumerate(c_cond.edge) if e]
+    # Step persistence (same token, adjacent steps), measured on these 8 generations: conditioned 0.75 / 0.89 /
+    # 0.89 at the edges t = 775 / 525 / 275 (0.87 within buckets); bucketed -0.004 / -0.008 / 0.017 (0.88
+    # within): latent i is another feature after the edge.
+    for i in edges:
+        assert c_cond.persistence[i] >= 0.6  # margin 0.15
+        assert abs(c_buck.persistence[i]) <= 0.1  # margin 0.08
+    assert c_cond.persistence_at_edges >= c_cond.persistence_within - 0.15  # measured 0.85 vs 0.87
+    # Curve jumps at the inner edges (t = 525, 275), as a share of each curve's maximum: conditioned 0.036 /
+    # 0.016 vs bucketed 0.32 / 0.24 here (ratio <= 0.11); at t = 775 the conditioned SAE hands over from its
+    # noise-regime latents (0.24 vs 0.30; docs/diffusion-time.md), so that edge is not asserted.
+    for i in edges[1:]:
+        assert c_cond.jump[i] <= 0.5 * c_buck.jump[i]  # margin 4.5x
+
+
+@pytest.mark.slow
+def test_conditioned_training_command_quick(tmp_path) -> None:
+    from sae_lens import SAE
+
+    from sae_lens_multimodal.world.training.train_conditioned_sae import CONDITIONED_SAE_ID, main
+
+    main(["--quick", "--out", str(tmp_path)])
+    sae = SAE.load_from_disk(tmp_path / tf.RELEASE / CONDITIONED_SAE_ID)
+    assert sae.cfg.architecture() == "timestep_conditioned" and sae.cfg.d_sae == 32
+    assert sae.cfg.metadata.training["command"].endswith("train_conditioned_sae")

@@ -52,6 +52,7 @@ __all__ = [
     "bottleneck_ablation",
     "frechet_distance",
     "plot_head_roles",
+    "short_module_name",
 ]
 
 #: How :func:`assign_head_roles` names a head (thresholds are its keyword arguments).
@@ -220,7 +221,8 @@ def attention_head_statistics(
     fwd = [(f"{m}.hook_pattern", hook_for(m)) for m in mods]
     call = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                 generator=torch.Generator().manual_seed(seed), output_type="pt", **pipe_kwargs)
-    hooked.run_with_hooks(text, fwd_hooks=fwd, **call)
+    # With precomputed prompt embeddings (DiT pipelines) the prompts only label the rows.
+    hooked.run_with_hooks(*(() if "prompt_embeds" in pipe_kwargs else (text,)), fwd_hooks=fwd, **call)
     heads, kind_list = [], []
     names = ["entropy", "mean_distance", "uniform_distance", "locality"]
     names += [f"{p}:{g}" for g in groups for p in ("mass", "share", "enrichment")]
@@ -288,6 +290,30 @@ def assign_head_roles(
     return df
 
 
+def short_module_name(module: str) -> str:
+    """A compact label for an attention module path (``down_blocks.2.attentions.0.transformer_blocks.0.attn2``
+    -> ``down2.a0.attn2``; ``transformer_blocks.3.attn1`` -> ``tb3.attn1``)."""
+    parts = module.replace("transformer_blocks.0.", "").split(".") if "attentions" in module else module.split(".")
+    out = []
+    i = 0
+    while i < len(parts):
+        p = parts[i]
+        nxt = parts[i + 1] if i + 1 < len(parts) else ""
+        if p in ("down_blocks", "up_blocks") and nxt.isdigit():
+            out.append(p.split("_")[0] + nxt)
+            i += 2
+        elif p == "mid_block":
+            out.append("mid")
+            i += 1
+        elif p in ("attentions", "resnets", "transformer_blocks", "single_transformer_blocks") and nxt.isdigit():
+            out.append({"attentions": "a", "resnets": "r", "transformer_blocks": "tb", "single_transformer_blocks": "stb"}[p] + nxt)
+            i += 2
+        else:
+            out.append(p)
+            i += 1
+    return ".".join(out)
+
+
 def plot_head_roles(roles: pd.DataFrame, path: PathLike, factors: Sequence[str] = (),
                     bottleneck: Optional["BottleneckResult"] = None, survey_range: tuple[float, float] = (25.0, 128.0)) -> Path:
     """PNG: (left) self-attention heads by locality and entropy, cross-attention heads by factor-word
@@ -296,8 +322,8 @@ def plot_head_roles(roles: pd.DataFrame, path: PathLike, factors: Sequence[str] 
     import matplotlib
 
     n_cols = 3 if bottleneck is not None else 2
-    fig = blank_figure(figsize=(5.2 * n_cols, max(4.5, 0.22 * len(roles) + 1.5)))
-    gs = fig.add_gridspec(2, n_cols, height_ratios=(1, 1))
+    fig = blank_figure(figsize=(5.5 * n_cols, max(5.0, 0.2 * len(roles) + 2.0)), layout="constrained")
+    gs = fig.add_gridspec(2, n_cols)
     cmap = matplotlib.colormaps["tab10"]
     role_names = sorted(roles["role"].unique())
     colour = {r: cmap(i % 10) for i, r in enumerate(role_names)}
@@ -315,13 +341,13 @@ def plot_head_roles(roles: pd.DataFrame, path: PathLike, factors: Sequence[str] 
     cross = roles[roles["kind"] == "cross"]
     enr_cols = [c for c in roles.columns if c.startswith("enrichment:")]
     if len(cross) and enr_cols:
-        labels = [f"{m.replace('transformer_blocks', 'tb')[-26:]} h{h}" for m, h in zip(cross["module"], cross["head"])]
+        labels = [f"{short_module_name(m)} h{h}" for m, h in zip(cross["module"], cross["head"])]
         heatmap(ax, cross[enr_cols].to_numpy(), row_labels=labels, col_labels=[c.split(":")[1] for c in enr_cols],
                 title="cross-attention: factor-word enrichment", symmetric=False, cmap="viridis", max_ticks=200)
     ax = fig.add_subplot(gs[:, 1])
     d_cols = [f"d_p_{f}" for f in factors if f"d_p_{f}" in roles.columns]
     if d_cols:
-        labels = [f"{m.replace('transformer_blocks', 'tb')[-26:]} h{h} [{r.split(' ')[0]}]"
+        labels = [f"{short_module_name(m)} h{h} [{r.split(' ')[0]}]"
                   for m, h, r in zip(roles["module"], roles["head"], roles["role"])]
         heatmap(ax, roles[d_cols].to_numpy(), row_labels=labels, col_labels=list(factors),
                 title="head ablation: change in P(prompt's value)", max_ticks=200)
@@ -332,8 +358,9 @@ def plot_head_roles(roles: pd.DataFrame, path: PathLike, factors: Sequence[str] 
         ax.axvspan(*survey_range, color="0.85", label=f"survey {survey_range[0]:.0f}-{survey_range[1]:.0f}%")
         ax.barh(y - 0.2, bottleneck.fd_increase_pct.numpy(), height=0.4, label="feature FD increase %")
         ax.barh(y + 0.2, bottleneck.accuracy_drop_pct.numpy(), height=0.4, label="accuracy drop %")
+        ax.set_xscale("symlog", linthresh=10)
         ax.set_yticks(y)
-        ax.set_yticklabels([n[-28:] for n in names], fontsize=7)
+        ax.set_yticklabels(names, fontsize=7)
         ax.set_xlabel("degradation (%)")
         ax.set_title("bottleneck ablation")
         ax.legend(fontsize=7)
@@ -429,7 +456,7 @@ def bottleneck_ablation(
     text = world.captions(prompts)
 
     def generate(fwd: list) -> torch.Tensor:
-        return hooked.run_with_hooks(text, fwd_hooks=fwd, num_inference_steps=num_inference_steps,
+        return hooked.run_with_hooks(*(() if "prompt_embeds" in pipe_kwargs else (text,)), fwd_hooks=fwd, num_inference_steps=num_inference_steps,
                                      guidance_scale=guidance_scale, output_type="pt",
                                      generator=torch.Generator().manual_seed(seed), **pipe_kwargs)
 

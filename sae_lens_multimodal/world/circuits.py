@@ -56,7 +56,14 @@ __all__ = [
     "node_locations",
     "ablation_effects",
     "top_images",
+    "probe_set",
+    "evaluation_set",
+    "node_activations",
+    "GroundTruth",
     "ground_truth_checks",
+    "ground_truth_line",
+    "plot_circuit",
+    "main",
 ]
 
 FACTORS: tuple[str, ...] = ("color", "shape", "position")

@@ -46,6 +46,7 @@ __all__ = [
     "bottleneck_groups",
     "head_role_study",
     "lens_study",
+    "ground_truth_line",
     "main",
 ]
 
@@ -99,8 +100,13 @@ def factor_token_groups(tokenizer_tokens: Any, prompts: Sequence[dict[str, str]]
 
 
 def _tokens_fn(hooked: Any) -> Any:
-    inner = hooked.pipe
-    return lambda text: inner.tokenizer.convert_ids_to_tokens(inner.tokenize([text])[0])
+    tok = hooked.pipe.tokenizer  # the shapes CLIP's word-level tokenizer (both shapes pipelines)
+
+    def tokens(text: str) -> list[str]:
+        ids = tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids[0]
+        return tok.convert_ids_to_tokens(ids)
+
+    return tokens
 
 
 def bottleneck_groups(hooked: Any) -> dict[str, list[str]]:
@@ -127,10 +133,10 @@ def bottleneck_groups(hooked: Any) -> dict[str, list[str]]:
 
 def _load(model: str) -> Any:
     # diffusers: the studies run the shipped pipelines; importing them here keeps the module import light
-    if model in ("shapes-dit", "dit"):
+    if model in ("shapes-dit", "dit") or (Path(model) / "transformer").is_dir():
         from sae_lens_multimodal.world.dit import load_shapes_dit_pipeline
 
-        return load_shapes_dit_pipeline()
+        return load_shapes_dit_pipeline(None if model in ("shapes-dit", "dit") else model)
     from sae_lens_multimodal.world.diffusion import load_shapes_pipeline
 
     return load_shapes_pipeline(None if model in ("shapes-diffusion", "unet") else model)
@@ -181,6 +187,36 @@ def lens_study(pipe: Any, *, n_prompts: int = 18, num_inference_steps: int = 10,
     world = rich_world()
     return diffusion_lens(pipe, rich_prompts(n_prompts, seed), world=world, judge=judge,
                           num_inference_steps=num_inference_steps, seed=seed)
+
+
+def ground_truth_line(quick: bool = False, progress: bool = False) -> tuple[str, dict[str, Any]]:
+    """The ``sae-lens-mm ground-truth`` line (check ``diffusion-heads``) for shapes-diffusion: bottleneck
+    degradation (every bottleneck group skipped; 36 prompts, 10 steps; quick: 6 prompts, 4 steps) and the
+    diffusion lens's first readable step per factor after the last block and after the mid block (18
+    prompts; quick: 4)."""
+    from sae_lens_multimodal.world.clip import encode_world_images
+
+    n, n_lens, steps = (6, 4, 4) if quick else (36, 18, 10)
+    pipe = _load("shapes-diffusion")
+    hooked = as_hooked_pipeline(pipe)
+    judge = _rich_judge()
+    prompts = rich_prompts(n, 0)
+    bottleneck = bottleneck_ablation(
+        hooked, prompts, bottleneck_groups(hooked), judge=judge, world=rich_world(), factors=HEAD_FACTORS,
+        features=lambda imgs: encode_world_images(judge.model, imgs), num_inference_steps=steps,
+        reference_images=_reference_images(prompts, int(hooked.denoiser.config.sample_size), 0))
+    lens = lens_study(hooked, n_prompts=n_lens, num_inference_steps=steps, judge=judge)
+    drops = ", ".join(f"{g} -{float(a):.0f}% acc / FD +{float(f):.0f}%" for g, a, f in
+                      zip(bottleneck.groups, bottleneck.accuracy_drop_pct, bottleneck.fd_increase_pct))
+    readable = lens.readable_steps(0.8)
+
+    def when(block: str) -> str:
+        return ", ".join(f"{f} " + ("never" if readable[f][block] is None else f"t={lens.timesteps[readable[f][block]]}")
+                         for f in HEAD_FACTORS)
+
+    line = (f"bottleneck skipped: {drops} ({n} prompts, {steps} steps); lens, first readable step after the last "
+            f"block: {when(lens.blocks[-1])}; after the mid block: {when('mid_block.attentions.0')}")
+    return line, {"bottleneck": bottleneck.to_table().to_dict(orient="records"), "lens_readable": readable}
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:

@@ -181,6 +181,7 @@ README_ROWS: dict[str, str] = {
     "typographic": "Typographic attack on `shapes-clip-typographic` (a wrong colour word written on the image)",
     "clip-patching": "CLIP activation patching, red vs blue circle",
     "diffusion-time": "Features across denoising time: timestep-conditioned vs bucketed SAE, `shapes-diffusion-saes`",
+    "diffusion-heads": "Diffusion bottleneck ablation and diffusion lens (`shapes-diffusion`, five factors judged)",
     "vlm-answers": "shapes-vlm answers about the image (greedy, held-out images), per factor",
     "vlm-knockout": "shapes-vlm attention knockout: the block where each factor reaches the answer",
     "vlm-steering": "Steering shapes-vlm's colour answer by clamping a vision-SAE colour feature in its tower",
@@ -440,6 +441,12 @@ def _vlm(check: str) -> Any:
     return run
 
 
+def _diffusion_heads(ctx: _Context) -> tuple[str, Any]:
+    from sae_lens_multimodal.world.diffusion_heads import ground_truth_line  # generates images: only when run
+
+    return ground_truth_line(quick=ctx.quick, progress=ctx.progress)
+
+
 def _diffusion_time(ctx: _Context) -> tuple[str, Any]:
     from sae_lens_multimodal.world.timestep_features import ground_truth_line  # generates images: only when run
 
@@ -450,6 +457,7 @@ _CHECK_FUNCTIONS = {
     "zero-shot": _zero_shot, "diffusion": _diffusion, "free-labels": _free_labels, "labelers": _labelers,
     "steerability": _steerability, "probes": _probes, "diffusion-patching": _diffusion_patching,
     "typographic": _typographic, "clip-patching": _clip_patching, "diffusion-time": _diffusion_time,
+    "diffusion-heads": _diffusion_heads,
     **{check: _vlm(check) for check in ("vlm-answers", "vlm-knockout", "vlm-steering", "vlm-typographic")},
 }
 

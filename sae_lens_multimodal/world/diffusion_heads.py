@@ -160,7 +160,8 @@ def head_role_study(
     progress: bool = False,
 ) -> tuple[Any, Any, BottleneckResult]:
     """Head statistics + head ablation (``method``) + bottleneck ablation on ``n_prompts`` rich prompts.
-    Returns (roles DataFrame, the head AblationResult, the BottleneckResult)."""
+    Returns (roles DataFrame, the head AblationResult, the BottleneckResult); roles and ablation are None
+    for joint-attention (SD3-style) denoisers, whose heads have no separate self / cross pattern."""
     from sae_lens_multimodal.world.clip import encode_world_images
 
     hooked = as_hooked_pipeline(pipe)
@@ -168,12 +169,17 @@ def head_role_study(
     judge = judge if judge is not None else world.make_judge()
     prompts = rich_prompts(n_prompts, seed)
     groups = factor_token_groups(_tokens_fn(hooked), prompts)
-    stats = attention_head_statistics(hooked, prompts, groups, world=world, num_inference_steps=num_inference_steps,
-                                      seed=seed)
-    ablation = ablate_components(hooked, prompts, head_components(hooked), method=method, judge=judge, world=world,
-                                 factors=HEAD_FACTORS, num_inference_steps=num_inference_steps, seed=seed,
-                                 progress=progress)
-    roles = assign_head_roles(stats, ablation, factor_groups=HEAD_FACTORS)
+    try:
+        stats = attention_head_statistics(hooked, prompts, groups, world=world, num_inference_steps=num_inference_steps,
+                                          seed=seed)
+    except ValueError as err:  # joint (MM-DiT) attention: no separate self / cross patterns; bottleneck only
+        print(f"head statistics skipped: {err}", flush=True)
+        roles = ablation = None
+    else:
+        ablation = ablate_components(hooked, prompts, head_components(hooked), method=method, judge=judge, world=world,
+                                     factors=HEAD_FACTORS, num_inference_steps=num_inference_steps, seed=seed,
+                                     progress=progress)
+        roles = assign_head_roles(stats, ablation, factor_groups=HEAD_FACTORS)
     size = int(hooked.denoiser.config.sample_size)
     bottleneck = bottleneck_ablation(
         hooked, prompts, bottleneck_groups(hooked), judge=judge, world=world, factors=HEAD_FACTORS,
@@ -243,11 +249,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         start = time.perf_counter()
         roles, ablation, bottleneck = head_role_study(pipe, n_prompts=args.prompts, num_inference_steps=args.steps,
                                                       seed=args.seed, judge=judge)
-        plot_head_roles(roles, out / f"diffusion-heads-{tag}.png", factors=HEAD_FACTORS, bottleneck=bottleneck)
-        print(roles.round(3).to_string(), "\n", bottleneck.to_table().to_string(), flush=True)
-        summary.update(roles=roles.round(4).to_dict(orient="records"),
-                       baseline_accuracy=dict(zip(HEAD_FACTORS, ablation.baseline_accuracy.tolist())),
-                       bottleneck=bottleneck.to_table().to_dict(orient="records"),
+        if roles is not None:
+            plot_head_roles(roles, out / f"diffusion-heads-{tag}.png", factors=HEAD_FACTORS, bottleneck=bottleneck)
+            print(roles.round(3).to_string(), flush=True)
+            summary.update(roles=roles.round(4).to_dict(orient="records"),
+                           baseline_accuracy=dict(zip(HEAD_FACTORS, ablation.baseline_accuracy.tolist())))
+        print(bottleneck.to_table().to_string(), flush=True)
+        summary.update(bottleneck=bottleneck.to_table().to_dict(orient="records"),
                        bottleneck_baseline_accuracy=dict(zip(HEAD_FACTORS, bottleneck.baseline_accuracy.tolist())),
                        bottleneck_baseline_fd=bottleneck.baseline_fd, heads_seconds=round(time.perf_counter() - start))
     if "lens" not in skip:

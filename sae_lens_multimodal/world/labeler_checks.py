@@ -72,10 +72,10 @@ class LabelerComparison:
     n_features: int  # features active on at least top_k scoring images
     n_pure: int
     n_multi: int  # pure in two factors or more
-    multi_purity: float = 0.75
     scores: dict[str, LabelerScore]
     labels: dict[str, list[FeatureLabel]] = field(default_factory=dict)
     pure: list[dict[str, str]] = field(default_factory=list)
+    multi_purity: float = 0.75  # the bar of the multi-factor slot scoring
 
     def to_table(self) -> str:
         head = (f"labelers at {self.hook_name}: {self.n_pure} of {self.n_features} features pure (>= 90% of top-20 "

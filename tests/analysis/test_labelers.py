@@ -159,13 +159,16 @@ def _two_attribute_inputs() -> tuple[LabelInputs, list[str]]:
 def test_calibration_keeps_a_three_valued_term_beside_a_nine_valued_one():
     """Every top image of feature 0 has a0 and b0, but raw 2 AUROC - 1 cannot exceed 1 - base rate: a0 gets
     ~0.67, b0 ~0.89, and the relative rule (0.85 x the first) drops a0. Divided by each term's ceiling over
-    the SAE's features, both are ~1 and the label has both slots (the shape-vs-position case of docs/clip.md)."""
+    the SAE's features, both are ~1 and the label has both slots (the shape-vs-position case of docs/clip.md).
+    This SAE has 13 features, below the default ``min_features`` (50), where the validity stays raw."""
     inputs, _ = _two_attribute_inputs()
-    (raw,) = EnrichmentLabeler(calibrate=False).label_resolved(None, None, inputs, [0])
+    (raw,) = EnrichmentLabeler().label_resolved(None, None, inputs, [0])
     assert raw.label == "b0"
-    (cal,) = EnrichmentLabeler().label_resolved(None, None, inputs, [0])
+    assert EnrichmentLabeler(calibrate=False).label_resolved(None, None, inputs, [0])[0].label == "b0"
+    labeler = EnrichmentLabeler(min_features=10)
+    (cal,) = labeler.label_resolved(None, None, inputs, [0])
     assert {t.term for t in cal.terms} == {"a0", "b0"} and cal.validity > 0.9
-    single = EnrichmentLabeler().label_resolved(None, None, inputs, list(range(1, 13)))
+    single = labeler.label_resolved(None, None, inputs, list(range(1, 13)))
     assert [lab.label for lab in single] == [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(9)]
     with pytest.raises(ValueError, match="ceiling_quantile"):
         EnrichmentLabeler(ceiling_quantile=0.0).label_resolved(None, None, inputs, [0])

@@ -19,7 +19,8 @@ value of a nine-valued one (a position: 0.89) even when every top image has the 
 second; the relative rule then drops the right term. Each term's validity is therefore divided by its
 *ceiling*: the ``ceiling_quantile`` quantile (0.99) of the term's raw validity over all features of the SAE
 active on at least ``top_k`` reference images (at least ``min_ceiling``), i.e. what this SAE's most
-term-selective features reach. It needs no attribute names: only the SAE, the CLIP and the images.
+term-selective features reach. It needs no attribute names: only the SAE, the CLIP and the images. With fewer
+than ``min_features`` such features a percentile is no ceiling, and the validity is left raw.
 """
 
 from __future__ import annotations
@@ -91,11 +92,11 @@ def _score_ranks(inputs: LabelInputs) -> torch.Tensor:
 
 
 def term_ceilings(inputs: LabelInputs, top_k: int, quantile: float, minimum: float,
-                  raw: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                  raw: Callable[[torch.Tensor], torch.Tensor], min_features: int = 1) -> torch.Tensor:
     """[V] each term's ceiling: the ``quantile`` of ``raw(top images)`` over every feature active on at least
-    ``top_k`` reference images, at least ``minimum`` (1 for every term when no feature is that active)."""
+    ``top_k`` reference images, at least ``minimum`` (1 for every term when fewer than ``min_features`` are)."""
     alive = ((inputs.acts > 0).sum(0) >= top_k).nonzero()[:, 0].tolist()
-    if not alive:
+    if not alive or len(alive) < min_features:
         return torch.ones(len(inputs.vocabulary))
     per_feature = torch.stack([raw(inputs.top_images(f, top_k)) for f in alive])  # [F, V]
     return per_feature.quantile(quantile, dim=0).clamp_min(minimum)
@@ -115,6 +116,7 @@ class EnrichmentLabeler(VocabularyLabeler):
     calibrate: bool = True
     ceiling_quantile: float = 0.99
     min_ceiling: float = 0.5
+    min_features: int = 50
     #: "auroc" (default, module docs); "otsu": the share of top images whose score is above the term's Otsu
     #: threshold, minus that share over all images; "slot": the same with "the term wins zero-shot among the
     #: terms correlated with it" (both measured worse on the shapes world: docs/clip.md)
@@ -136,9 +138,11 @@ class EnrichmentLabeler(VocabularyLabeler):
 
             def raw(top: torch.Tensor) -> torch.Tensor:
                 return present[top].mean(0) - base
-        key = ("ceilings", self.presence, self.top_k, self.ceiling_quantile, self.min_ceiling, self.slot_correlation)
+        key = ("ceilings", self.presence, self.top_k, self.ceiling_quantile, self.min_ceiling, self.min_features,
+               self.slot_correlation)
         if self.calibrate and key not in inputs.cache:
-            inputs.cache[key] = term_ceilings(inputs, self.top_k, self.ceiling_quantile, self.min_ceiling, raw)
+            inputs.cache[key] = term_ceilings(inputs, self.top_k, self.ceiling_quantile, self.min_ceiling, raw,
+                                              self.min_features)
         ceiling = inputs.cache[key] if self.calibrate else torch.ones(len(inputs.vocabulary))
         corr = term_correlations(inputs).abs()
         out = []

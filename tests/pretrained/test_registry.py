@@ -30,6 +30,8 @@ ALL_SAES = [(rel, sae) for rel in SHIPPED.values() for sae in rel.saes.values()]
 VIT_HOOK = re.compile(r"^blocks\.\d+\.hook_(resid_post|mlp_out)$")
 DIFFUSION_HOOK = re.compile(r"^(down_blocks|up_blocks|mid_block|transformer_blocks|single_transformer_blocks)"
                             r"(\.\d+)?(\.attentions\.\d+)?\.hook_(out|update)$")
+#: a transcoder reads an MLP's input (SAELens's convention: hook_name = the input hook, hook_name_out = the output)
+TRANSCODER_IN = re.compile(r"^blocks\.\d+\.ln2\.hook_normalized$")
 KIND_OF_HOOK = {"hook_resid_post": "block_output", "hook_mlp_out": "mlp_output", "hook_out": "block_output",
                 "hook_update": "residual_update"}
 
@@ -53,14 +55,15 @@ def test_shipped_releases_cover_every_documented_family():
 @pytest.mark.parametrize("release, sae", ALL_SAES, ids=[f"{r.name}:{s.sae_id}" for r, s in ALL_SAES])
 def test_every_shipped_sae_is_consistent(release, sae):
     hook_kind = sae.hook_name.rsplit(".", 1)[-1]
+    transcoder = sae.architecture in ("transcoder", "skip_transcoder")
     if release.model_class_name == "HookedViT":
-        assert VIT_HOOK.match(sae.hook_name)
+        assert (TRANSCODER_IN if transcoder else VIT_HOOK).match(sae.hook_name)
         assert release.model.startswith("open-clip:") or re.fullmatch(r"[\w.-]+/[\w.-]+", release.model) or (
             release.source_format == "bundled" and release.model in list_models())  # registered short names
     else:
         assert release.model_class_name in ("HookedUNet", "HookedDiT") and DIFFUSION_HOOK.match(sae.hook_name)
         assert sae.cfg_branch == "cond"
-    assert sae.input_kind == KIND_OF_HOOK[hook_kind]
+    assert sae.input_kind == ("block_middle" if transcoder else KIND_OF_HOOK[hook_kind])
     if release.source_format == "prisma":  # the repo name encodes layer, hook and token set
         repo = sae.hub_repo.split("/", 1)[1]
         layer = re.search(r"(?:layer[-_]|CLS_|Spatial_max_|all_patches_)(\d+)", repo)

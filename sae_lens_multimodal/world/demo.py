@@ -62,6 +62,7 @@ from sae_lens_multimodal.reports.html import (
 )
 from sae_lens_multimodal.reports.vision_dashboards import vision_feature_dashboards
 from sae_lens_multimodal.world.shapes import ShapesWorld, all_captions, caption
+from sae_lens_multimodal.world.vlm_report import vlm_demo_section
 
 __all__ = [
     "VISION_RELEASE",
@@ -283,6 +284,10 @@ def run_shapes_demo(
     timings["diffusion: trace and steer"] = clock()
     stages.update()
 
+    # ---- shapes-vlm: questions and answers, knockout curve, steered answers (the section: world/vlm_report.py)
+    vlm = vlm_demo_section(seed=cfg.seed)
+    timings["shapes-vlm: answers, knockout, steering"] = vlm.seconds
+
     # ---- 6. the report
     stage("writing the report")
     clock = _timer()
@@ -293,7 +298,7 @@ def run_shapes_demo(
     files["report.html"] = _render_report(
         cfg, vision, diffusion, checks, timings,
         vision_sae=vision_sae, diffusion_sae=diffusion_sae, vision_hook=hook, acts_shape=tuple(acts.shape),
-        l0=float(l0), explained=explained, prompts=prompts,
+        l0=float(l0), explained=explained, prompts=prompts, vlm_html=vlm.html,
     )
     out = write_site(out_dir, files)
     timings["write report"] = clock()
@@ -306,13 +311,13 @@ def run_shapes_demo(
 def _render_report(cfg: DemoConfig, vision: list[FeatureDashboard], diffusion: list[FeatureDashboard],
                    checks: list[dict[str, Any]], timings: dict[str, float], *, vision_sae: Any, diffusion_sae: Any,
                    vision_hook: str, acts_shape: tuple[int, ...], l0: float, explained: float,
-                   prompts: list[str]) -> str:
+                   prompts: list[str], vlm_html: str = "") -> str:
     page = Page(
         "sae-lens-multimodal demo: the shapes world",
         subtitle=f"Offline, on the shipped shapes CLIP and diffusion model and bundled SAEs. "
                  f"Ran in {timings.get('total', float('nan')):.0f} s.",
         nav=[("dashboards/index.html", "feature dashboards"), ("#labels", "labels"), ("#steering", "steering"),
-             ("#timesteps", "timesteps"), ("#generations", "generations")],
+             ("#timesteps", "timesteps"), ("#generations", "generations"), ("#vlm", "VLM")],
     )
     v_name, d_name = vision[0].sae_name if vision else "", diffusion[0].sae_name if diffusion else ""
     setup = [
@@ -421,6 +426,8 @@ def _render_report(cfg: DemoConfig, vision: list[FeatureDashboard], diffusion: l
             "(on the SAE's CFG branch), with the SAE's error term kept. Captions: the shapes CLIP's zero-shot "
             "reading of the image.", "note"), id="generations")
 
+    if vlm_html:
+        page.add("shapes-vlm: questions and answers, knockout, steered answers", vlm_html, id="vlm")
     links = [link(f"dashboards/{d.file_name}", f"{d.kind} feature {d.feature}") for d in vision + diffusion]
     page.add("Feature dashboards", paragraph("One page per feature: top images with heatmaps, histogram, labels, "
                                              "steering, and per-timestep curves for diffusion features.")

@@ -18,7 +18,8 @@ from sae_lens_multimodal.world import ShapesWorld, to_tensor
 from tests.reports._saes import concept_sae, random_timestep_sae
 from tests.reports.conftest import browser, shapes_clip, shapes_pipe  # noqa: F401  (the report tests' fixtures)
 
-REPORT_SECTIONS = ["setup", "activations", "labels", "top-images", "steering", "timesteps", "generations", "dashboards"]
+REPORT_SECTIONS = ["setup", "activations", "labels", "top-images", "steering", "timesteps", "generations", "vlm",
+                   "dashboards"]
 
 
 def _bundled_available() -> bool:
@@ -63,6 +64,9 @@ def test_quick_demo_writes_a_complete_report(tmp_path, browser, shapes_clip):
         assert f"feature {check['feature']}" in html and 0 < check["shared_count"] <= check["n_top"]
         assert check["causal"] is not None and check["direct_path"] is not None
     assert re.search(r"steered|clamped t \d+", html) and "CLIP: " in html
+    # the shapes-vlm section: one question per factor on a few images, the knockout curve, steered answers
+    assert "what color is the shape ?" in html and "bridge blocks:" in html and "clamped: red (feature" in html
+    assert "shapes-vlm: answers, knockout, steering" in result.timings
     _check_site(browser, result, tmp_path)
     assert set(result.timings) >= {"load models and SAEs", "cache activations", "total", "write report"}
 

@@ -115,7 +115,7 @@ def readme_check_rows() -> list[str]:
 
 def test_every_readme_row_has_a_check() -> None:
     rows = readme_check_rows()
-    assert len(rows) == 9
+    assert len(rows) == 15  # 9 + diffusion-time, diffusion-heads + the four shapes-vlm rows (answers, knockout, steering, typographic attack)
     assert list(README_ROWS.values()) == rows  # same rows, same wording, same order
 
 

@@ -160,3 +160,21 @@ def test_shipped_release_loads_by_name_and_explains_the_mlp_outputs():
         clean = vit(pixels[:16])
         with spliced(vit, tcs):
             assert torch.allclose(vit(pixels[:16]), clean, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_release_script_quick_run(tmp_path):
+    """world/training/train_transcoders.py --quick writes four SAELens folders with the recipe and figures."""
+    from sae_lens_multimodal.world.training.train_transcoders import RELEASE, main
+
+    with pytest.raises(SystemExit):
+        main(["--quick"])  # would overwrite the shipped weights
+    main(["--quick", "--out", str(tmp_path), "--layers", "0", "3"])
+    for layer in (0, 3):
+        tc = SAE.load_from_disk(tmp_path / RELEASE / f"blocks.{layer}.mlp")
+        meta = tc.cfg.metadata
+        assert type(tc) is Transcoder and tc.cfg.d_sae == 64
+        assert meta.hook_name == f"blocks.{layer}.ln2.hook_normalized"
+        assert meta.training["command"].startswith("python -m sae_lens_multimodal.world.training.train_transcoders")
+        assert 0 < meta.evaluation["explained_variance"] < 1 and meta.evaluation["n_rows"] == 16 * 65
+    assert not (tmp_path / RELEASE / "blocks.1.mlp").exists()

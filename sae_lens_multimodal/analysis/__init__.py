@@ -11,6 +11,9 @@ from sae_lens_multimodal.analysis.vision_patching import clip_activation_patchin
 from sae_lens_multimodal.analysis.diffusion_patching import diffusion_patching, unet_blocks
 from sae_lens_multimodal.analysis.ablation import Component, ablate_components
 from sae_lens_multimodal.analysis.temporal import feature_timecourse, timestep_probes
+# Head roles, bottleneck ablation and the diffusion lens (docs/diffusion-heads.md).
+from sae_lens_multimodal.analysis.head_roles import assign_head_roles, attention_head_statistics, bottleneck_ablation
+from sae_lens_multimodal.analysis.diffusion_lens import diffusion_lens
 # Attribution patching and its exact reference (docs/circuits.md).
 from sae_lens_multimodal.analysis.attribution import attribution_patching
 from sae_lens_multimodal.analysis.circuits_exact import exact_patching
@@ -30,6 +33,7 @@ __all__ += [
     "diffusion_patching", "unet_blocks",
     "Component", "ablate_components",
     "feature_timecourse", "timestep_probes",
+    "attention_head_statistics", "assign_head_roles", "bottleneck_ablation", "diffusion_lens",
     "attribution_patching", "exact_patching",
 ]
 # Result records (VisionPatchingResult, FeatureLabels, ...) stay importable from their modules; the factor-world

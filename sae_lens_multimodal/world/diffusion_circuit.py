@@ -78,7 +78,8 @@ def _rgb(name: str) -> torch.Tensor:
     return torch.tensor(COLORS[name], dtype=torch.float32) / 255.0
 
 
-def colour_probe_per_image(images: torch.Tensor, true_colours: Sequence[str], foil_colours: Sequence[str]) -> torch.Tensor:
+def colour_probe_per_image(images: torch.Tensor, true_colours: Sequence[str],
+                           foil_colours: Sequence[str]) -> torch.Tensor:
     """Per image (float [n, 3, H, W] in [0, 1]): the saturation-weighted mean pixel projected on the line from
     the foil's nominal colour to the true one, centred between them: +0.5 = the true colour, -0.5 = the foil."""
     if images.ndim != 4 or images.shape[1] != 3:
@@ -149,7 +150,7 @@ class DiffusionColourCircuit:
         for t, feats in self.nodes.items():
             for f in feats:
                 out.setdefault(feature_key(self.step_buckets[t], f), []).append(t)
-        return out
+        return {k: sorted(ts, key=lambda t: -float(t)) for k, ts in out.items()}
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "attribution"}
@@ -179,8 +180,8 @@ class DiffusionColourCircuit:
         for f, p in list(self.purity.items())[:8]:
             lines.append(f"  feature {f} at t={p['window']}: top generations {p['colour']} (purity {p['purity']:.0%})")
         for f, s in self.steering.items():
-            lines.append(f"  steer {f}: CLIP colour -> {s['colour']} {s['before']:.0%} -> {s['after']:.0%}; shape kept "
-                         f"{s['shape_kept']:.0%}, position kept {s['position_kept']:.0%}")
+            lines.append(f"  steer {f} ({len(s['features'])} feature(s)): CLIP colour -> {s['colour']} {s['before']:.0%} -> "
+                         f"{s['after']:.0%}; shape kept {s['shape_kept']:.0%}, position kept {s['position_kept']:.0%}")
         return "\n".join(lines)
 
     def plot(self, path: Any, n_features: int = 24) -> Path:
@@ -300,10 +301,10 @@ def _purity(hooked: Any, sae: Any, windows: dict[str, tuple[int, list[Any]]], *,
     return records, values
 
 
-def _steer(hooked: Any, sae: Any, feature: int, colour: str, window: list[Any], value: float, judge: Any, *,
+def _steer(hooked: Any, sae: Any, steers: Sequence[tuple[int, list[Any], float]], colour: str, judge: Any, *,
            seed: int, pipe_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Clamp ``feature`` to ``value`` at every position in ``window`` (conditional branch) on prompts of the other
-    colours; CLIP's judgement before / after."""
+    """Clamp each (feature, window, value) of ``steers`` to its value at every position in its window (conditional
+    branch) on prompts of the colours other than ``colour``; CLIP's judgement before / after."""
     from sae_lens_multimodal.steering import FeatureSteer, steer
 
     prompts = [{"color": c, "shape": s, "position": POSITIONS[(3 * i + j) % len(POSITIONS)]}
@@ -311,14 +312,15 @@ def _steer(hooked: Any, sae: Any, feature: int, colour: str, window: list[Any], 
     text = [caption(p) for p in prompts]
     with torch.no_grad():
         before = _clip_predictions(judge, hooked(text, generator=torch.Generator().manual_seed(seed), **pipe_kwargs))
-        spec = FeatureSteer(sae, feature, "clamp", value=value, timesteps=list(window), cfg_branch="cond")
-        with steer(hooked, spec):
+        specs = [FeatureSteer(sae, f, "clamp", value=v, timesteps=list(w), cfg_branch="cond") for f, w, v in steers]
+        with steer(hooked, *specs):
             after = _clip_predictions(judge, hooked(text, generator=torch.Generator().manual_seed(seed), **pipe_kwargs))
 
     def frac(pred: dict[str, list[str]], factor: str, target: Optional[str] = None) -> float:
         return float(np.mean([v == (target if target is not None else p[factor]) for v, p in zip(pred[factor], prompts)]))
 
-    return {"colour": colour, "window": list(window), "value": value, "n_images": len(prompts),
+    return {"colour": colour, "features": [f for f, _, _ in steers], "windows": [list(w) for _, w, _ in steers],
+            "values": [v for _, _, v in steers], "n_images": len(prompts),
             "before": frac(before, "color", colour), "after": frac(after, "color", colour),
             "prompt_colour_before": frac(before, "color"), "prompt_colour_after": frac(after, "color"),
             "shape_kept": frac(after, "shape"), "position_kept": frac(after, "position"),
@@ -339,7 +341,7 @@ def diffusion_colour_circuit(
     n_random_validate: int = 4,
     n_features_checked: int = 30,
     purity_top_k: int = 6,
-    n_steered: int = 3,
+    n_steered: int = 2,
     steer_multiplier: float = 4.0,
     judge: Any = None,
 ) -> DiffusionColourCircuit:
@@ -348,9 +350,10 @@ def diffusion_colour_circuit(
     ``sizes``: circuit sizes tried (top-n nodes by |AtP|); the circuit is the smallest reaching
     ``target_faithfulness`` (else the largest). A feature is one index of one timestep bucket's dictionary; the
     ``n_features_checked`` circuit features of largest summed |AtP| get the purity check (against a random feature
-    of the same bucket outside the circuit, same window), the ``n_steered`` purest of them the steering check:
-    clamped to ``steer_multiplier`` times their typical top activation in their window (conditional branch) on
-    prompts of the other colours, against their random partner clamped alike."""
+    of the same bucket outside the circuit, same window), the ``n_steered`` purest of them and every colour's
+    group of checked features with purity >= 1/2 the steering check: clamped to ``steer_multiplier`` times their
+    typical top activation in their window (conditional branch) on prompts of the other colours, against their
+    random partners clamped alike."""
     if not 0 < target_faithfulness <= 1:
         raise ValueError(f"target_faithfulness must be in (0, 1]; got {target_faithfulness}.")
     if not sizes or min(sizes) < 1:
@@ -387,7 +390,8 @@ def diffusion_colour_circuit(
     ranked = _ranked(attr)
     rng = np.random.default_rng(seed)
     rest = ranked[n_validate:]
-    picks = ranked[:n_validate] + [rest[i] for i in rng.choice(len(rest), size=min(n_random_validate, len(rest)), replace=False)]
+    random_picks = rng.choice(len(rest), size=min(n_random_validate, len(rest)), replace=False)
+    picks = ranked[:n_validate] + [rest[i] for i in random_picks]
     validation = []
     for t, f, est in picks:
         exact = value(run(node_keep_masks({t: [f]}, d_sae, complement=True))) - m_clean
@@ -428,7 +432,18 @@ def diffusion_colour_circuit(
                   "hook": attr.hook, "metric": "colour probe (saturation-weighted mean pixel on the B->A line)",
                   "steer_multiplier": steer_multiplier, "purity_top_k": purity_top_k},
     )
-    weight = {key: sum(abs(float(attr.node_scores[steps.index(t), int(key.split(":")[1])])) for t in ts)
+    _check_features(circuit, hooked, sae, judge, rng, seed=seed, pipe_kwargs=kw, n_features_checked=n_features_checked,
+                    purity_top_k=purity_top_k, n_steered=n_steered, steer_multiplier=steer_multiplier)
+    return circuit
+
+
+def _check_features(circuit: DiffusionColourCircuit, hooked: Any, sae: Any, judge: Any, rng: np.random.Generator, *,
+                    seed: int, pipe_kwargs: dict[str, Any], n_features_checked: int, purity_top_k: int, n_steered: int,
+                    steer_multiplier: float) -> None:
+    """Fill ``circuit.purity``, ``random_purity`` and ``steering`` (see :func:`diffusion_colour_circuit`)."""
+    kw, d_sae = pipe_kwargs, int(sae.cfg.d_sae)
+    steps = list(circuit.attribution.timesteps)
+    weight = {key: sum(abs(float(circuit.attribution.node_scores[steps.index(t), int(key.split(":")[1])])) for t in ts)
               for key, ts in circuit.windows.items()}
     checked = sorted(weight, key=lambda k: -weight[k])[:n_features_checked]
     windows = {k: (int(k.split(":")[1]), circuit.windows[k]) for k in checked}
@@ -444,14 +459,24 @@ def diffusion_colour_circuit(
                                pipe_kwargs=kw)
     circuit.purity = {k: records[k] for k in checked}
     circuit.random_purity = {k: records[k] for k in baseline}
-    # Steer the purest circuit features (ties: larger attribution), each against its random partner.
+    # Steer the purest circuit features (ties: larger attribution), each against its random partner, then every
+    # colour's circuit features (purity >= 1/2) together against their partners together.
     steered = sorted(checked, key=lambda k: (-records[k]["purity"], -weight[k]))[:n_steered]
     partner = dict(zip(checked, baseline))
-    for k in steered:
+
+    def spec(k: str, value_of: str) -> tuple[int, list[Any], float]:
         rec = records[k]
-        circuit.steering[k] = _steer(hooked, sae, rec["feature"], rec["colour"], rec["window"],
-                                     steer_multiplier * typical[k], judge, seed=seed + 2, pipe_kwargs=kw)
-        r = partner[k]
-        circuit.steering[f"random {r}"] = _steer(hooked, sae, baseline[r][0], rec["colour"], rec["window"],
-                                                 steer_multiplier * typical[k], judge, seed=seed + 2, pipe_kwargs=kw)
-    return circuit
+        return rec["feature"], rec["window"], steer_multiplier * typical[value_of]
+
+    groups = {k: [k] for k in steered}
+    for colour in COLORS:
+        members = [k for k in checked if records[k]["colour"] == colour and records[k]["purity"] >= 0.5]
+        if len(members) > 1:
+            groups[f"{colour} features"] = members
+    for name, members in groups.items():
+        colour = records[members[0]]["colour"]
+        circuit.steering[name] = _steer(hooked, sae, [spec(k, k) for k in members], colour, judge, seed=seed + 2,
+                                        pipe_kwargs=kw)
+        # the partners in the same windows with the same values
+        rand = [(records[partner[k]]["feature"], records[k]["window"], steer_multiplier * typical[k]) for k in members]
+        circuit.steering[f"random for {name}"] = _steer(hooked, sae, rand, colour, judge, seed=seed + 2, pipe_kwargs=kw)

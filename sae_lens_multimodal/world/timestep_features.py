@@ -102,16 +102,21 @@ def generation_rows(n_prompts: int = 96, *, seed: int = 2000, num_inference_step
     shipped pipeline as the SAEs were trained (DPM-Solver++, guidance 2, conditional branch) and keep the hook's
     activations of every step and token. Seeds 0 and 1000 are the SAEs' training and evaluation draws."""
     from sae_lens_multimodal.diffusion import HookedDiffusionPipeline
+    from sae_lens_multimodal.training.cache import ActivationChunk
+    from sae_lens_multimodal.training.diffusion_store import DiffusionActivationStore
     from sae_lens_multimodal.world.diffusion import load_shapes_pipeline
-    from sae_lens_multimodal.world.training.train_saes import DiffusionSAERecipe, _generate_diffusion_rows
 
     if n_prompts < 2:
         raise ValueError(f"n_prompts must be at least 2 (purity and correlations compare generations); got {n_prompts}.")
     hooked = pipeline if isinstance(pipeline, HookedDiffusionPipeline) else HookedDiffusionPipeline(
         pipeline or load_shapes_pipeline())
     prompts, factors = prompts_with_factors(n_prompts, seed)
-    recipe = DiffusionSAERecipe(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-    chunk = _generate_diffusion_rows(hooked, prompts, seed * 100, recipe, progress)
+    # the store the SAEs were trained from (world/training/train_saes.py), with the same settings
+    store = DiffusionActivationStore(
+        hooked, BUCKETED_ID, prompts, seed_offset=seed * 100, cfg_branch="cond", batch_size=8, progress=progress,
+        model_name="shapes-diffusion", pipeline_kwargs={"num_inference_steps": num_inference_steps,
+                                                       "guidance_scale": guidance_scale, "output_type": "pt"})
+    chunk = ActivationChunk.cat([chunks[BUCKETED_ID] for _, _, chunks in store.iter_chunks()])
     steps = chunk.timestep.reshape(n_prompts, num_inference_steps, -1)
     if not bool((steps == steps[:1, :, :1]).all()):  # rows are (generation, step, token) in that order
         raise RuntimeError("Unexpected row order from the activation store: timesteps differ within a step.")
@@ -410,7 +415,8 @@ class TimestepFeatureStudy:
                 f"features matched across edges, {len(m.tracks)} tracks through all buckets; "
                 f"{cls['coarse early']} coarse-early vs {cls['detail late']} detail-late latents "
                 f"({cls['coarse late']} coarse-late, {cls['detail early']} detail-early); "
-                f"{len(self.classification.coarse_to_specific)} colour+position -> shape latents")
+                f"{len(self.classification.coarse_to_specific)} colour+position -> shape latents"
+                + (" (purity needs more generations: use >= 48)" if self.n_generations < 48 else ""))
 
     def to_markdown(self) -> str:
         tracks = pd.DataFrame([{"track (bucket latents, denoising order)": " -> ".join(map(str, t)),

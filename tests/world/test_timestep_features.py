@@ -158,3 +158,13 @@ def test_conditioned_training_command_quick(tmp_path) -> None:
     sae = SAE.load_from_disk(tmp_path / tf.RELEASE / CONDITIONED_SAE_ID)
     assert sae.cfg.architecture() == "timestep_conditioned" and sae.cfg.d_sae == 32
     assert sae.cfg.metadata.training["command"].endswith("train_conditioned_sae")
+
+
+def test_study_prompts_are_drawn_as_the_saes_training_prompts() -> None:
+    from sae_lens_multimodal.world.training.train_saes import diffusion_prompts
+
+    prompts, factors = tf.prompts_with_factors(40, seed=5)
+    assert prompts == diffusion_prompts(40, seed=5)
+    for text, f in zip(prompts, factors):
+        assert f["color"] in text and f["shape"] in text
+        assert (f["size"] is not None) == any(w in text.split() for w in ("small", "large"))

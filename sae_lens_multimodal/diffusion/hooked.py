@@ -117,7 +117,8 @@ class Installation:
                 self.handles += handles
                 self.block_hooks[path] = list(widths)
                 grid = self._image_token_grid()
-                self.specs.update({sp.name: (replace(sp, grid=grid) if grid and sp.layout == "tokens" else sp)
+                self.specs.update({sp.name: (replace(sp, grid=grid) if grid and sp.layout == "tokens"
+                                             and sp.stream in (None, "image") else sp)
                                    for sp in block_hook_specs(path, streams)})
             if hasattr(module, "processor") and hasattr(module, "set_processor"):
                 parent = path.rsplit(".", 1)[0] if "." in path else ""
@@ -133,10 +134,10 @@ class Installation:
 
     def _image_token_grid(self) -> tuple[int, int] | None:
         """Rows x columns (row-major) of a patchifying DiT's image tokens at its native size: the block hooks'
-        contract ``grid``, so analyses can put tokens back on the image (PixArt / DiT; None otherwise)."""
+        contract ``grid``, so analyses can put tokens back on the image (PixArt / DiT / SD3; None otherwise)."""
         cfg = getattr(self.denoiser, "config", None)
         patch, size = getattr(cfg, "patch_size", None), getattr(cfg, "sample_size", None)
-        if self.family not in ("pixart", "dit") or not isinstance(patch, int) or not isinstance(size, int) or patch < 1:
+        if self.family not in ("pixart", "dit", "sd3") or not isinstance(patch, int) or not isinstance(size, int) or patch < 1:
             return None
         return (size // patch, size // patch)
 
@@ -535,7 +536,7 @@ class HookedDiT(HookedDenoiser):
                     return getattr(diffusers, cls_name).from_pretrained(name, **kw)
                 return diffusers.AutoModel.from_pretrained(name, **kw)
 
-            name = dit_or_name
+            name = resolve_model_name(str(dit_or_name))  # registered names ("shapes-dit"), as HookedUNet's
             return cls(load_checked(lambda: _load(name, subfolder, "transformer", loader, **kwargs), name,
                                     what="diffusion transformer checkpoint", subfolder=subfolder or "transformer"))
         if not isinstance(dit_or_name, nn.Module) and hasattr(dit_or_name, "transformer"):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, PixArtTransformer2DModel, SD3Transformer2DModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -46,6 +46,7 @@ __all__ = [
     "SHAPES_DIT_DIR",
     "SHAPES_DIT_NAME",
     "ShapesDiTPipeline",
+    "DIT_KINDS",
     "shapes_dit_config",
     "build_shapes_dit_pipeline",
     "load_shapes_dit_pipeline",
@@ -55,16 +56,32 @@ __all__ = [
 SHAPES_DIT_NAME = "shapes-dit"
 
 
-def shapes_dit_config(*, width: int = 128, depth: int = 6, heads: int = 4, patch_size: int = 2,
-                      text_width: int = 64, **overrides: Any) -> dict[str, Any]:
-    """``PixArtTransformer2DModel`` arguments of the shapes-world DiT: ``depth`` blocks of width ``width``
-    (``heads`` heads) over the ``(32 / patch_size)^2`` patches of a 32x32 RGB image; the text tower's
-    ``text_width``-wide token states are projected to ``width`` by the model's caption projection.
+#: The transformer classes a shapes DiT can be: PixArt-style (cross-attention) or SD3-style (joint attention).
+DIT_KINDS = {"pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel}
+
+
+def shapes_dit_config(*, kind: str = "pixart", width: int = 128, depth: int = 6, heads: int = 4, patch_size: int = 2,
+                      text_width: int = 64, pooled_width: int = 64, **overrides: Any) -> dict[str, Any]:
+    """Arguments of the shapes-world DiT (``kind`` "pixart": ``PixArtTransformer2DModel``; "sd3":
+    ``SD3Transformer2DModel``): ``depth`` blocks of width ``width`` (``heads`` heads) over the
+    ``(32 / patch_size)^2`` patches of a 32x32 RGB image; the text tower's ``text_width``-wide token states
+    are projected to ``width`` by the model's caption projection; SD3 also adds the ``pooled_width``-wide
+    pooled prompt (the text tower's projection) to its timestep embedding, in every block's adaLN.
     ``out_channels=3``: no learned variance (the pipeline, like PixArt's, would drop a second half)."""
+    if kind not in DIT_KINDS:
+        raise ValueError(f"kind must be one of {tuple(DIT_KINDS)}; got {kind!r}.")
     if width % heads:
         raise ValueError(f"width ({width}) must be a multiple of heads ({heads}).")
     if 32 % patch_size:
         raise ValueError(f"patch_size must divide the 32-pixel image; got {patch_size}.")
+    if kind == "sd3":
+        sd3: dict[str, Any] = dict(
+            sample_size=32, patch_size=patch_size, in_channels=3, out_channels=3, num_layers=depth,
+            num_attention_heads=heads, attention_head_dim=width // heads, joint_attention_dim=text_width,
+            caption_projection_dim=width, pooled_projection_dim=pooled_width, pos_embed_max_size=32 // patch_size,
+        )
+        sd3.update(overrides)
+        return sd3
     config: dict[str, Any] = dict(
         sample_size=32,
         patch_size=patch_size,
@@ -91,7 +108,8 @@ class ShapesDiTPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer"
     _optional_components: list[str] = []
 
-    def __init__(self, transformer: PixArtTransformer2DModel, scheduler: Any, text_encoder: Any, tokenizer: Any) -> None:
+    def __init__(self, transformer: Union[PixArtTransformer2DModel, SD3Transformer2DModel], scheduler: Any,
+                 text_encoder: Any, tokenizer: Any) -> None:
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
                               tokenizer=tokenizer)
@@ -106,16 +124,33 @@ class ShapesDiTPipeline(DiffusionPipeline):
     def context_length(self) -> int:
         return int(self.text_encoder.config.max_position_embeddings)
 
+    @property
+    def joint(self) -> bool:
+        """Whether the transformer is SD3-style (joint attention, pooled prompt) rather than PixArt-style."""
+        return isinstance(self.transformer, SD3Transformer2DModel)
+
     @torch.no_grad()
-    def encode_prompt(self, prompts: Sequence[str], device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The transformer's conditioning, as ``PixArtAlphaPipeline.encode_prompt`` returns it: the text
-        tower's final token states [n, context_length, width] and the tokens' attention mask [n, context_length]
-        (1 on real tokens, 0 on padding; the cross-attention ignores padding)."""
+    def encode_prompt(self, prompts: Sequence[str], device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The transformer's conditioning: the text tower's final token states [n, context_length, width],
+        the tokens' attention mask [n, context_length] (1 on real tokens, 0 on padding; PixArt's
+        cross-attention ignores padding) and the pooled prompt [n, projection] (its ``text_embeds``, SD3's
+        ``pooled_prompt_embeds``)."""
         device = device or self._execution_device
         tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.context_length,
                                 truncation=True, return_tensors="pt")
         ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
-        return self.text_encoder(input_ids=ids).last_hidden_state, mask
+        out = self.text_encoder(input_ids=ids)
+        return out.last_hidden_state, mask, out.text_embeds
+
+    def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor,
+                pooled: torch.Tensor) -> torch.Tensor:
+        """One transformer call as the matching diffusers pipeline makes it (PixArtAlphaPipeline /
+        StableDiffusion3Pipeline); ``timestep`` [n]."""
+        if self.joint:
+            return self.transformer(sample, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=timestep,
+                                    return_dict=False)[0]
+        return self.transformer(sample, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=timestep,
+                                added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -133,6 +168,8 @@ class ShapesDiTPipeline(DiffusionPipeline):
         prompt_attention_mask: Optional[torch.Tensor] = None,
         negative_prompt_embeds: Optional[torch.Tensor] = None,
         negative_prompt_attention_mask: Optional[torch.Tensor] = None,
+        pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> Union[ImagePipelineOutput, tuple]:
@@ -140,8 +177,8 @@ class ShapesDiTPipeline(DiffusionPipeline):
 
         Args:
             guidance_scale: classifier-free guidance weight; ``> 1`` batches ``[negative, positive]``.
-            prompt_embeds / prompt_attention_mask: precomputed token states and their mask (both, instead of
-                ``prompt``); likewise ``negative_prompt_embeds`` / ``negative_prompt_attention_mask``.
+            prompt_embeds / prompt_attention_mask / pooled_prompt_embeds: precomputed token states, their mask
+                and the pooled prompt (all three, instead of ``prompt``); likewise the ``negative_`` ones.
             output_type: ``"pil"``, ``"np"`` (float [n, H, W, 3] in [0, 1]), ``"pt"`` (float [n, 3, H, W] in
                 [0, 1]) or ``"latent"`` (the raw final sample in [-1, 1]-ish units).
         """
@@ -149,8 +186,9 @@ class ShapesDiTPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent'; got {output_type!r}.")
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("Pass exactly one of `prompt` (text) and `prompt_embeds` (text-encoder token states).")
-        if prompt_embeds is not None and prompt_attention_mask is None:
-            raise ValueError("`prompt_embeds` needs its `prompt_attention_mask` (as PixArtAlphaPipeline's does).")
+        if prompt_embeds is not None and (prompt_attention_mask is None or pooled_prompt_embeds is None):
+            raise ValueError("`prompt_embeds` needs its `prompt_attention_mask` and `pooled_prompt_embeds` "
+                             "(the three outputs of encode_prompt).")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int; got {num_images_per_prompt!r}.")
         device = self._execution_device
@@ -161,25 +199,30 @@ class ShapesDiTPipeline(DiffusionPipeline):
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
             if not prompts or not all(isinstance(p, str) for p in prompts):
                 raise ValueError(f"prompt must be a string or a non-empty list of strings; got {prompt!r}.")
-            prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts, device)
+            prompt_embeds, prompt_attention_mask, pooled_prompt_embeds = self.encode_prompt(prompts, device)
         batch = prompt_embeds.shape[0]
         embeds, mask = prompt_embeds.to(device=device, dtype=dtype), prompt_attention_mask.to(device)
+        pooled = pooled_prompt_embeds.to(device=device, dtype=dtype)
         if do_cfg:
             if negative_prompt_embeds is None:
                 negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
                 if len(negatives) != batch:
                     raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} prompts.")
-                negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(negatives, device)
-            elif negative_prompt_attention_mask is None:
-                raise ValueError("`negative_prompt_embeds` needs its `negative_prompt_attention_mask`.")
+                negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds = \
+                    self.encode_prompt(negatives, device)
+            elif negative_prompt_attention_mask is None or negative_pooled_prompt_embeds is None:
+                raise ValueError("`negative_prompt_embeds` needs its `negative_prompt_attention_mask` and "
+                                 "`negative_pooled_prompt_embeds`.")
             if negative_prompt_embeds.shape != prompt_embeds.shape:
                 raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must match "
                                  f"prompt_embeds {tuple(prompt_embeds.shape)}.")
             # Negative rows first, positive rows second (PixArtAlphaPipeline's layout).
             embeds = torch.cat([negative_prompt_embeds.to(device=device, dtype=dtype), embeds])
             mask = torch.cat([negative_prompt_attention_mask.to(device), mask])
+            pooled = torch.cat([negative_pooled_prompt_embeds.to(device=device, dtype=dtype), pooled])
         embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
         mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
+        pooled = pooled.repeat_interleave(num_images_per_prompt, dim=0)
         n = batch * num_images_per_prompt
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -196,14 +239,11 @@ class ShapesDiTPipeline(DiffusionPipeline):
             extra["eta"] = eta
         if "generator" in step_params:
             extra["generator"] = generator
-        added_cond_kwargs = {"resolution": None, "aspect_ratio": None}
-
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
             timestep = t.expand(model_in.shape[0]) if torch.is_tensor(t) else torch.full((model_in.shape[0],), t, device=device)
-            pred = self.transformer(model_in, encoder_hidden_states=embeds, encoder_attention_mask=mask,
-                                    timestep=timestep, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+            pred = self.denoise(model_in, timestep, embeds, mask, pooled)
             if do_cfg:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)
@@ -240,9 +280,10 @@ def build_shapes_dit_pipeline(
     text_encoder = text_encoder_from_open_clip(clip)
     tokenizer = tokenizer_from_clip_dir(clip_dir, context_length=text_encoder.config.max_position_embeddings)
     config = transformer_config or shapes_dit_config(text_width=text_encoder.config.hidden_size)
+    kind = "sd3" if "pooled_projection_dim" in config else "pixart"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = PixArtTransformer2DModel(**config)
+        transformer = DIT_KINDS[kind](**config)
     scheduler = DPMSolverMultistepScheduler(
         **(scheduler_config or shapes_scheduler_config()), thresholding=True, sample_max_value=1.0
     )

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
+from diffusers import DPMSolverMultistepScheduler
 from transformers import CLIPTextModelWithProjection
 
 from sae_lens_multimodal.analysis.ablation import ablate_components, block_components, head_components
@@ -21,7 +21,7 @@ from sae_lens_multimodal.steering import DirectionSteer, steer
 from sae_lens_multimodal.world import class_factor_combinations
 from sae_lens_multimodal.world.causal import shapes_prompts
 from sae_lens_multimodal.world.diffusion import load_shapes_pipeline
-from sae_lens_multimodal.world.dit import SHAPES_DIT_DIR, ShapesDiTPipeline, load_shapes_dit_pipeline
+from sae_lens_multimodal.world.dit import DIT_KINDS, SHAPES_DIT_DIR, ShapesDiTPipeline, load_shapes_dit_pipeline
 from sae_lens_multimodal.world.eval_diffusion import evaluate_pipeline
 from sae_lens_multimodal.world.shapes import POSITIONS
 from sae_lens_multimodal.world.training.train_dit import DiTTrainConfig, train_dit
@@ -50,12 +50,12 @@ def test_loads_by_name_offline_as_real_diffusers_components(pipe):
     assert "shapes-dit" in list_models(kind="diffusion")
     assert model_info("shapes-dit").source == str(SHAPES_DIT_DIR)
     by_name = ShapesDiTPipeline.from_pretrained("shapes-dit", local_files_only=True)
-    assert isinstance(by_name.transformer, PixArtTransformer2DModel)
+    assert isinstance(by_name.transformer, tuple(DIT_KINDS.values()))
     assert isinstance(by_name.text_encoder, CLIPTextModelWithProjection)
     assert isinstance(by_name.scheduler, DPMSolverMultistepScheduler)
     # the caption projection maps the text tower's width to the transformer's
-    assert by_name.transformer.config.caption_channels == by_name.text_encoder.config.hidden_size
-    assert not by_name.transformer.use_additional_conditions
+    text_width = by_name.transformer.config.get("caption_channels") or by_name.transformer.config.joint_attention_dim
+    assert text_width == by_name.text_encoder.config.hidden_size
     for a, b in zip(by_name.transformer.state_dict().values(), pipe.transformer.state_dict().values()):
         assert torch.equal(a, b)
     # the same frozen text tower as shapes-diffusion's
@@ -68,7 +68,7 @@ def test_loads_by_name_offline_as_real_diffusers_components(pipe):
     assert sum(p.stat().st_size for p in files) < 12_000_000
     index = json.loads((SHAPES_DIT_DIR / "model_index.json").read_text())
     assert index["_class_name"] == "ShapesDiTPipeline"
-    assert index["transformer"] == ["diffusers", "PixArtTransformer2DModel"]
+    assert index["transformer"] == ["diffusers", type(pipe.transformer).__name__]
     record = json.loads((SHAPES_DIT_DIR / "training.json").read_text())
     assert record["retrain"].startswith("python -m sae_lens_multimodal.world.training.train_dit")
     loaded = load_model("shapes-dit")
@@ -81,30 +81,28 @@ def test_same_seed_same_images_and_negative_then_positive_batching(pipe):
     assert a.shape == (2, 3, 32, 32) and torch.equal(a, b) and not torch.allclose(a, c)
     seen = []
     handle = pipe.transformer.register_forward_hook(
-        lambda m, args, kwargs, out: seen.append((kwargs["encoder_hidden_states"].clone(),
-                                                  kwargs["encoder_attention_mask"].clone(), out[0].clone())),
+        lambda m, args, kwargs, out: seen.append((kwargs["encoder_hidden_states"].clone(), out[0].clone())),
         with_kwargs=True)
     try:
         _run(pipe, 0, num_inference_steps=1, guidance_scale=3.0)
         _run(pipe, 0, num_inference_steps=1, guidance_scale=1.0)
     finally:
         handle.remove()
-    (cfg_embeds, cfg_mask, cfg_out), (cond_embeds, cond_mask, cond_out) = seen
+    (cfg_embeds, cfg_out), (cond_embeds, cond_out) = seen
     assert cfg_out.shape[0] == 4 and cond_out.shape[0] == 2
-    neg_embeds, neg_mask = pipe.encode_prompt(["", ""])
+    neg_embeds, neg_mask, _ = pipe.encode_prompt(["", ""])
     assert torch.equal(cfg_embeds[2:], cond_embeds) and torch.equal(cfg_embeds[:2], neg_embeds)
-    assert torch.equal(cfg_mask[:2], neg_mask) and torch.equal(cfg_mask[2:], cond_mask)
-    assert neg_mask.sum(1).tolist() == [2, 2]  # "" is start + end of text; padding is masked out
+    assert neg_mask.sum(1).tolist() == [2, 2]  # "" is start + end of text; the rest is padding
     assert torch.allclose(cfg_out[2:], cond_out, atol=1e-5)
-    # precomputed embeddings (PixArt's prompt_embeds + prompt_attention_mask) give the same images
-    embeds, mask = pipe.encode_prompt(PROMPTS)
-    again = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, num_inference_steps=4, output_type="pt",
-                 generator=torch.Generator().manual_seed(0)).images
+    # precomputed embeddings (prompt_embeds + prompt_attention_mask + pooled_prompt_embeds) give the same images
+    embeds, mask, pooled = pipe.encode_prompt(PROMPTS)
+    again = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, pooled_prompt_embeds=pooled, num_inference_steps=4,
+                 output_type="pt", generator=torch.Generator().manual_seed(0)).images
     assert torch.equal(again, a)
     with pytest.raises(ValueError, match="prompt_attention_mask"):
         pipe(prompt_embeds=embeds, num_inference_steps=1)
     with pytest.raises(ValueError, match="exactly one"):
-        pipe(PROMPTS, prompt_embeds=embeds, prompt_attention_mask=mask, num_inference_steps=1)
+        pipe(PROMPTS, prompt_embeds=embeds, prompt_attention_mask=mask, pooled_prompt_embeds=pooled, num_inference_steps=1)
     with pytest.raises(FileNotFoundError, match="train_dit"):
         load_shapes_dit_pipeline(SHAPES_DIT_DIR / "missing")
 
@@ -112,18 +110,22 @@ def test_same_seed_same_images_and_negative_then_positive_batching(pipe):
 def test_hooks_listed_by_the_model_contract_and_cached(pipe, hooked):
     cfg = pipe.transformer.config
     width, grid = cfg.num_attention_heads * cfg.attention_head_dim, cfg.sample_size // cfg.patch_size
+    # PixArt: self-attention over patches (attn1), cross-attention to the text (attn2); SD3: one joint attention
+    attns = ("attn",) if pipe.joint else ("attn1", "attn2")
+    cross = attns[-1]
     specs = hooked.hook_specs()
     assert set(specs) == set(hooked.hook_dict)
     assert unet_blocks(hooked) == [f"transformer_blocks.{i}" for i in range(cfg.num_layers)]
     for i in range(cfg.num_layers):
         for name in ("hook_in", "hook_out", "hook_update"):
             spec = hooked.hook_spec(f"transformer_blocks.{i}.{name}")
-            assert (spec.layout, spec.width, spec.grid) == ("tokens", width, (grid, grid))
-        for attn in ("attn1", "attn2"):  # self-attention over patches, cross-attention to the text tokens
+            assert (spec.layout, spec.width) == ("tokens", width)
+            assert spec.grid == (grid, grid)
+        for attn in attns:
             spec = hooked.hook_spec(f"transformer_blocks.{i}.{attn}.hook_z")
             assert (spec.layout, spec.n_heads) == ("heads", cfg.num_attention_heads)
     plain = _run(pipe, 3, guidance_scale=3.0).images
-    names = ["transformer_blocks.0.hook_out", "transformer_blocks.2.attn2.hook_pattern", "transformer_blocks.1.attn1.hook_z"]
+    names = ["transformer_blocks.0.hook_out", f"transformer_blocks.2.{cross}.hook_pattern", f"transformer_blocks.1.{attns[0]}.hook_z"]
     images, cache = hooked.run_with_cache(PROMPTS, num_inference_steps=4, output_type="pt", guidance_scale=3.0,
                                           generator=torch.Generator().manual_seed(3), names_filter=names)
     assert torch.equal(images, plain)  # hooks observe without changing anything
@@ -131,15 +133,17 @@ def test_hooks_listed_by_the_model_contract_and_cached(pipe, hooked):
     t0 = cache.timesteps[0]
     assert cache[names[0], t0, "cond"].shape == (2, grid * grid, width)
     pattern = cache[names[1], t0, "uncond"]
-    assert pattern.shape == (2, cfg.num_attention_heads, grid * grid, pipe.context_length)
-    # the cross-attention of the unconditional "" rows puts no weight on padding (PixArt's mask)
-    assert pattern[..., 2:].abs().max() < 1e-6 and torch.allclose(pattern.sum(-1), torch.ones(()), atol=1e-5)
-    assert cache[names[2], t0, "cond"].shape == (2, grid * grid, cfg.num_attention_heads, cfg.attention_head_dim)
+    assert torch.allclose(pattern.sum(-1), torch.ones(()), atol=1e-5)
+    if not pipe.joint:
+        assert pattern.shape == (2, cfg.num_attention_heads, grid * grid, pipe.context_length)
+        # the cross-attention of the unconditional "" rows puts no weight on padding (PixArt's mask)
+        assert pattern[..., 2:].abs().max() < 1e-6
+        assert cache[names[2], t0, "cond"].shape == (2, grid * grid, cfg.num_attention_heads, cfg.attention_head_dim)
 
 
 def test_steering_runs_unchanged(pipe, hooked):
     hook = "transformer_blocks.3.hook_out"
-    direction = torch.randn(pipe.transformer.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
+    direction = torch.randn(hooked.hook_spec(hook).width, generator=torch.Generator().manual_seed(0))
     kwargs = dict(num_inference_steps=4, output_type="pt", guidance_scale=2.0)
     plain = hooked(PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
     with steer(hooked, DirectionSteer(hook, direction, "add", 0.0)):
@@ -171,8 +175,9 @@ def test_probes_and_ablation_run_unchanged(hooked):
                              lbfgs_steps=20, progress=False)
     assert probes.accuracy.shape == (3, 3) and probes.pooling == "auto"
     assert ((probes.accuracy >= 0) & (probes.accuracy <= 1)).all()
-    comps = head_components(hooked, ["transformer_blocks.0.attn2"], heads=[0]) + block_components(hooked, ["transformer_blocks.5"])
-    assert [c.name for c in comps] == ["transformer_blocks.0.attn2 head 0", "transformer_blocks.5 (skip)"]
+    attn = "transformer_blocks.0.attn" if hooked.pipe.joint else "transformer_blocks.0.attn2"
+    comps = head_components(hooked, [attn], heads=[0]) + block_components(hooked, ["transformer_blocks.5"])
+    assert [c.name for c in comps] == [f"{attn} head 0", "transformer_blocks.5 (skip)"]
     result = ablate_components(hooked, shapes_prompts(6), comps, num_inference_steps=3, progress=False)
     assert result.accuracy.shape == (2, 3) and (result.pixel_mse > 0).all()
 

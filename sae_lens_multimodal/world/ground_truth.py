@@ -17,6 +17,7 @@ its order and wording, each computed by the function that owns the analysis:
   8 steps; a factor is "fixed by t" from the first column with p(source value) >= 0.9);
 * typographic: ``world.typographic.typographic_analysis`` (block-0 SAE) and ``world.clip.typographic_attack``
   on the plain shapes CLIP;
+* dit: ``world.unet_vs_dit.ground_truth_line`` (shapes-dit judged; commit timesteps of both models);
 * clip-patching: ``analysis.vision_patching.clip_activation_patching`` (red vs blue circle, as in
   docs/causal-analysis.md);
 * vlm-answers, vlm-knockout, vlm-steering, vlm-typographic: ``world.vlm_report.GROUND_TRUTH_CHECKS`` (shapes-vlm
@@ -178,6 +179,8 @@ README_ROWS: dict[str, str] = {
                     "baselines",
     "probes": "Per-timestep linear probes at the last up block (unconditional branch, 10 steps)",
     "diffusion-patching": "Diffusion patching (all blocks, first steps up to t)",
+    "dit": "shapes-dit (SD3-style DiT) judged by the shapes CLIP (colour / shape / position); when each factor is "
+           "committed (patching) in the UNet and the DiT",
     "typographic": "Typographic attack on `shapes-clip-typographic` (a wrong colour word written on the image)",
     "clip-patching": "CLIP activation patching, red vs blue circle",
     "diffusion-time": "Features across denoising time: timestep-conditioned vs bucketed SAE, `shapes-diffusion-saes`",
@@ -390,6 +393,12 @@ def _diffusion_patching(ctx: _Context) -> tuple[str, Any]:
     return f"{'; '.join(cells)} ({len(source)} prompt pairs; columns {', '.join(map(str, r.timesteps))})", out
 
 
+def _dit(ctx: _Context) -> tuple[str, Any]:
+    from sae_lens_multimodal.world.unet_vs_dit import ground_truth_line  # loads diffusers
+
+    return ground_truth_line(ctx)
+
+
 def _typographic(ctx: _Context) -> tuple[str, Any]:
     from sae_lens_multimodal.world.clip import load_shapes_clip, typographic_attack
     from sae_lens_multimodal.world.typographic import typographic_analysis
@@ -457,7 +466,7 @@ _CHECK_FUNCTIONS = {
     "zero-shot": _zero_shot, "diffusion": _diffusion, "free-labels": _free_labels, "labelers": _labelers,
     "steerability": _steerability, "probes": _probes, "diffusion-patching": _diffusion_patching,
     "typographic": _typographic, "clip-patching": _clip_patching, "diffusion-time": _diffusion_time,
-    "diffusion-heads": _diffusion_heads,
+    "diffusion-heads": _diffusion_heads, "dit": _dit,
     **{check: _vlm(check) for check in ("vlm-answers", "vlm-knockout", "vlm-steering", "vlm-typographic")},
 }
 

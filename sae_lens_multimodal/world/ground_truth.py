@@ -18,6 +18,7 @@ its order and wording, each computed by the function that owns the analysis:
 * typographic: ``world.typographic.typographic_analysis`` (block-0 SAE) and ``world.clip.typographic_attack``
   on the plain shapes CLIP;
 * dit: ``world.unet_vs_dit.ground_truth_line`` (shapes-dit judged; commit timesteps of both models);
+* circuit: ``world.circuits.ground_truth_line`` (the canonical colour / shape / position circuits);
 * clip-patching: ``analysis.vision_patching.clip_activation_patching`` (red vs blue circle, as in
   docs/causal-analysis.md);
 * vlm-answers, vlm-knockout, vlm-steering, vlm-typographic: ``world.vlm_report.GROUND_TRUTH_CHECKS`` (shapes-vlm
@@ -183,6 +184,8 @@ README_ROWS: dict[str, str] = {
            "committed (patching) in the UNet and the DiT",
     "typographic": "Typographic attack on `shapes-clip-typographic` (a wrong colour word written on the image)",
     "clip-patching": "CLIP activation patching, red vs blue circle",
+    "circuit": "Canonical circuits of the shapes CLIP (`shapes-clip-layer-saes`): size, faithfulness, ablating "
+               "their factor-pure features",
     "diffusion-time": "Features across denoising time: timestep-conditioned vs bucketed SAE, `shapes-diffusion-saes`",
     "diffusion-heads": "Diffusion bottleneck ablation and diffusion lens (`shapes-diffusion`, five factors judged)",
     "vlm-answers": "shapes-vlm answers about the image (greedy, held-out images), per factor",
@@ -456,6 +459,12 @@ def _diffusion_heads(ctx: _Context) -> tuple[str, Any]:
     return ground_truth_line(quick=ctx.quick, progress=ctx.progress)
 
 
+def _circuit(ctx: _Context) -> tuple[str, Any]:
+    from sae_lens_multimodal.world.circuits import ground_truth_line  # body in world/circuits.py
+
+    return ground_truth_line(ctx.clip(), quick=ctx.quick)
+
+
 def _diffusion_time(ctx: _Context) -> tuple[str, Any]:
     from sae_lens_multimodal.world.timestep_features import ground_truth_line  # generates images: only when run
 
@@ -466,7 +475,7 @@ _CHECK_FUNCTIONS = {
     "zero-shot": _zero_shot, "diffusion": _diffusion, "free-labels": _free_labels, "labelers": _labelers,
     "steerability": _steerability, "probes": _probes, "diffusion-patching": _diffusion_patching,
     "typographic": _typographic, "clip-patching": _clip_patching, "diffusion-time": _diffusion_time,
-    "diffusion-heads": _diffusion_heads, "dit": _dit,
+    "diffusion-heads": _diffusion_heads, "circuit": _circuit, "dit": _dit,
     **{check: _vlm(check) for check in ("vlm-answers", "vlm-knockout", "vlm-steering", "vlm-typographic")},
 }
 

@@ -412,6 +412,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                          eval_prompts=1, batch_prompts=2)
     if args.which in ("clip", "all"):
         print(_summary(CLIP_RELEASE, train_clip_sae(args.out, seed=args.seed, recipe=clip_recipe)))
+    if args.hook and (args.which != "clip-layers" or set(args.hook) - set(CLIP_LAYER_HOOKS)):
+        parser.error(f"--hook goes with --which clip-layers and is one of {list(CLIP_LAYER_HOOKS)}; got {args.hook}")
     if args.which == "clip-layers":
         for hook in args.hook or CLIP_LAYER_HOOKS:
             meta = train_clip_sae(args.out, seed=args.seed, recipe=clip_recipe, hook=hook, release=CLIP_LAYER_RELEASE)

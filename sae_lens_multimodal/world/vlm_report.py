@@ -266,12 +266,14 @@ def check_typographic(ctx: Any) -> tuple[str, Any]:
     rows = list(r.rows.values())
     clip_row, vlm_row, plain = rows[0], rows[1], rows[-1]
     a, c = vlm_row["color_accuracy"], clip_row["color_accuracy"]
+    k = vlm_row["n_suppressed"]
+    suppressed = (f"{_pct(a['attacked_suppressed'])} with {k} SAE text feature{'' if k == 1 else 's'} suppressed in the "
+                  "tower" if k else "suppression chooses no feature (none helps on the selection split)")
     return (f"colour answer {_pct(a['clean'])} → {_pct(a['attacked'])} under attack (answers the written word "
-            f"{_pct(vlm_row['written_word']['attacked'])}) → {_pct(a.get('attacked_suppressed', a['attacked']))} with "
-            f"{vlm_row['n_suppressed']} SAE text features suppressed in the tower; CLIP-only: {_pct(c['clean'])} → "
-            f"{_pct(c['attacked'])} → {_pct(c['attacked_suppressed'])} ({clip_row['n_suppressed']} features); shapes-vlm "
-            f"(plain tower): {_pct(plain['color_accuracy']['clean'])} → {_pct(plain['color_accuracy']['attacked'])} "
-            f"({r.n_test} test images)"), r
+            f"{_pct(vlm_row['written_word']['attacked'])}) → {suppressed}; CLIP-only: {_pct(c['clean'])} → "
+            f"{_pct(c['attacked'])} → {_pct(c['attacked_suppressed'])} ({clip_row['n_suppressed']} features); "
+            f"shapes-vlm (plain tower): {_pct(plain['color_accuracy']['clean'])} → "
+            f"{_pct(plain['color_accuracy']['attacked'])} ({r.n_test} test images)"), r
 
 
 #: ground_truth.py check name -> body.

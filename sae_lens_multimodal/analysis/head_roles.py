@@ -59,7 +59,9 @@ __all__ = [
 ROLE_RULE = (
     "cross-attention: 'semantic:<factor>' when the factor words' attention enrichment (mass / share of the "
     "text positions they fill) of the most enriched factor is >= semantic_min, else 'text-global' (attends "
-    "to start/end/padding and function words: the pooled prompt). Self-attention: 'local (edge/texture)' "
+    "to start/end/padding and function words: the pooled prompt). Joint (SD3 / Flux) heads: read as "
+    "cross-attention (text block renormalised) when they send >= joint_text_min of their attention to text "
+    "tokens, else as self-attention (image block renormalised). Self-attention: 'local (edge/texture)' "
     "when locality (mean attended grid distance / that of uniform attention) <= local_max; 'composition "
     "(global)' when locality >= global_min and normalised entropy >= spread_min; else 'regional'. "
     "Ablation: 'effect' is the factor whose judged probability drops most when the head is ablated, if "
@@ -150,8 +152,7 @@ def _attention_kind(module: Any) -> str:
     if getattr(module, "is_cross_attention", False):
         return "cross"
     if getattr(module, "add_q_proj", None) is not None:
-        raise ValueError("Joint (MM-DiT) attention mixes image and text keys in one pattern; head statistics "
-                         "support separate self- and cross-attention modules (UNet, PixArt, DiT).")
+        return "joint"  # SD3 / Flux: image and text keys in one softmax
     return "self"
 
 
@@ -188,6 +189,8 @@ def attention_head_statistics(
     if missing:
         raise KeyError(f"{missing} have no hook_pattern; attention modules: {attention_modules(hooked)}.")
     kinds = {m: _attention_kind(hooked.denoiser.get_submodule(m)) for m in mods}
+    text_first = "Flux" in type(hooked.denoiser).__name__  # joint order: Flux [text, image], SD3 [image, text]
+    n_image: dict[str, int] = {}
     groups = tuple(dict.fromkeys(g for tg in (token_groups or []) for g in tg))
     sums: dict[str, dict[str, torch.Tensor]] = {}
     counts: dict[str, int] = {m: 0 for m in mods}
@@ -200,8 +203,18 @@ def attention_head_statistics(
                 return
             rows = cfg_row_split(pattern.shape[0])[1] if branch == "both" else slice(None)
             p = pattern[rows]
+            text_share = None
+            if kinds[m] == "joint":
+                # image queries only; the image block and the text block renormalised to distributions
+                n_img = n_image[m]
+                n_txt = p.shape[-1] - n_img
+                img, txt = (slice(n_txt, None), slice(0, n_txt)) if text_first else (slice(0, n_img), slice(n_img, None))
+                p_img, p_txt = p[:, :, img, img].float(), p[:, :, img, txt].float()
+                text_share = p_txt.sum(-1).mean(dim=(0, 2))
+                p = p_img / p_img.sum(-1, keepdim=True).clamp_min(1e-12)
+                p_txt = p_txt / p_txt.sum(-1, keepdim=True).clamp_min(1e-12)
             masks = None
-            if kinds[m] == "cross" and token_groups is not None:
+            if kinds[m] in ("cross", "joint") and token_groups is not None:
                 if p.shape[0] != len(token_groups):
                     raise ValueError(f"{p.shape[0]} conditional rows but {len(token_groups)} token groups.")
                 masks = {}
@@ -209,8 +222,16 @@ def attention_head_statistics(
                     mask = torch.zeros(p.shape[0], p.shape[-1], dtype=torch.bool)
                     for r, tg in enumerate(token_groups):
                         mask[r, list(tg.get(g, []))] = True
+                    if kinds[m] == "joint":
+                        mask = mask[:, : p_txt.shape[-1]]
                     masks[g] = mask
-            stats = pattern_statistics(p, kind=kinds[m], grid=grid, group_masks=masks)
+            if kinds[m] == "joint":
+                stats = pattern_statistics(p, kind="self", grid=grid)
+                cross = pattern_statistics(p_txt, kind="cross", group_masks=masks)
+                stats.update({k: v for k, v in cross.items() if k != "entropy"},
+                             text_entropy=cross["entropy"], text_share=text_share)
+            else:
+                stats = pattern_statistics(p, kind=kinds[m], grid=grid, group_masks=masks)
             acc = sums.setdefault(m, {k: torch.zeros_like(v) for k, v in stats.items()})
             for k, v in stats.items():
                 acc[k] += v.cpu()
@@ -218,13 +239,20 @@ def attention_head_statistics(
 
         return accumulate
 
-    fwd = [(f"{m}.hook_pattern", hook_for(m)) for m in mods]
+    def image_length(m: str) -> Any:
+        def remember(q: torch.Tensor, hook: Any) -> None:
+            n_image[m] = q.shape[1]  # a joint module's hook_q holds its image tokens only
+
+        return remember
+
+    fwd = [(f"{m}.hook_q", image_length(m)) for m in mods if kinds[m] == "joint"]
+    fwd += [(f"{m}.hook_pattern", hook_for(m)) for m in mods]
     call = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                 generator=torch.Generator().manual_seed(seed), output_type="pt", **pipe_kwargs)
     # With precomputed prompt embeddings (DiT pipelines) the prompts only label the rows.
     hooked.run_with_hooks(*(() if "prompt_embeds" in pipe_kwargs else (text,)), fwd_hooks=fwd, **call)
     heads, kind_list = [], []
-    names = ["entropy", "mean_distance", "uniform_distance", "locality"]
+    names = ["entropy", "mean_distance", "uniform_distance", "locality", "text_share", "text_entropy"]
     names += [f"{p}:{g}" for g in groups for p in ("mass", "share", "enrichment")]
     cols: dict[str, list[float]] = {k: [] for k in names}
     for m in mods:
@@ -253,6 +281,7 @@ def assign_head_roles(
     global_min: float = 0.85,
     spread_min: float = 0.7,
     min_effect: float = 0.02,
+    joint_text_min: float = 0.25,
 ) -> pd.DataFrame:
     """One row per head: its statistics, its role by :data:`ROLE_RULE`, and (with ``ablation``, a head
     ablation over the same heads) the change in judged probability per factor and the factor it affects."""
@@ -260,13 +289,18 @@ def assign_head_roles(
     df = stats.to_frame()
     roles, tops = [], []
     for i, kind in enumerate(stats.kinds):
-        if kind == "cross":
+        share = float(stats.values["text_share"][i]) if "text_share" in stats.values else float("nan")
+        if kind == "cross" or (kind == "joint" and share >= joint_text_min):
             enr = {g: float(stats.values[f"enrichment:{g}"][i]) for g in groups if f"enrichment:{g}" in stats.values}
             top = max(enr, key=enr.get) if enr else None
             tops.append(top)
             roles.append(f"semantic:{top}" if top is not None and enr[top] >= semantic_min else "text-global")
         else:
-            tops.append(None)
+            if kind == "joint":
+                enr = {g: float(stats.values[f"enrichment:{g}"][i]) for g in groups if f"enrichment:{g}" in stats.values}
+                tops.append(max(enr, key=enr.get) if enr else None)
+            else:
+                tops.append(None)
             loc, ent = float(stats.values["locality"][i]), float(stats.values["entropy"][i])
             if loc <= local_max:
                 roles.append("local (edge/texture)")
@@ -328,7 +362,7 @@ def plot_head_roles(roles: pd.DataFrame, path: PathLike, factors: Sequence[str] 
     role_names = sorted(roles["role"].unique())
     colour = {r: cmap(i % 10) for i, r in enumerate(role_names)}
     ax = fig.add_subplot(gs[0, 0])
-    self_rows = roles[roles["kind"] == "self"]
+    self_rows = roles[roles["kind"].isin(["self", "joint"])]
     for r in role_names:
         sub = self_rows[self_rows["role"] == r]
         if len(sub):
@@ -338,7 +372,7 @@ def plot_head_roles(roles: pd.DataFrame, path: PathLike, factors: Sequence[str] 
     ax.set_title("self-attention heads")
     ax.legend(fontsize=7)
     ax = fig.add_subplot(gs[1, 0])
-    cross = roles[roles["kind"] == "cross"]
+    cross = roles[roles["kind"].isin(["cross", "joint"])]
     enr_cols = [c for c in roles.columns if c.startswith("enrichment:")]
     if len(cross) and enr_cols:
         labels = [f"{short_module_name(m)} h{h}" for m, h in zip(cross["module"], cross["head"])]

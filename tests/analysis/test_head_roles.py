@@ -105,6 +105,41 @@ def test_statistics_match_cached_patterns(family):
     assert len(frame) == 2 * n_heads and set(frame["kind"]) == {"self", "cross"}
 
 
+def test_joint_attention_statistics_match_cached_pattern():
+    """SD3 joint attention ([image, text] keys in one softmax): the image block and the text block of the
+    image queries, each renormalised, against the cached joint pattern split here."""
+    from sae_lens_multimodal.analysis.diffusion_patching import as_hooked_pipeline
+
+    torch.manual_seed(0)
+    hooked = as_hooked_pipeline(_tiny.sd3_pipeline())
+    kw = _tiny.dit_call_kwargs("sd3")
+    for k in ("num_inference_steps", "output_type", "guidance_scale"):
+        kw.pop(k)
+    module = "transformer_blocks.1.attn"
+    groups = [{"w": [1, 2]}]
+    stats = attention_head_statistics(hooked, ["x"], groups, modules=[module], num_inference_steps=2, guidance_scale=3.0,
+                                      seed=0, **kw)
+    _, cache = hooked.run_with_cache(names_filter=[f"{module}.hook_pattern"], cfg_branch="cond", num_inference_steps=2,
+                                     guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="pt", **kw)
+    joint = cache.stack(f"{module}.hook_pattern").double()  # [T, b, h, n_img + n_txt, n_img + n_txt]
+    n_txt = 7  # the tiny prompt embeddings' length
+    n_img = joint.shape[-1] - n_txt
+    img = joint[..., :n_img, :n_img]
+    img = img / img.sum(-1, keepdim=True)
+    txt = joint[..., :n_img, n_img:]
+    share = txt.sum(-1).mean(dim=(0, 1, 3))
+    txt = txt / txt.sum(-1, keepdim=True)
+    ent, mean_d = _manual_stats(img)
+    assert stats.kinds == ["joint"] * joint.shape[2]
+    torch.testing.assert_close(stats.values["entropy"].double(), ent, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stats.values["mean_distance"].double(), mean_d, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stats.values["text_share"].double(), share, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stats.values["mass:w"].double(), txt[..., [1, 2]].sum(-1).mean(dim=(0, 1, 3)),
+                               atol=1e-4, rtol=1e-4)
+    roles = assign_head_roles(stats, joint_text_min=0.0)  # every head read as cross-attention
+    assert all(r == "text-global" or r.startswith("semantic:") for r in roles["role"])
+
+
 def test_role_rule():
     heads = [Component("m.attn1", 0), Component("m.attn1", 1), Component("m.attn1", 2),
              Component("m.attn2", 0), Component("m.attn2", 1)]

@@ -315,7 +315,8 @@ LABELER_NAMES = {"textspan": "TextSpan-style", "decoder-projection": "DN-CBM-sty
 def _labelers(ctx: _Context) -> tuple[str, Any]:
     # causal effects on 16 images (run_labeler_checks' quick setting): the setting docs/clip.md and README measured
     saes = LABELER_SAES[:1] if ctx.quick else LABELER_SAES
-    comparisons = run_labeler_checks(saes, quick=True, verbose=False, n_images=300 if ctx.quick else 1000)
+    # verbose: the command prints the side-by-side tables (labeler x factor: accuracy / coverage / precision, slots)
+    comparisons = run_labeler_checks(saes, quick=True, verbose=True, n_images=300 if ctx.quick else 1000)
     first, rest = comparisons[0], comparisons[1:]
     e = first.scores["enrichment"]
     others = sorted(((n, s.precision()) for n, s in first.scores.items() if n != "enrichment"), key=lambda kv: -kv[1])

@@ -152,7 +152,7 @@ def test_sampler_attribution_rejects_a_metric_without_gradient(hooked, sae, prom
 def test_diffusion_colour_circuit_against_ground_truth(hooked, sae, tmp_path):
     circuit = diffusion_colour_circuit(hooked, sae, n_pairs=12, n_validate=8, n_random_validate=4,
                                        sizes=(5, 20, 40, 80, 120), n_features_checked=4, n_steered=1)
-    # Measured (12 pairs, 10 steps, ~110 s): r = 0.995, signs 12/12; asked: 0.8, 80%.
+    # Measured (12 pairs, 10 steps, ~60 s): r = 0.995, signs 12/12; asked: 0.8, 80%.
     assert circuit.correlation >= 0.8 and circuit.sign_agreement >= 0.8
     # Measured: faithfulness 0.10, 0.64, 0.75, 0.83, 0.88 at 5, 20, 40, 80, 120 nodes; the circuit is 80 nodes.
     assert circuit.faithfulness >= 0.8 and circuit.size <= 120

@@ -223,3 +223,29 @@ def test_shapes_diffusion_head_roles_and_bottleneck():
     assert table.loc["lowest-resolution attention (all)", "accuracy_drop_pct"] >= 20
     assert table.loc["mid block (all)", "fd_increase_pct"] >= 100
     assert list(bottleneck.factors) == list(HEAD_FACTORS)
+
+
+@pytest.mark.slow
+@pytest.mark.shipped_weights
+def test_shapes_dit_head_roles_and_lens():
+    from sae_lens_multimodal.world.diffusion_heads import head_role_study, lens_study
+    from sae_lens_multimodal.world.dit import load_shapes_dit_pipeline
+
+    pipe = load_shapes_dit_pipeline()
+    roles, _, bottleneck = head_role_study(pipe, n_prompts=12, num_inference_steps=6, seed=0)
+    assert len(roles) == 24 and set(roles["kind"]) == {"joint"}
+    head = roles[(roles["module"] == "transformer_blocks.0.attn") & (roles["head"] == 2)].iloc[0]
+    # Measured (12 prompts, 6 steps, seed 0): mean-ablating head 2 of block 0 lowers the judged probability
+    # of colour by 0.383 and of position by 0.473, though it sends 14% of its attention to text. Margin 0.2.
+    assert head["d_p_color"] <= -0.18 and head["d_p_position"] <= -0.27 and head["text_share"] < 0.25
+    # Measured: skipping every block but the first and last drops accuracy by 24.4%, FD +206%. Margins 12, 100.
+    table = bottleneck.to_table().set_index("skipped")
+    assert table.loc["all but first and last", "accuracy_drop_pct"] >= 12
+    assert table.loc["all but first and last", "fd_increase_pct"] >= 100
+    lens = lens_study(pipe, n_prompts=8, num_inference_steps=6, seed=0)
+    f = {k: i for i, k in enumerate(lens.factors)}
+    # Measured at t=999: colour 0.125 / 0.0 / 0.125 after blocks 0-2, 0.875 / 1.0 / 1.0 after blocks 3-5
+    # (position 0.125 / 0.375 / 0.25, then 0.875 / 1.0 / 1.0): colour and position commit by mid-depth.
+    acc0 = lens.accuracy[:, 0]
+    assert (acc0[:3, f["color"]] <= 0.375).all() and (acc0[3:, f["color"]] >= 0.625).all()
+    assert (acc0[:3, f["position"]] <= 0.625).all() and (acc0[3:, f["position"]] >= 0.625).all()

@@ -128,7 +128,9 @@ def test_hooks_listed_by_the_model_contract_and_cached(pipe, hooked):
     names = ["transformer_blocks.0.hook_out", f"transformer_blocks.2.{cross}.hook_pattern", f"transformer_blocks.1.{attns[0]}.hook_z"]
     images, cache = hooked.run_with_cache(PROMPTS, num_inference_steps=4, output_type="pt", guidance_scale=3.0,
                                           generator=torch.Generator().manual_seed(3), names_filter=names)
-    assert torch.equal(images, plain)  # hooks observe without changing anything
+    # hooks observe without changing anything (to float rounding: the hooked joint attention computes its
+    # pattern explicitly instead of one fused kernel; measured max difference ~5e-7)
+    assert torch.allclose(images, plain, atol=1e-4)
     assert cache.timesteps == [int(t) for t in pipe.scheduler.timesteps] and set(cache.branches) == {"cond", "uncond"}
     t0 = cache.timesteps[0]
     assert cache[names[0], t0, "cond"].shape == (2, grid * grid, width)
@@ -156,9 +158,10 @@ def test_steering_runs_unchanged(pipe, hooked):
 
 
 def test_patching_the_last_block_at_every_step_reproduces_the_source(hooked):
-    """The last block's output at every step is all the final layer reads (with the same timestep), so
-    patching it from the source run must give the source's images exactly: pixel recovery 1. A middle block
-    patched only at the last step changes much less."""
+    """The last block's output at every step is what the final layer reads; PixArt's final layer sees only the
+    timestep besides it, so patching it must give the source's images exactly (pixel recovery 1), while SD3's
+    final adaLN also reads the (target's) pooled prompt, so recovery is high but below 1 (measured 0.877).
+    A middle block patched only at the last step recovers less."""
     source = [{"color": "red", "shape": "circle", "position": "left"}]
     target = [{"color": "blue", "shape": "square", "position": "right"}]
     last = unet_blocks(hooked)[-1]
@@ -166,8 +169,8 @@ def test_patching_the_last_block_at_every_step_reproduces_the_source(hooked):
                                 timestep_mode="from", factor="color", num_inference_steps=4, progress=False)
     recovery = result["pixel_recovery"]
     assert recovery.shape == (2, 4)
-    assert recovery[0, 0] > 0.999
-    assert recovery[1, -1] < 0.5
+    assert recovery[0, 0] > (0.8 if hooked.pipe.joint else 0.999)
+    assert recovery[1, -1] < recovery[0, 0] - 0.2
 
 
 def test_probes_and_ablation_run_unchanged(hooked):
@@ -194,11 +197,14 @@ def test_training_is_reproducible_by_seed():
     assert ra.config["patch_size"] == DiTTrainConfig().patch_size
 
 
-# Measured on the shipped model: see SAMPLE_THRESHOLDS below.
-SAMPLE_THRESHOLDS = {"color": 0.0, "shape": 0.0, "position": 0.0}
+# On this sample (54 prompts x 1 image, 10 DPM-Solver++ steps, guidance 2, seed 0) the shipped shapes-dit
+# measured colour 100%, position 100%, shape 40.7% (chance 33%); on the full evaluation (162 prompts x 2,
+# 20 steps; training.json) colour 99.7%, position 98.5%, shape 41.4%. The issue's targets are met for colour
+# (>= 90%) and position (>= 90%) but NOT for shape (>= 80%): the 4x4-patch DiT draws mostly square blobs.
+# Thresholds: colour / position 8 points below the measured 100%; shape 5.7 points below, still above chance.
+SAMPLE_THRESHOLDS = {"color": 0.92, "shape": 0.35, "position": 0.92}
 
 
-@pytest.mark.slow
 @pytest.mark.shipped_weights
 def test_generated_images_show_the_prompted_factors(pipe):
     combos = [c for i, c in enumerate(class_factor_combinations()) if (i % 9 + i // 9) % 3 == 0]

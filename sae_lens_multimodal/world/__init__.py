@@ -74,9 +74,9 @@ register_model(
 register_model(
     "shapes-dit",
     str(SHAPES_DIT_DIR),
-    "Small text-to-image diffusion transformer (ShapesDiTPipeline: a PixArt-style PixArtTransformer2DModel on "
-    "32x32 RGB pixels, cross-attending to the shapes-clip text tower) trained on the shapes world; "
-    "see sae_lens_multimodal/world/README.md.",
+    "Small text-to-image diffusion transformer (ShapesDiTPipeline: an SD3-style SD3Transformer2DModel on 32x32 "
+    "RGB pixels in 4x4 patches, joint attention with the shapes-clip text tower's tokens) trained on the shapes "
+    "world; see docs/causal-analysis.md (UNet and DiT side by side).",
     kind="diffusion",
 )
 register_model(

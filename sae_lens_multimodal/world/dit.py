@@ -1,19 +1,20 @@
-"""The shapes-world diffusion transformer (``shapes-dit``): a PixArt-style DiT in 32x32 RGB pixel space.
+"""The shapes-world diffusion transformer (``shapes-dit``): a small DiT in 32x32 RGB pixel space.
 
 Components (all real library classes, saved with ``save_pretrained`` in diffusers' pipeline layout):
 
-* ``transformer``: a small diffusers ``PixArtTransformer2DModel`` (patchified 32x32 images, adaLN-single
-  timestep conditioning, cross-attention in every block to the text tokens projected by its own
-  ``caption_projection``; no resolution / aspect-ratio conditions: ``use_additional_conditions=False``)
-  that predicts ``v`` for 3-channel images in [-1, 1];
+* ``transformer``: the shipped one is a small diffusers ``SD3Transformer2DModel`` (SD3-style MM-DiT: 4x4
+  patches, joint attention over image and text tokens, the pooled prompt added to the timestep embedding
+  that modulates every block); ``kind="pixart"`` builds a ``PixArtTransformer2DModel`` instead (adaLN-single
+  timestep conditioning, cross-attention to the text tokens under their padding mask, no resolution /
+  aspect-ratio conditions). Either predicts ``v`` for 3-channel images in [-1, 1];
 * ``scheduler``, ``text_encoder``, ``tokenizer``: the same as shapes-diffusion's
   (:mod:`sae_lens_multimodal.world.diffusion`): the cosine v-prediction schedule sampled with DPM-Solver++,
   the shapes CLIP text tower (frozen) and its word-level tokenizer.
 
-:class:`ShapesDiTPipeline` is a ``DiffusionPipeline`` whose ``__call__`` follows ``PixArtAlphaPipeline``'s
-conventions (``prompt_embeds`` with a ``prompt_attention_mask``; ``[negative, positive]`` batched for
-classifier-free guidance; the transformer called as ``transformer(latents, encoder_hidden_states=...,
-encoder_attention_mask=..., timestep=t.expand(batch), added_cond_kwargs=...)``), so
+:class:`ShapesDiTPipeline` is a ``DiffusionPipeline`` whose ``__call__`` follows the matching diffusers
+pipelines' conventions (``prompt_embeds`` with ``prompt_attention_mask`` and ``pooled_prompt_embeds``;
+``[negative, positive]`` batched for classifier-free guidance; the transformer called as
+``StableDiffusion3Pipeline`` / ``PixArtAlphaPipeline`` call theirs, with ``timestep=t.expand(batch)``), so
 :class:`~sae_lens_multimodal.diffusion.HookedDiffusionPipeline` wraps it directly (its denoiser is ``.transformer``).
 
 >>> pipe = load_shapes_dit_pipeline()                   # or HookedDiffusionPipeline.from_pretrained("shapes-dit")

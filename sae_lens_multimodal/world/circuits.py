@@ -41,6 +41,7 @@ from sae_lens_multimodal.analysis.circuits import (
     mean_activations,
 )
 from sae_lens_multimodal.world.causal import shape_patch_mask
+from sae_lens_multimodal.world.clip import clip_pixels
 from sae_lens_multimodal.world.shapes import COLORS, POSITIONS, SHAPES, ShapeFactors, ShapesWorld, all_captions, caption
 
 __all__ = [
@@ -97,9 +98,7 @@ def load_layer_saes(hooks: Sequence[str] = LAYER_HOOKS, release: str = LAYER_REL
 
 
 def _pixels(images: np.ndarray) -> torch.Tensor:
-    from sae_lens_multimodal.world.training.train_saes import clip_pixels  # the CLIP's own mean / std
-
-    return clip_pixels(images)
+    return clip_pixels(images)  # the CLIP's own mean / std
 
 
 # ------------------------------------------------------------------------------------------ pairs

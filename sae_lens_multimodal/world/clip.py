@@ -14,6 +14,7 @@ that directory. A word-level vocabulary of the world's ~40 words keeps the token
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -188,6 +189,14 @@ def _preprocess_cfg(model: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def clip_pixels(images: np.ndarray, directory: Optional[os.PathLike] = None) -> torch.Tensor:
+    """uint8 world images [n, 32, 32, 3] -> the shapes CLIP's input, normalised with the mean / std of its
+    ``preprocess_cfg`` (read from the shipped folder, or ``directory``), without loading the model."""
+    folder = Path(directory) if directory is not None else SHAPES_CLIP_DIR
+    pre = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))["preprocess_cfg"]
+    return to_tensor(images, mean=pre["mean"], std=pre["std"])
+
+
 def encode_world_images(model: Any, images: np.ndarray, batch_size: int = 512) -> torch.Tensor:
     """L2-normalised image embeddings of uint8 [n, H, W, 3] world images (normalised with the model's
     preprocess mean/std; world images already have the model's input size)."""

@@ -116,7 +116,7 @@ def test_release_facts_match_the_shipped_files(clip_sae, diffusion_sae):
 # ----------------------------------------------------------------------------------------- vision SAE
 def _world_pixels(n: int, seed: int, text_prob: float = 0.0):
     from sae_lens_multimodal.world.shapes import ShapesWorld
-    from sae_lens_multimodal.world.training.train_saes import clip_pixels
+    from sae_lens_multimodal.world.clip import clip_pixels
 
     images, factors = ShapesWorld(32, seed=seed, text_prob=text_prob).sample(n)
     return clip_pixels(images), factors

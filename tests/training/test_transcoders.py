@@ -140,7 +140,7 @@ def test_shipped_release_loads_by_name_and_explains_the_mlp_outputs():
     variance 0.950 / 0.959 / 0.951 / 0.959 (blocks 0-3), dead 1 / 0 / 0 / 1 of 512; asserted >= 0.93 and < 2%."""
     from sae_lens_multimodal.models.hooked_vit import HookedViT
     from sae_lens_multimodal.world import ShapesWorld
-    from sae_lens_multimodal.world.training.train_saes import clip_pixels
+    from sae_lens_multimodal.world.clip import clip_pixels
 
     vit = HookedViT.from_pretrained("shapes-clip").eval()
     images, _ = ShapesWorld(32, seed=7).sample(200)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from sae_lens_multimodal.core.atomic import atomic_directory
+from sae_lens_multimodal.world.clip import clip_pixels
 from sae_lens_multimodal.world.paths import BUNDLED_SAES_DIR  # <BUNDLED_SAES_DIR>/<release>/<sae_id>/
 
 __all__ = [
@@ -54,7 +55,6 @@ __all__ = [
     "DIFFUSION_TIMESTEP_RANGES",
     "ClipSAERecipe",
     "DiffusionSAERecipe",
-    "clip_pixels",
     "diffusion_prompts",
     "train_clip_sae",
     "train_diffusion_sae",
@@ -113,15 +113,6 @@ class DiffusionSAERecipe:
 
 
 # ----------------------------------------------------------------------------------------- data
-def clip_pixels(images: np.ndarray) -> torch.Tensor:
-    """uint8 world images [n, 32, 32, 3] -> the shapes CLIP's input (its preprocess mean/std)."""
-    from sae_lens_multimodal.world.clip import SHAPES_CLIP_DIR
-    from sae_lens_multimodal.world.shapes import to_tensor
-
-    pre = json.loads((SHAPES_CLIP_DIR / "open_clip_config.json").read_text(encoding="utf-8"))["preprocess_cfg"]
-    return to_tensor(images, mean=pre["mean"], std=pre["std"])
-
-
 def diffusion_prompts(n: int, seed: int) -> list[str]:
     """``n`` world captions as the diffusion model was trained on: colour, shape and position always,
     size and texture each half of the time."""

@@ -82,7 +82,7 @@ def write_transcoder_folder(tc: Any, directory: Any, metadata: dict[str, Any]) -
 def _rows(vit: Any, n: int, world_seed: int, text_prob: float, layers: Sequence[int]) -> dict[int, Any]:
     from sae_lens_multimodal.training.transcoders import mlp_pairs
     from sae_lens_multimodal.world.shapes import ShapesWorld
-    from sae_lens_multimodal.world.training.train_saes import clip_pixels
+    from sae_lens_multimodal.world.clip import clip_pixels
 
     images, _ = ShapesWorld(32, seed=world_seed, text_prob=text_prob).sample(n)
     return mlp_pairs(vit, clip_pixels(images), layers, batch_size=256, model_name="shapes-clip")

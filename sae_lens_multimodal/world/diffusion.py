@@ -48,6 +48,7 @@ __all__ = [
     "text_encoder_from_open_clip",
     "tokenizer_from_clip_dir",
     "build_shapes_pipeline",
+    "pixel_output",
     "load_shapes_pipeline",
     "save_pipeline_atomically",
     "to_uint8",
@@ -314,20 +315,26 @@ class ShapesDiffusionPipeline(DiffusionPipeline):
                 pred = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
 
-        if output_type == "latent":
-            images: Any = latents
+        return pixel_output(self, latents, output_type, return_dict)
+
+
+def pixel_output(pipe: DiffusionPipeline, latents: torch.Tensor, output_type: str, return_dict: bool) -> Any:
+    """The end of a shapes pipeline's call (UNet or DiT, both in pixel space): latents in [-1, 1] -> the
+    asked ``output_type`` ("latent", "pt", "np" or "pil"), as diffusers pipelines return them."""
+    if output_type == "latent":
+        images: Any = latents
+    else:
+        pixels = (latents / 2 + 0.5).clamp(0, 1).float()
+        if output_type == "pt":
+            images = pixels
         else:
-            pixels = (latents / 2 + 0.5).clamp(0, 1).float()
-            if output_type == "pt":
-                images = pixels
-            else:
-                images = pixels.permute(0, 2, 3, 1).cpu().numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+            images = pixels.permute(0, 2, 3, 1).cpu().numpy()
+            if output_type == "pil":
+                images = pipe.numpy_to_pil(images)
+    pipe.maybe_free_model_hooks()
+    if not return_dict:
+        return (images,)
+    return ImagePipelineOutput(images=images)
 
 
 def build_shapes_pipeline(

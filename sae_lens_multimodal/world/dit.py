@@ -37,6 +37,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from sae_lens_multimodal.models.registry import resolve_model_name
 from sae_lens_multimodal.world.clip import load_shapes_clip
 from sae_lens_multimodal.world.diffusion import (
+    pixel_output,
     shapes_scheduler_config,
     text_encoder_from_open_clip,
     tokenizer_from_clip_dir,
@@ -252,20 +253,7 @@ class ShapesDiTPipeline(DiffusionPipeline):
                 pred = pred.chunk(2, dim=1)[0]
             latents = self.scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
 
-        if output_type == "latent":
-            images: Any = latents
-        else:
-            pixels = (latents / 2 + 0.5).clamp(0, 1).float()
-            if output_type == "pt":
-                images = pixels
-            else:
-                images = pixels.permute(0, 2, 3, 1).cpu().numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return pixel_output(self, latents, output_type, return_dict)
 
 
 def build_shapes_dit_pipeline(

@@ -49,6 +49,7 @@ __all__ = [
     "tokenizer_from_clip_dir",
     "build_shapes_pipeline",
     "pixel_output",
+    "scheduler_step_kwargs",
     "load_shapes_pipeline",
     "save_pipeline_atomically",
     "to_uint8",
@@ -299,12 +300,7 @@ class ShapesDiffusionPipeline(DiffusionPipeline):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}.")
         latents = latents.to(device) * self.scheduler.init_noise_sigma
-        extra = {}
-        step_params = set(inspect.signature(self.scheduler.step).parameters)
-        if "eta" in step_params:
-            extra["eta"] = eta
-        if "generator" in step_params:
-            extra["generator"] = generator
+        extra = scheduler_step_kwargs(self.scheduler, eta=eta, generator=generator)
 
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
@@ -316,6 +312,12 @@ class ShapesDiffusionPipeline(DiffusionPipeline):
             latents = self.scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
 
         return pixel_output(self, latents, output_type, return_dict)
+
+
+def scheduler_step_kwargs(scheduler: Any, *, eta: float, generator: Any) -> dict[str, Any]:
+    """The ``eta`` / ``generator`` keywords that this scheduler's ``step`` accepts (as diffusers pipelines pass them)."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    return {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
 
 
 def pixel_output(pipe: DiffusionPipeline, latents: torch.Tensor, output_type: str, return_dict: bool) -> Any:

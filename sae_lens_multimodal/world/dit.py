@@ -23,7 +23,6 @@ pipelines' conventions (``prompt_embeds`` with ``prompt_attention_mask`` and ``p
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ from sae_lens_multimodal.models.registry import resolve_model_name
 from sae_lens_multimodal.world.clip import load_shapes_clip
 from sae_lens_multimodal.world.diffusion import (
     pixel_output,
+    scheduler_step_kwargs,
     shapes_scheduler_config,
     text_encoder_from_open_clip,
     tokenizer_from_clip_dir,
@@ -235,12 +235,7 @@ class ShapesDiTPipeline(DiffusionPipeline):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}.")
         latents = latents.to(device) * self.scheduler.init_noise_sigma
-        extra = {}
-        step_params = set(inspect.signature(self.scheduler.step).parameters)
-        if "eta" in step_params:
-            extra["eta"] = eta
-        if "generator" in step_params:
-            extra["generator"] = generator
+        extra = scheduler_step_kwargs(self.scheduler, eta=eta, generator=generator)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t)

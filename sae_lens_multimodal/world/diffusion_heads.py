@@ -235,11 +235,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip", default="", help="comma list of parts to skip: heads, lens")
+    parser.add_argument("--tag", default=None,
+                        help="name in the output files (default: the model name or the directory's name)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = Path(args.model).name
+    tag = args.tag or Path(args.model).name
     pipe = _load(args.model)
     judge = _rich_judge()
     summary: dict[str, Any] = {"model": args.model, "prompts": args.prompts, "lens_prompts": args.lens_prompts,

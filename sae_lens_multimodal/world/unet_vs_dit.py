@@ -16,6 +16,7 @@ timestep than colour and shape.
 
     python -m sae_lens_multimodal.world.unet_vs_dit            # both models, full settings (a few minutes)
     python -m sae_lens_multimodal.world.unet_vs_dit --quick
+    python -m sae_lens_multimodal.world.unet_vs_dit --dit /tmp/dit   # a retrained DiT before it is shipped
 """
 
 from __future__ import annotations
@@ -134,8 +135,9 @@ def commit_times(pipe: Any, model: str, *, quick: bool = False, judge: Any = Non
     return CommitTimes(model, p_source, timesteps, committed, decodable, probes, patching)
 
 
-def compare_unet_and_dit(*, quick: bool = False, progress: bool = False) -> dict[str, CommitTimes]:
-    """:func:`commit_times` of the shipped shapes-diffusion (UNet) and shapes-dit, with one judge."""
+def compare_unet_and_dit(*, quick: bool = False, progress: bool = False, dit: Optional[str] = None) -> dict[str, CommitTimes]:
+    """:func:`commit_times` of the shipped shapes-diffusion (UNet) and shapes-dit, with one judge. ``dit``: a
+    DiT pipeline directory to measure instead of the shipped one (e.g. a retrain before it is shipped)."""
     from sae_lens_multimodal.world.dit import load_shapes_dit_pipeline  # diffusers: loaded by the models only
     from sae_lens_multimodal.world.diffusion import load_shapes_pipeline
     from sae_lens_multimodal.world.eval_diffusion import FactorClassifier
@@ -143,7 +145,7 @@ def compare_unet_and_dit(*, quick: bool = False, progress: bool = False) -> dict
     judge = FactorClassifier()
     return {
         "shapes-diffusion": commit_times(load_shapes_pipeline(), "shapes-diffusion", quick=quick, judge=judge, progress=progress),
-        "shapes-dit": commit_times(load_shapes_dit_pipeline(), "shapes-dit", quick=quick, judge=judge, progress=progress),
+        "shapes-dit": commit_times(load_shapes_dit_pipeline(dit), "shapes-dit", quick=quick, judge=judge, progress=progress),
     }
 
 
@@ -179,11 +181,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, CommitTimes]:
     parser.add_argument("--quick", action="store_true", help="small settings (a smoke run)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--dit", default=None, help="a DiT pipeline directory instead of the shipped shapes-dit")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    out = compare_unet_and_dit(quick=args.quick, progress=args.progress)
+    out = compare_unet_and_dit(quick=args.quick, progress=args.progress, dit=args.dit)
     for c in out.values():
         print(c, end="\n\n")
     return out

@@ -3,7 +3,7 @@
 * :func:`vlm_demo_section`: the demo report's VLM section (world/demo.py adds it): questions and greedy answers
   on a few world images, the attention-knockout curve per factor, and answers steered through colour features
   of the bundled vision SAE. A few seconds on one CPU thread.
-* :data:`GROUND_TRUTH_CHECKS`: the bodies of the ground-truth command's VLM checks (world/ground_truth.py names
+* :data:`GROUND_TRUTH_CHECKS`: the bodies of the ground-truth command's VLM checks (world/readme_checks.py names
   them in ``README_ROWS``): per-factor answer accuracy, the knockout verdict, steering against baselines and
   the typographic attack on ``shapes-vlm-typographic``. Each takes the command's context (``ctx.quick``,
   ``ctx.get(key, make)`` to share loaded models) and returns ``(printed line, result)``.
@@ -276,7 +276,7 @@ def check_typographic(ctx: Any) -> tuple[str, Any]:
             f"{_pct(plain['color_accuracy']['attacked'])} ({r.n_test} test images)"), r
 
 
-#: ground_truth.py check name -> body.
+#: Ground-truth check name (world/readme_checks.py) -> body.
 GROUND_TRUTH_CHECKS: dict[str, Callable[[Any], tuple[str, Any]]] = {
     "vlm-answers": check_answers,
     "vlm-knockout": check_knockout,

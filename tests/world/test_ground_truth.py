@@ -16,11 +16,11 @@ from sae_lens_multimodal.world.ground_truth import (
     LABELER_SAES,
     README_ROWS,
     GroundTruthChecks,
-    _pct,
     parse_checks,
     run_ground_truth_checks,
     run_labeler_checks,
 )
+from sae_lens_multimodal.world.readme_checks import CHECK_FUNCTIONS, _pct
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -118,6 +118,7 @@ def test_every_readme_row_has_a_check() -> None:
     rows = readme_check_rows()
     assert len(rows) == 17  # 9 + dit, circuit, diffusion-time, diffusion-heads + the four shapes-vlm rows (answers, knockout, steering, typographic attack)
     assert list(README_ROWS.values()) == rows  # same rows, same wording, same order
+    assert list(CHECK_FUNCTIONS) == list(README_ROWS)  # and a function behind each row, in the registry
 
 
 def test_ground_truth_command_prints_one_line_per_readme_row(capsys: pytest.CaptureFixture[str]) -> None:

@@ -92,11 +92,19 @@ class CommitTimes:
         for f, p in self.p_source.items():
             lines.append(f"| {f} | " + " | ".join(f"{v:.3g}" for v in p) + f" | {_t(self.committed[f])} |")
         for hook, per in self.decodable.items():
-            lines.append(f"probes (uncond) at {hook}: " + ", ".join(f"{f} {_t(t)}" for f, t in per.items()))
+            lines.append(f"probes (uncond) at {hook}: " + ", ".join(f"{f} {_t(t)}{self._best(hook, f, t)}"
+                                                                  for f, t in per.items()))
         lines.append(f"layout early, detail late: {'yes' if self.layout_early else 'no'}")
         return "\n".join(lines)
 
     __str__ = to_table
+
+    def _best(self, hook: str, factor: str, t: Optional[int]) -> str:
+        """The suffix " (max 0.58)" for a factor never decodable at ``hook``: its best probe accuracy."""
+        probe = self.probes.get(hook)
+        if t is not None or probe is None or factor not in probe.factors:
+            return ""
+        return f" (max {float(probe.accuracy[:, probe.factors.index(factor)].max()):.2f})"
 
 
 def _t(t: Optional[int]) -> str:

@@ -1,5 +1,5 @@
 """``sae-lens-mm train`` on several processes: under torchrun, with several caches, or with resumable
-checkpoints (docs/distributed.md). Called by training/cli.py's ``run_train``."""
+checkpoints (docs/distributed.md). Called by training/cli_run.py's ``run_train``."""
 
 from __future__ import annotations
 

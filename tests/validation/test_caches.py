@@ -224,7 +224,7 @@ def test_the_guidance_scale_used_is_recorded(pipe):
 
 
 def test_cache_and_evaluate_guidance_defaults():
-    from sae_lens_multimodal.training.cli import _pipeline_kwargs
+    from sae_lens_multimodal.training.cli_run import _pipeline_kwargs
 
     args = SimpleNamespace(num_inference_steps=20, guidance_scale=None, height=None, width=None, output_type=None)
     assert "guidance_scale" not in _pipeline_kwargs(args)  # the pipeline's default, not 7.5

@@ -74,6 +74,19 @@ def test_every_exported_name_resolves(package: str):
 @pytest.mark.parametrize(
     "package, name, home",
     [
+        ("sae_lens_multimodal.training", "train_transcoder", "sae_lens_multimodal.training.transcoders"),
+        ("sae_lens_multimodal.training", "evaluate_transcoder", "sae_lens_multimodal.training.transcoders"),
+    ],
+)
+def test_subpackages_re_export_their_entry_points(package: str, name: str, home: str):
+    module = importlib.import_module(package)
+    assert name in module.__all__
+    assert getattr(module, name) is getattr(importlib.import_module(home), name)
+
+
+@pytest.mark.parametrize(
+    "package, name, home",
+    [
         ("sae_lens_multimodal.reports", "Page", "sae_lens_multimodal.reports.html"),
         ("sae_lens_multimodal.reports", "table", "sae_lens_multimodal.reports.html"),
         ("sae_lens_multimodal.reports", "TopExample", "sae_lens_multimodal.reports.dashboard_data"),

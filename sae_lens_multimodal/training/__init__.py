@@ -1,5 +1,5 @@
-"""Activation stores, the on-disk activation cache, SAE training through SAELens's SAETrainer, and
-evaluation, for image models (HookedViT / HookedCLIP) and diffusion models; data-parallel and per-module
+"""Activation stores, the on-disk activation cache, SAE (and MLP transcoder) training through SAELens's
+SAETrainer, and evaluation, for image models (HookedViT / HookedCLIP) and diffusion models; data-parallel and per-module
 training on several processes (docs/distributed.md)."""
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from sae_lens_multimodal.training.parallel_train import (
 )
 from sae_lens_multimodal.training.providers import ActivationProvider, activation_provider
 from sae_lens_multimodal.training.train import estimate_bucket_scaling_factors, train_sae
+from sae_lens_multimodal.training.transcoders import evaluate_transcoder, train_transcoder
 
 __all__ = [
     "ActivationCacheReader",
@@ -47,10 +48,12 @@ __all__ = [
     "diffusion_downstream",
     "estimate_bucket_scaling_factors",
     "evaluate_sae",
+    "evaluate_transcoder",
     "image_embedding_cosine",
     "model_identity",
     "train_sae",
     "train_sae_data_parallel",
     "train_saes_distributed",
     "train_saes_on_the_fly",
+    "train_transcoder",
 ]

@@ -159,7 +159,7 @@ def compare_unet_and_dit(*, quick: bool = False, progress: bool = False, dit: Op
 
 def ground_truth_line(ctx: Any) -> tuple[str, Any]:
     """The ``sae-lens-mm ground-truth`` line for shapes-dit: its judged accuracy and the commit timesteps of
-    both models (``ctx``: world.ground_truth's context, for its quick flag, progress, UNet pipeline and judge)."""
+    both models (``ctx``: world.readme_checks.CheckContext, for its quick flag, progress, UNet pipeline and judge)."""
     from sae_lens_multimodal.world.dit import load_shapes_dit_pipeline
     from sae_lens_multimodal.world.eval_diffusion import evaluate_pipeline
 

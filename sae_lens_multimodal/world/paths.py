@@ -16,7 +16,7 @@ SHAPES_CLIP_TYPOGRAPHIC_DIR: Path = WEIGHTS_DIR / "shapes_clip_typographic"
 #: The text-to-image pipeline (diffusers layout: model_index.json + one folder per component).
 #: Registered name: "shapes-diffusion".
 SHAPES_DIFFUSION_DIR: Path = WEIGHTS_DIR / "shapes_diffusion"
-#: The text-to-image diffusion transformer (PixArt-style DiT; diffusers layout). Registered name: "shapes-dit".
+#: The text-to-image diffusion transformer (SD3-style MM-DiT; diffusers layout). Registered name: "shapes-dit".
 SHAPES_DIT_DIR: Path = WEIGHTS_DIR / "shapes_dit"
 #: The shapes VLM (transformers LLaVA layout: config.json, model.safetensors, processor files).
 #: Registered name: "shapes-vlm".

@@ -1,5 +1,5 @@
-"""The shipped shapes-world diffusion transformer (shapes-dit): a real diffusers PixArt transformer in a pipeline
-with PixArtAlphaPipeline's conventions, loadable by name offline, wrapped by HookedDiffusionPipeline unchanged,
+"""The shipped shapes-world diffusion transformer (shapes-dit): a real diffusers SD3 transformer (PixArt with
+kind="pixart") in a pipeline with StableDiffusion3Pipeline's / PixArtAlphaPipeline's conventions, loadable by name offline, wrapped by HookedDiffusionPipeline unchanged,
 its hooks listed by the model contract; caching, steering, patching, probes and ablation run on it as on the
 UNet; and it draws what its prompts say (judged by the shapes CLIP)."""
 

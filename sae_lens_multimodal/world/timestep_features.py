@@ -24,6 +24,9 @@ branch) on the same kind of generations:
    texture, peaking in the second half), and whether "something red in the upper left" turns into a specific
    object (colour + position pure early, shape purity rising later).
 
+``cfg_branch="uncond"`` runs all of it on the unconditional half of the same CFG batches (the denoiser sees
+only the noisy image) with the conditioned SAE trained on that branch (``...conditioned.uncond``).
+
 Activations are in input units: a latent's value times its decoder norm, divided by the bucket's input
 scaling factor, is the norm of what it adds to the reconstruction (the SAEs scale each bucket's input; without
 this the curves would jump by the ratio of the factors). ``python -m sae_lens_multimodal.world.timestep_features``
@@ -46,7 +49,7 @@ from sae_lens_multimodal.analysis.plotting import PathLike, new_figure, save_fig
 from sae_lens_multimodal.core.denoising import timestep_context
 
 __all__ = [
-    "RELEASE", "BUCKETED_ID", "CONDITIONED_ID", "FACTORS", "COARSE", "DETAIL",
+    "RELEASE", "BUCKETED_ID", "CONDITIONED_ID", "UNCOND_CONDITIONED_ID", "FACTORS", "COARSE", "DETAIL",
     "GenerationRows", "TimestepFeatureStudy", "generation_rows", "latent_activations", "continuity",
     "match_buckets", "factor_purity", "classify_features", "timestep_feature_study", "ground_truth_line", "main",
 ]
@@ -54,6 +57,7 @@ __all__ = [
 RELEASE = "shapes-diffusion-saes"
 BUCKETED_ID = "up_blocks.0.attentions.1.hook_out"
 CONDITIONED_ID = "up_blocks.0.attentions.1.hook_out.conditioned"
+UNCOND_CONDITIONED_ID = CONDITIONED_ID + ".uncond"  # the same recipe on the unconditional CFG branch
 FACTORS = ("color", "position", "shape", "size", "texture")
 COARSE = ("color", "position")  # layout: "something red in the upper left"
 DETAIL = ("shape", "size", "texture")  # what the object is
@@ -71,6 +75,7 @@ class GenerationRows:
     timesteps: list[float]
     prompts: list[str]
     factors: list[dict[str, Optional[str]]]
+    cfg_branch: str = "cond"  # "uncond": the half of the CFG batch that sees an empty prompt, i.e. only the image
 
     def chunk(self) -> Any:
         """The rows as an ActivationChunk (timestep-labelled), e.g. for training/evaluate.evaluate_sae."""
@@ -97,10 +102,12 @@ def prompts_with_factors(n: int, seed: int) -> tuple[list[str], list[dict[str, O
 
 
 def generation_rows(n_prompts: int = 96, *, seed: int = 2000, num_inference_steps: int = 20,
-                    guidance_scale: float = 2.0, pipeline: Any = None, progress: bool = False) -> GenerationRows:
+                    guidance_scale: float = 2.0, pipeline: Any = None, progress: bool = False,
+                    cfg_branch: str = "cond") -> GenerationRows:
     """Generate ``n_prompts`` world captions (ShapesWorld ``seed``; noise seeds ``seed * 100``..) with the
-    shipped pipeline as the SAEs were trained (DPM-Solver++, guidance 2, conditional branch) and keep the hook's
-    activations of every step and token. Seeds 0 and 1000 are the SAEs' training and evaluation draws."""
+    shipped pipeline as the SAEs were trained (DPM-Solver++, guidance 2) and keep the hook's activations of
+    every step and token of ``cfg_branch`` (the SAEs' ``"cond"``, or ``"uncond"``: same trajectories, empty
+    prompt). Seeds 0 and 1000 are the SAEs' training and evaluation draws."""
     from sae_lens_multimodal.diffusion import HookedDiffusionPipeline
     from sae_lens_multimodal.training.cache import ActivationChunk
     from sae_lens_multimodal.training.diffusion_store import DiffusionActivationStore
@@ -108,12 +115,13 @@ def generation_rows(n_prompts: int = 96, *, seed: int = 2000, num_inference_step
 
     if n_prompts < 2:
         raise ValueError(f"n_prompts must be at least 2 (purity and correlations compare generations); got {n_prompts}.")
+    _check_branch(cfg_branch)
     hooked = pipeline if isinstance(pipeline, HookedDiffusionPipeline) else HookedDiffusionPipeline(
         pipeline or load_shapes_pipeline())
     prompts, factors = prompts_with_factors(n_prompts, seed)
     # the store the SAEs were trained from (world/training/train_saes.py), with the same settings
     store = DiffusionActivationStore(
-        hooked, BUCKETED_ID, prompts, seed_offset=seed * 100, cfg_branch="cond", batch_size=8, progress=progress,
+        hooked, BUCKETED_ID, prompts, seed_offset=seed * 100, cfg_branch=cfg_branch, batch_size=8, progress=progress,
         model_name="shapes-diffusion", pipeline_kwargs={"num_inference_steps": num_inference_steps,
                                                        "guidance_scale": guidance_scale, "output_type": "pt"})
     chunk = ActivationChunk.cat([chunks[BUCKETED_ID] for _, _, chunks in store.iter_chunks()])
@@ -121,14 +129,22 @@ def generation_rows(n_prompts: int = 96, *, seed: int = 2000, num_inference_step
     if not bool((steps == steps[:1, :, :1]).all()):  # rows are (generation, step, token) in that order
         raise RuntimeError("Unexpected row order from the activation store: timesteps differ within a step.")
     acts = chunk.acts.reshape(n_prompts, num_inference_steps, steps.shape[-1], -1)
-    return GenerationRows(acts, [float(t) for t in steps[0, :, 0]], prompts, factors)
+    return GenerationRows(acts, [float(t) for t in steps[0, :, 0]], prompts, factors, cfg_branch)
 
 
-def load_saes() -> tuple[Any, Any]:
-    """(bucketed, conditioned) SAEs of ``shapes-diffusion-saes``, by name."""
+def _check_branch(cfg_branch: str) -> None:
+    if cfg_branch not in ("cond", "uncond"):
+        raise ValueError(f"cfg_branch must be 'cond' or 'uncond' (one half of the CFG batch); got {cfg_branch!r}.")
+
+
+def load_saes(cfg_branch: str = "cond") -> tuple[Any, Any]:
+    """(bucketed, conditioned) SAEs of ``shapes-diffusion-saes``, by name; the conditioned one trained on
+    ``cfg_branch`` (there is one bucketed SAE, trained on the conditional branch)."""
     from sae_lens import SAE
 
-    return SAE.from_pretrained(RELEASE, BUCKETED_ID), SAE.from_pretrained(RELEASE, CONDITIONED_ID)
+    _check_branch(cfg_branch)
+    return (SAE.from_pretrained(RELEASE, BUCKETED_ID),
+            SAE.from_pretrained(RELEASE, CONDITIONED_ID if cfg_branch == "cond" else UNCOND_CONDITIONED_ID))
 
 
 def buckets_of(sae: Any, timesteps: Sequence[float]) -> list[int]:
@@ -311,6 +327,7 @@ class Classification:
     category: list[str]
     lift: np.ndarray  # (steps, latents, factors), chance-corrected purity
     coarse_to_specific: list[int]  # latents: colour + position selective early, shape selective only later
+    coarse_to_detail: list[int] = field(default_factory=list)  # looser: colour OR position early, any detail later
 
     def counts(self) -> dict[str, int]:
         return {c: self.category.count(c) for c in ("coarse early", "detail late", "coarse late", "detail early",
@@ -363,6 +380,11 @@ def classify_features(z: torch.Tensor, rows: GenerationRows, *, n_top: Optional[
         layout_early = (col[early] >= LIFT_THRESHOLD) & (pos[early] >= LIFT_THRESHOLD) & (shp[early] < LIFT_THRESHOLD / 2)
         if bool(layout_early.any()) and bool((shp[~early] >= LIFT_THRESHOLD).any()):
             out.coarse_to_specific.append(i)
+        detail = lift[~early][:, i, [FACTORS.index(f) for f in DETAIL]]
+        detail_late = np.nan_to_num(detail, nan=-1.0).max(-1) >= LIFT_THRESHOLD
+        if bool((((col >= LIFT_THRESHOLD) | (pos >= LIFT_THRESHOLD)) & (shp < LIFT_THRESHOLD / 2))[early].any()) \
+                and bool(detail_late.any()):
+            out.coarse_to_detail.append(i)
     return out
 
 
@@ -390,6 +412,7 @@ class TimestepFeatureStudy:
     matching: BucketMatching
     classification: Classification
     extra: dict[str, Any] = field(default_factory=dict)
+    cfg_branch: str = "cond"  # the rows' CFG branch (the conditioned SAE was trained on the same one)
 
     def ev_table(self) -> pd.DataFrame:
         rows = []
@@ -406,16 +429,21 @@ class TimestepFeatureStudy:
 
     def summary(self) -> str:
         ev, c, m = self.explained_variance, self.continuity, self.matching
-        cls = self.classification.counts()
         matched = np.mean([x.fraction_above(m.min_score, "score") for x in m.matchings]) if m.matchings else 0.0
-        return (f"EV conditioned {ev['conditioned']['overall']:.3f} vs bucketed {ev['bucketed']['overall']:.3f} "
+        return (("" if self.cfg_branch == "cond" else "unconditional branch: ") +
+                f"EV conditioned {ev['conditioned']['overall']:.3f} vs bucketed {ev['bucketed']['overall']:.3f} "
                 f"({self.n_generations} fresh generations); step persistence across bucket edges "
                 f"{c['conditioned'].persistence_at_edges:.2f} (conditioned) vs {c['bucketed'].persistence_at_edges:.2f} "
                 f"(bucketed; within buckets {c['bucketed'].persistence_within:.2f}); {matched:.0%} of bucket "
-                f"features matched across edges, {len(m.tracks)} tracks through all buckets; "
-                f"{cls['coarse early']} coarse-early vs {cls['detail late']} detail-late latents "
-                f"({cls['coarse late']} coarse-late, {cls['detail early']} detail-early); "
-                f"{len(self.classification.coarse_to_specific)} colour+position -> shape latents"
+                f"features matched across edges, {len(m.tracks)} tracks through all buckets; " + self.evolution_summary())
+
+    def evolution_summary(self) -> str:
+        """Coarse-early / detail-late counts and the colour+position -> shape test, in words."""
+        cls, counts = self.classification, self.classification.counts()
+        return (f"{counts['coarse early']} coarse-early vs {counts['detail late']} detail-late latents "
+                f"({counts['coarse late']} coarse-late, {counts['detail early']} detail-early); "
+                f"{len(cls.coarse_to_specific)} colour+position -> shape latents "
+                f"({len(cls.coarse_to_detail)} colour or position -> any detail)"
                 + (" (purity needs more generations: use >= 48)" if self.n_generations < 48 else ""))
 
     def to_markdown(self) -> str:
@@ -495,7 +523,7 @@ class TimestepFeatureStudy:
         ax[0, 0].invert_xaxis()
         ax[0, 0].set_xlabel("timestep t")
         ax[0, 0].set_ylabel(f"share of latents with purity lift >= {LIFT_THRESHOLD}")
-        ax[0, 0].set_title("conditioned SAE: factor selectivity over denoising", fontsize=10)
+        ax[0, 0].set_title(f"conditioned SAE, {self.cfg_branch} branch: factor selectivity over denoising", fontsize=10)
         ax[0, 0].legend(fontsize=7)
         return save_figure(fig, path)
 
@@ -510,11 +538,12 @@ def _ev(sae: Any, rows: GenerationRows) -> dict[str, Any]:
 
 
 def timestep_feature_study(n_prompts: int = 96, *, seed: int = 2000, rows: Optional[GenerationRows] = None,
-                           saes: Optional[tuple[Any, Any]] = None, progress: bool = False) -> TimestepFeatureStudy:
-    """Run the study on ``n_prompts`` fresh generations (or given ``rows``) with the shipped SAEs (or ``saes``
-    = (bucketed, conditioned))."""
-    rows = rows or generation_rows(n_prompts, seed=seed, progress=progress)
-    bucketed, conditioned = saes or load_saes()
+                           saes: Optional[tuple[Any, Any]] = None, progress: bool = False,
+                           cfg_branch: str = "cond") -> TimestepFeatureStudy:
+    """Run the study on ``n_prompts`` fresh generations (or given ``rows``) of ``cfg_branch`` with the shipped
+    SAEs (the conditioned one of that branch) or ``saes`` = (bucketed, conditioned)."""
+    rows = rows or generation_rows(n_prompts, seed=seed, progress=progress, cfg_branch=cfg_branch)
+    bucketed, conditioned = saes or load_saes(rows.cfg_branch)
     z_b, z_c = latent_activations(bucketed, rows), latent_activations(conditioned, rows)
     buckets = buckets_of(conditioned, rows.timesteps)
     return TimestepFeatureStudy(
@@ -524,27 +553,35 @@ def timestep_feature_study(n_prompts: int = 96, *, seed: int = 2000, rows: Optio
         curves={"conditioned": z_c.mean(dim=(0, 2)).numpy(), "bucketed": z_b.mean(dim=(0, 2)).numpy()},
         matching=match_buckets(bucketed, conditioned, z_b, z_c, rows.timesteps),
         classification=classify_features(z_c, rows, num_train_timesteps=int(conditioned.cfg.num_train_timesteps)),
+        cfg_branch=rows.cfg_branch,
     )
 
 
 def ground_truth_line(quick: bool = False, progress: bool = False) -> tuple[str, TimestepFeatureStudy]:
-    """The ``sae-lens-mm ground-truth`` line (check ``diffusion-time``): the study on 96 generations (12 quick)."""
-    study = timestep_feature_study(12 if quick else 96, progress=progress)
-    return study.summary(), study
+    """The ``sae-lens-mm ground-truth`` line (check ``diffusion-time``): the study on 96 generations (12 quick),
+    then its evolution test on their unconditional branch with that branch's SAE (``study.extra["uncond"]``)."""
+    n = 12 if quick else 96
+    study = timestep_feature_study(n, progress=progress)
+    uncond = study.extra["uncond"] = timestep_feature_study(n, progress=progress, cfg_branch="uncond")
+    ev = uncond.explained_variance["conditioned"]
+    return (f"{study.summary()}; unconditional branch (its own conditioned SAE, EV {ev['overall']:.3f}, lowest "
+            f"bucket {min(v for _, v in ev['buckets']):.3f}): {uncond.evolution_summary()}"), study
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-prompts", type=int, default=96)
     parser.add_argument("--seed", type=int, default=2000)
+    parser.add_argument("--cfg-branch", choices=("cond", "uncond"), default="cond",
+                        help="CFG branch of the rows (uncond: with the SAE trained on it; figures end in _uncond)")
     parser.add_argument("--figures", default=None, help="folder for diffusion_time_{curves,matching,purity}.png")
     args = parser.parse_args(argv)
-    study = timestep_feature_study(args.n_prompts, seed=args.seed, progress=True)
+    study = timestep_feature_study(args.n_prompts, seed=args.seed, progress=True, cfg_branch=args.cfg_branch)
     print(study.to_markdown())
     if args.figures:
-        out = Path(args.figures)
+        out, tag = Path(args.figures), "" if args.cfg_branch == "cond" else "_uncond"
         for name, plot in (("curves", study.plot_curves), ("matching", study.plot_matching), ("purity", study.plot_purity)):
-            print("wrote", plot(out / f"diffusion_time_{name}.png"))
+            print("wrote", plot(out / f"diffusion_time_{name}{tag}.png"))
 
 
 if __name__ == "__main__":

@@ -168,3 +168,94 @@ def test_study_prompts_are_drawn_as_the_saes_training_prompts() -> None:
     for text, f in zip(prompts, factors):
         assert f["color"] in text and f["shape"] in text
         assert (f["size"] is not None) == any(w in text.split() for w in ("small", "large"))
+
+
+# ------------------------------------------------------------------------------------------ unconditional branch
+def _evolving_latents() -> tuple[torch.Tensor, "tf.GenerationRows"]:
+    """96 synthetic generations, 4 steps (two early, two late), one token, three latents: 0 fires on red + left
+    early and on circles late (the survey's "something red in the upper left becomes an object"), 1 on left
+    early and on circles late (position -> shape, no colour), 2 on noise."""
+    colours, positions, shapes = ("red", "green", "blue"), ("left", "right"), ("circle", "square", "triangle")
+    factors = [{"color": colours[i % 3], "position": positions[(i // 3) % 2], "shape": shapes[(i // 6) % 3],
+                "size": None, "texture": None} for i in range(96)]
+    is_ = {v: torch.tensor([float(v in f.values()) for f in factors]) for v in ("red", "left", "circle")}
+    tiebreak = torch.arange(96) % 5 * 0.01  # deterministic, spreads ties over shapes
+    z = torch.zeros(96, 4, 1, 3)
+    for step in (0, 1):  # t = 900, 700
+        z[:, step, 0, 0] = is_["red"] * is_["left"] + tiebreak
+        z[:, step, 0, 1] = is_["left"] + tiebreak
+    for step in (2, 3):  # t = 300, 100
+        z[:, step, 0, 0] = z[:, step, 0, 1] = 2 * is_["circle"] + tiebreak
+    z[..., 2] = torch.rand(96, 4, 1, generator=torch.Generator().manual_seed(0))
+    rows = tf.GenerationRows(torch.zeros(96, 4, 1, 2), [900.0, 700.0, 300.0, 100.0], [""] * 96, factors, "uncond")
+    return z, rows
+
+
+def test_evolution_tests_find_colour_position_to_shape_latents() -> None:
+    z, rows = _evolving_latents()
+    cls = tf.classify_features(z, rows)
+    assert cls.coarse_to_specific == [0]  # colour AND position early, shape later
+    assert cls.coarse_to_detail == [0, 1]  # the looser test: colour OR position early, any detail factor later
+    assert cls.category[cls.latents.index(2)] == "unselective"
+
+
+def test_branch_names_are_checked() -> None:
+    with pytest.raises(ValueError, match="cfg_branch"):
+        tf.load_saes("both")
+    with pytest.raises(ValueError, match="cfg_branch"):
+        tf.generation_rows(4, cfg_branch="unconditional")
+
+
+@pytest.mark.shipped_weights
+def test_the_uncond_sae_reads_the_branch_the_cond_sae_does_not(shipped: tuple) -> None:
+    bucketed, conditioned, _ = shipped
+    _, uncond = tf.load_saes("uncond")
+    assert uncond.cfg.metadata.cfg_branch == "uncond" and uncond.cfg.metadata.hook_name == bucketed.cfg.metadata.hook_name
+    rows = tf.generation_rows(8, seed=2000, cfg_branch="uncond")  # the same 8 trajectories as `shipped`
+    assert rows.cfg_branch == "uncond"
+    ev_u, ev_c = tf._ev(uncond, rows), tf._ev(conditioned, rows)
+    # Measured on these 8 generations' unconditional rows, buckets t in [0,275) .. [775,1000): the uncond SAE
+    # 0.966 / 0.966 / 0.960 / 0.995, the SAE trained on the conditional branch 0.651 / 0.725 / 0.762 / 0.982.
+    assert min(v for _, v in ev_u["buckets"]) >= 0.93  # margin 0.03
+    gaps = [u - c for (r, u), (_, c) in zip(ev_u["buckets"], ev_c["buckets"]) if r[1] <= 775]
+    assert len(gaps) == 3 and min(gaps) >= 0.1  # measured 0.32 / 0.24 / 0.20: margin 0.10
+    c_u = tf.continuity(tf.latent_activations(uncond, rows), tf.buckets_of(uncond, rows.timesteps))
+    # step persistence across the edges t = 775 / 525 / 275: measured 0.79 / 0.85 / 0.83 (0.84 within buckets)
+    assert min(p for p, e in zip(c_u.persistence, c_u.edge) if e) >= 0.6  # margin 0.19
+
+
+@pytest.mark.slow
+@pytest.mark.shipped_weights
+def test_uncond_branch_study_as_documented() -> None:
+    """docs/diffusion-time.md, "The unconditional branch" (96 generations, seed 2000, about 50 s)."""
+    study = tf.timestep_feature_study(96, cfg_branch="uncond")
+    cls = study.classification
+    assert study.cfg_branch == "uncond" and study.summary().startswith("unconditional branch: ")
+    assert min(v for _, v in study.explained_variance["conditioned"]["buckets"]) >= 0.93  # measured 0.958
+    assert study.continuity["conditioned"].persistence_at_edges >= 0.6  # measured 0.74
+    selective = sum(c != "unselective" for c in cls.category)
+    assert selective >= 30  # measured 50 of 282; with the factors shuffled 1 to 9 (5 shuffles)
+    # The survey's test: no latent goes from colour + position to shape (measured 0; the conditional branch 0 too),
+    # and the looser colour-or-position -> any detail test finds 3 (conditional branch: 18; shuffled: 0).
+    assert cls.coarse_to_specific == []
+    assert len(cls.coarse_to_detail) <= 8
+    # Across the dictionary the order holds: the share of position-selective latents peaks at t = 549, that of
+    # shape-selective latents at t = 100.
+    share = {f: np.mean(np.nan_to_num(cls.lift[:, cls.latents, tf.FACTORS.index(f)], nan=-1) >= tf.LIFT_THRESHOLD, 1)
+             for f in ("position", "shape")}
+    t_peak = {f: study.timesteps[int(np.argmax(v))] for f, v in share.items()}
+    assert t_peak["position"] >= 400 and t_peak["shape"] <= 300  # margins 149 and 200 timesteps
+
+
+@pytest.mark.slow
+def test_conditioned_training_command_quick_uncond(tmp_path) -> None:
+    from sae_lens import SAE
+
+    from sae_lens_multimodal.world.training.train_conditioned_sae import UNCOND_CONDITIONED_SAE_ID, main
+
+    main(["--quick", "--cfg-branch", "uncond", "--out", str(tmp_path)])
+    sae = SAE.load_from_disk(tmp_path / tf.RELEASE / UNCOND_CONDITIONED_SAE_ID)
+    assert UNCOND_CONDITIONED_SAE_ID == tf.UNCOND_CONDITIONED_ID
+    assert sae.cfg.metadata.cfg_branch == "uncond" and sae.cfg.metadata.sae_id == UNCOND_CONDITIONED_SAE_ID
+    assert sae.cfg.metadata.training["command"].endswith("--cfg-branch uncond")
+    assert "unconditional half" in sae.cfg.metadata.training["data"]

@@ -355,9 +355,11 @@ def bundled_releases() -> dict[str, Any]:
                            "tokens), conditional branch of guidance-2 generations; and, under the id "
                            "'up_blocks.0.attentions.1.hook_out.conditioned', a timestep-conditioned SAE (one TopK "
                            "dictionary 64 -> 512, k=8, for every timestep; encoder scale and bias per bucket) on the same "
-                           "hook and data. Ship with the package: load offline. Figures in cfg.metadata.evaluation.",
+                           "hook and data; under '...hook_out.conditioned.uncond' the same recipe on the unconditional "
+                           "branch of the same generations. Ship with the package: load offline. Figures in "
+                           "cfg.metadata.evaluation.",
             "regenerate": f"{TRAIN_SAES} --which diffusion (the .conditioned SAE: python -m "
-                          "sae_lens_multimodal.world.training.train_conditioned_sae)",
+                          "sae_lens_multimodal.world.training.train_conditioned_sae [--cfg-branch uncond])",
             "defaults": {"token_policy": "all", "input_kind": "block_output", "architecture": "timestep_bucketed",
                          "d_in": 64, "d_sae": 256, "k": 8, "cfg_branch": "cond", "guidance_scale": 2.0,
                          "timesteps": "every step of 20 DPM-Solver++ steps; buckets [0,275) [275,525) [525,775) "
@@ -373,7 +375,15 @@ def bundled_releases() -> dict[str, Any]:
                       "hook_name": "up_blocks.0.attentions.1.hook_out", "architecture": "timestep_conditioned",
                       "d_sae": 512, "l0": 8.0, "variance_explained": 0.9863,
                       "notes": "timestep-conditioned: one dictionary for all timesteps; regenerate with python -m "
-                               "sae_lens_multimodal.world.training.train_conditioned_sae"}],
+                               "sae_lens_multimodal.world.training.train_conditioned_sae"},
+                     # the same on the unconditional branch (what the noisy sample shows without the prompt);
+                     # evaluated on 48 fresh generations' unconditional rows (docs/diffusion-time.md)
+                     {"id": "up_blocks.0.attentions.1.hook_out.conditioned.uncond",
+                      "path": "up_blocks.0.attentions.1.hook_out.conditioned.uncond",
+                      "hook_name": "up_blocks.0.attentions.1.hook_out", "architecture": "timestep_conditioned",
+                      "cfg_branch": "uncond", "d_sae": 512, "l0": 8.0, "variance_explained": 0.9964,
+                      "notes": "timestep-conditioned, unconditional CFG branch; regenerate with python -m "
+                               "sae_lens_multimodal.world.training.train_conditioned_sae --cfg-branch uncond"}],
         },
         "shapes-clip-transcoders": {
             "format": "bundled", "repo_id": f"{BUNDLED_ROOT}/shapes-clip-transcoders", "model": "shapes-clip",

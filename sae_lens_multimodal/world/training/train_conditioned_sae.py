@@ -4,12 +4,15 @@
     python -m sae_lens_multimodal.world.training.train_conditioned_sae                      # overwrites the shipped one
     python -m sae_lens_multimodal.world.training.train_conditioned_sae --cache-dir /tmp/rows # keep the generated rows
     python -m sae_lens_multimodal.world.training.train_conditioned_sae --quick --out /tmp/saes
+    python -m sae_lens_multimodal.world.training.train_conditioned_sae --cfg-branch uncond  # ...conditioned.uncond
 
 Same hook, generations (prompts, noise seeds), buckets, per-bucket input scaling and training schedule as the
 bucketed SAE of train_saes.py (``--which diffusion``), but ONE dictionary shared by all timesteps whose encoder
 is modulated per bucket (saes/conditioned.py): latent i is the same decoder direction at every timestep, so a
 feature can be followed across denoising time (world/timestep_features.py). The shipped bucketed SAE is
 evaluated on the same fresh generations and its figures are stored next to ours (``evaluation.bucketed``).
+``--cfg-branch uncond`` reads the unconditional half of the same CFG batches instead (what the noisy sample
+shows without the prompt; SAE id ``...conditioned.uncond``, docs/diffusion-time.md).
 Runs on one thread; the same seed gives the same SAE on the same torch build and CPU.
 """
 
@@ -40,9 +43,11 @@ from sae_lens_multimodal.world.training.train_saes import (
     write_sae_folder,
 )
 
-__all__ = ["CONDITIONED_SAE_ID", "ConditionedDiffusionSAERecipe", "train_conditioned_diffusion_sae", "main"]
+__all__ = ["CONDITIONED_SAE_ID", "UNCOND_CONDITIONED_SAE_ID", "ConditionedDiffusionSAERecipe",
+           "train_conditioned_diffusion_sae", "main"]
 
 CONDITIONED_SAE_ID = DIFFUSION_HOOK + ".conditioned"
+UNCOND_CONDITIONED_SAE_ID = CONDITIONED_SAE_ID + ".uncond"  # the same, on the unconditional CFG branch
 REGENERATE = "python -m sae_lens_multimodal.world.training.train_conditioned_sae"
 
 
@@ -51,6 +56,11 @@ class ConditionedDiffusionSAERecipe(DiffusionSAERecipe):
     """The bucketed SAE's settings with one shared dictionary (the defaults made the shipped one)."""
 
     d_sae: int = 512  # shared by all timesteps (the bucketed SAE has 4 x 256)
+    cfg_branch: str = "cond"  # which half of the CFG batch; "uncond" trains UNCOND_CONDITIONED_SAE_ID
+
+    @property
+    def sae_id(self) -> str:
+        return CONDITIONED_SAE_ID if self.cfg_branch == "cond" else UNCOND_CONDITIONED_SAE_ID
 
 
 def _per_bucket(result: dict[str, Any], d_sae: int) -> list[dict[str, Any]]:
@@ -87,13 +97,16 @@ def train_conditioned_diffusion_sae(out_root: os.PathLike = BUNDLED_SAES_DIR, *,
     from sae_lens_multimodal.world.diffusion import load_shapes_pipeline
 
     r = recipe or ConditionedDiffusionSAERecipe()
+    if r.cfg_branch not in ("cond", "uncond"):
+        raise ValueError(f"recipe.cfg_branch must be 'cond' or 'uncond'; got {r.cfg_branch!r}.")
     torch.set_num_threads(1)
     cache = Path(cache_dir) if cache_dir is not None else None
+    tag, half = ("", "conditional") if r.cfg_branch == "cond" else ("uncond-", "unconditional")
     start = time.perf_counter()
     pipe = load_shapes_pipeline()
     hooked = HookedDiffusionPipeline(pipe)
     data = _diffusion_rows(hooked, diffusion_prompts(r.n_prompts, seed), seed * 100_000, r, progress,
-                           cache and cache / f"train-{seed}-{r.n_prompts}x{r.num_inference_steps}.pt")
+                           cache and cache / f"{tag}train-{seed}-{r.n_prompts}x{r.num_inference_steps}.pt", r.cfg_branch)
     cache_s = time.perf_counter() - start
     torch.manual_seed(seed)
     sae = TimestepConditionedTrainingSAE(TimestepConditionedTrainingSAEConfig(
@@ -101,7 +114,7 @@ def train_conditioned_diffusion_sae(out_root: os.PathLike = BUNDLED_SAES_DIR, *,
         timestep_ranges=r.timestep_ranges, num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
         dtype="float32", device="cpu",
         metadata={"hook_name": DIFFUSION_HOOK, "model_name": "shapes-diffusion", "input_kind": "block_output",
-                  "cfg_branch": "cond"},
+                  "cfg_branch": r.cfg_branch},
     ))
     steps = r.total_training_samples // r.batch_size
     train_sae(sae, data, total_training_samples=r.total_training_samples, batch_size=r.batch_size, lr=r.lr,
@@ -115,16 +128,18 @@ def train_conditioned_diffusion_sae(out_root: os.PathLike = BUNDLED_SAES_DIR, *,
         sae.save_inference_model(tmp)
         shipped = _load_inference(Path(tmp))
     fresh = _diffusion_rows(hooked, diffusion_prompts(r.eval_prompts, seed + 1000), seed * 100_000 + 50_000, r,
-                            progress, cache and cache / f"eval-{seed}-{r.eval_prompts}x{r.num_inference_steps}.pt")
+                            progress, cache and cache / f"{tag}eval-{seed}-{r.eval_prompts}x{r.num_inference_steps}.pt",
+                            r.cfg_branch)
     figures = _figures(shipped, fresh, r.d_sae)
     bucketed_dir = Path(out_root) / DIFFUSION_RELEASE / DIFFUSION_HOOK
     if (bucketed_dir / "cfg.json").exists():  # the comparison this SAE exists for, on the very same rows
         b_size = int(json.loads((bucketed_dir / "cfg.json").read_text(encoding="utf-8"))["d_sae"])
-        figures["bucketed"] = {"sae_id": DIFFUSION_HOOK, **_figures(_load_inference(bucketed_dir), fresh, b_size)}
+        unlabelled = type(fresh)(fresh.acts, fresh.sample, fresh.timestep)  # a cond SAE skips rows labelled uncond
+        figures["bucketed"] = {"sae_id": DIFFUSION_HOOK, **_figures(_load_inference(bucketed_dir), unlabelled, b_size)}
     metadata = {
-        "release": DIFFUSION_RELEASE, "sae_id": CONDITIONED_SAE_ID, "model_name": "shapes-diffusion",
+        "release": DIFFUSION_RELEASE, "sae_id": r.sae_id, "model_name": "shapes-diffusion",
         "model_class_name": "HookedUNet", "hook_name": DIFFUSION_HOOK, "token_policy": "all",
-        "input_kind": "block_output", "cfg_branch": "cond", "guidance_scale": r.guidance_scale,
+        "input_kind": "block_output", "cfg_branch": r.cfg_branch, "guidance_scale": r.guidance_scale,
         "timesteps": f"every step of {r.num_inference_steps} DPM-Solver++ steps; one dictionary, encoder scale and "
                      f"bias per bucket ({len(r.timestep_ranges)} buckets)",
         "normalization": {"kind": "per_bucket_scale", "status": "applied by the SAE (bucket_scaling_factors)"},
@@ -133,7 +148,7 @@ def train_conditioned_diffusion_sae(out_root: os.PathLike = BUNDLED_SAES_DIR, *,
         "training": {
             "data": f"the bucketed SAE's data: activations of {r.n_prompts} generations of the shapes-diffusion "
                     f"pipeline (DPM-Solver++, {r.num_inference_steps} steps, guidance {r.guidance_scale}), world "
-                    f"captions of ShapesWorld seed {seed}, initial-noise seeds {seed * 100_000}..; conditional half "
+                    f"captions of ShapesWorld seed {seed}, initial-noise seeds {seed * 100_000}..; {half} half "
                     "of the CFG batch; every 8x8 token of every step",
             "n_prompts": r.n_prompts, "rows": n_rows, "seed": seed, "architecture": "timestep_conditioned",
             "inner_architecture": "topk", "d_sae": r.d_sae, "k": r.k,
@@ -142,16 +157,16 @@ def train_conditioned_diffusion_sae(out_root: os.PathLike = BUNDLED_SAES_DIR, *,
             "lr": r.lr, "lr_end": r.lr_end, "lr_warm_up_steps": r.lr_warm_up_steps,
             "dead_feature_window": r.dead_feature_window,
             "caching_seconds": round(cache_s, 1), "wall_seconds": round(train_s, 1), **_environment(),
-            "command": REGENERATE,
+            "command": REGENERATE + ("" if r.cfg_branch == "cond" else " --cfg-branch uncond"),
         },
         "evaluation": {
             "data": f"{r.eval_prompts} fresh generations (prompts from ShapesWorld seed {seed + 1000}, other noise "
-                    "seeds), conditional branch, every step and token; evaluation.bucketed: the bucketed SAE on "
-                    "the same rows",
+                    f"seeds), {half} branch, every step and token; evaluation.bucketed: the bucketed SAE "
+                    "(trained on the conditional branch) on the same rows",
             **figures,
         },
     }
-    write_sae_folder(sae, Path(out_root) / DIFFUSION_RELEASE / CONDITIONED_SAE_ID, metadata)
+    write_sae_folder(sae, Path(out_root) / DIFFUSION_RELEASE / r.sae_id, metadata)
     return metadata
 
 
@@ -163,6 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="keep the generated activation rows here and reuse them")
     parser.add_argument("--d-sae", type=int, default=None, help="dictionary size (default: the recipe's 512)")
+    parser.add_argument("--cfg-branch", choices=("cond", "uncond"), default="cond",
+                        help="half of the CFG batch to read (uncond: SAE id ...conditioned.uncond)")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny run (seconds) to check the pipeline; never ship its output")
     args = parser.parse_args(argv)
@@ -175,8 +192,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                                eval_prompts=1, batch_prompts=2)
     if args.d_sae is not None:
         recipe.d_sae = args.d_sae
+    recipe.cfg_branch = args.cfg_branch
     meta = train_conditioned_diffusion_sae(args.out, seed=args.seed, recipe=recipe, cache_dir=args.cache_dir)
-    print(_summary(f"{DIFFUSION_RELEASE}/{CONDITIONED_SAE_ID}", meta))
+    print(_summary(f"{DIFFUSION_RELEASE}/{recipe.sae_id}", meta))
     if "bucketed" in meta["evaluation"]:
         b = meta["evaluation"]["bucketed"]
         print(f"  bucketed SAE on the same rows: explained variance {b['explained_variance']:.4f}, L0 {b['l0']:.2f}")

@@ -125,14 +125,15 @@ def diffusion_prompts(n: int, seed: int) -> list[str]:
 
 
 def _diffusion_rows(pipeline: Any, prompts: Sequence[str], seed_offset: int, recipe: DiffusionSAERecipe,
-                    progress: bool, cache: Optional[Path] = None) -> Any:
-    """Activation rows of real generations; ``cache`` (a .pt file) is reused when it exists and written
-    otherwise, so a second SAE on the same generations (train_conditioned_sae.py) skips the generating."""
+                    progress: bool, cache: Optional[Path] = None, cfg_branch: str = "cond") -> Any:
+    """Activation rows of real generations (``cfg_branch`` half of the CFG batch); ``cache`` (a .pt file) is
+    reused when it exists and written otherwise, so a second SAE on the same generations
+    (train_conditioned_sae.py) skips the generating."""
     from sae_lens_multimodal.training.cache import ActivationChunk
 
     if cache is not None and cache.exists():
         return ActivationChunk(**torch.load(cache))
-    rows = _generate_diffusion_rows(pipeline, prompts, seed_offset, recipe, progress)
+    rows = _generate_diffusion_rows(pipeline, prompts, seed_offset, recipe, progress, cfg_branch)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"acts": rows.acts, "sample": rows.sample, "timestep": rows.timestep, "branch": rows.branch}, cache)
@@ -140,12 +141,12 @@ def _diffusion_rows(pipeline: Any, prompts: Sequence[str], seed_offset: int, rec
 
 
 def _generate_diffusion_rows(pipeline: Any, prompts: Sequence[str], seed_offset: int, recipe: DiffusionSAERecipe,
-                             progress: bool) -> Any:
+                             progress: bool, cfg_branch: str = "cond") -> Any:
     from sae_lens_multimodal.training.cache import ActivationChunk
     from sae_lens_multimodal.training.diffusion_store import DiffusionActivationStore
 
     store = DiffusionActivationStore(
-        pipeline, DIFFUSION_HOOK, list(prompts), seed_offset=seed_offset, cfg_branch="cond",
+        pipeline, DIFFUSION_HOOK, list(prompts), seed_offset=seed_offset, cfg_branch=cfg_branch,
         batch_size=recipe.batch_prompts, progress=progress, model_name="shapes-diffusion",
         pipeline_kwargs={"num_inference_steps": recipe.num_inference_steps,
                          "guidance_scale": recipe.guidance_scale, "output_type": "pt"},

@@ -430,10 +430,11 @@ class TimestepFeatureStudy:
     def summary(self) -> str:
         ev, c, m = self.explained_variance, self.continuity, self.matching
         matched = np.mean([x.fraction_above(m.min_score, "score") for x in m.matchings]) if m.matchings else 0.0
+        b_edges = round(c["bucketed"].persistence_at_edges, 2) + 0.0  # + 0.0: print 0.00, not -0.00
         return (("" if self.cfg_branch == "cond" else "unconditional branch: ") +
                 f"EV conditioned {ev['conditioned']['overall']:.3f} vs bucketed {ev['bucketed']['overall']:.3f} "
                 f"({self.n_generations} fresh generations); step persistence across bucket edges "
-                f"{c['conditioned'].persistence_at_edges:.2f} (conditioned) vs {c['bucketed'].persistence_at_edges:.2f} "
+                f"{c['conditioned'].persistence_at_edges:.2f} (conditioned) vs {b_edges:.2f} "
                 f"(bucketed; within buckets {c['bucketed'].persistence_within:.2f}); {matched:.0%} of bucket "
                 f"features matched across edges, {len(m.tracks)} tracks through all buckets; " + self.evolution_summary())
 

@@ -62,7 +62,8 @@ def test_every_shipped_sae_is_consistent(release, sae):
             release.source_format == "bundled" and release.model in list_models())  # registered short names
     else:
         assert release.model_class_name in ("HookedUNet", "HookedDiT") and DIFFUSION_HOOK.match(sae.hook_name)
-        assert sae.cfg_branch == "cond"
+        # the conditional CFG branch, except the one SAE trained on the unconditional branch, which says so in its id
+        assert sae.cfg_branch == ("uncond" if sae.sae_id.endswith(".conditioned.uncond") else "cond")
     assert sae.input_kind == ("block_middle" if transcoder else KIND_OF_HOOK[hook_kind])
     if release.source_format == "prisma":  # the repo name encodes layer, hook and token set
         repo = sae.hub_repo.split("/", 1)[1]

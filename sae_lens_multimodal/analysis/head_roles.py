@@ -351,11 +351,13 @@ def short_module_name(module: str) -> str:
 def plot_head_roles(roles: pd.DataFrame, path: PathLike, factors: Sequence[str] = (),
                     bottleneck: Optional["BottleneckResult"] = None, survey_range: tuple[float, float] = (25.0, 128.0)) -> Path:
     """PNG: (left) self-attention heads by locality and entropy, cross-attention heads by factor-word
-    enrichment, coloured by role; (middle) the ablation effect per head and factor; (right, with
-    ``bottleneck``) the degradation of each bottleneck ablation next to the survey's range."""
+    enrichment, coloured by role; (middle, when ``roles`` has ablation columns for ``factors``) the ablation
+    effect per head and factor; (right, with ``bottleneck``) the degradation of each bottleneck ablation next
+    to the survey's range."""
     import matplotlib
 
-    n_cols = 3 if bottleneck is not None else 2
+    d_cols = [f"d_p_{f}" for f in factors if f"d_p_{f}" in roles.columns]
+    n_cols = 1 + bool(d_cols) + (bottleneck is not None)  # statistics only: no empty ablation panel
     fig = blank_figure(figsize=(5.5 * n_cols, max(5.0, 0.2 * len(roles) + 2.0)), layout="constrained")
     gs = fig.add_gridspec(2, n_cols)
     cmap = matplotlib.colormaps["tab10"]
@@ -378,15 +380,14 @@ def plot_head_roles(roles: pd.DataFrame, path: PathLike, factors: Sequence[str] 
         labels = [f"{short_module_name(m)} h{h}" for m, h in zip(cross["module"], cross["head"])]
         heatmap(ax, cross[enr_cols].to_numpy(), row_labels=labels, col_labels=[c.split(":")[1] for c in enr_cols],
                 title="cross-attention: factor-word enrichment", symmetric=False, cmap="viridis", max_ticks=200)
-    ax = fig.add_subplot(gs[:, 1])
-    d_cols = [f"d_p_{f}" for f in factors if f"d_p_{f}" in roles.columns]
     if d_cols:
+        ax = fig.add_subplot(gs[:, 1])
         labels = [f"{short_module_name(m)} h{h} [{r.split(' ')[0]}]"
                   for m, h, r in zip(roles["module"], roles["head"], roles["role"])]
         heatmap(ax, roles[d_cols].to_numpy(), row_labels=labels, col_labels=list(factors),
                 title="head ablation: change in P(prompt's value)", max_ticks=200)
     if bottleneck is not None:
-        ax = fig.add_subplot(gs[:, 2])
+        ax = fig.add_subplot(gs[:, n_cols - 1])
         names = bottleneck.groups
         y = np.arange(len(names))
         ax.axvspan(*survey_range, color="0.85", label=f"survey {survey_range[0]:.0f}-{survey_range[1]:.0f}%")

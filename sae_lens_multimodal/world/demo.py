@@ -9,6 +9,8 @@
 4. clamp each feature and read the zero-shot change (162 caption classes);
 5. generate images with and without a diffusion feature clamped at chosen timesteps, and trace each
    feature's activation across timesteps;
+   (then the shapes-vlm section, world/vlm_report.py, and "Diffusion models side by side", world/diffusion_report.py:
+   shapes-diffusion next to shapes-dit, the diffusion lens, head roles, features across time)
 6. write ``report.html`` (pictures inline) and per-feature dashboards under ``dashboards/``, atomically.
 
 Run it with ``python examples/shapes_demo.py --out shapes-report`` or ``sae-lens-mm demo --out shapes-report``.
@@ -61,6 +63,7 @@ from sae_lens_multimodal.reports.html import (
     write_site,
 )
 from sae_lens_multimodal.reports.vision_dashboards import vision_feature_dashboards
+from sae_lens_multimodal.world.diffusion_report import DiffusionReportConfig, diffusion_demo_section
 from sae_lens_multimodal.world.shapes import ShapesWorld, all_captions, caption
 from sae_lens_multimodal.world.vlm_report import vlm_demo_section
 
@@ -104,12 +107,15 @@ class DemoConfig:
     #: measured on the bundled SAE: at 2x its max a feature rarely changed the CLIP reading of an image, at 5x often
     diffusion_clamp_multiplier: float = 5.0
     seed: int = 0
+    #: sizes of the "Diffusion models side by side" section (world/diffusion_report.py)
+    diffusion_models: DiffusionReportConfig = field(default_factory=DiffusionReportConfig)
 
     @classmethod
     def quick(cls) -> "DemoConfig":
         """A small run (seconds): few images, features and denoising steps; for tests and a first look."""
         return cls(n_images=96, n_vision_features=3, top_k=6, label_images=32, steer_images=24, n_prompts=6,
-                   n_diffusion_features=2, num_inference_steps=6, steer_prompts=2)
+                   n_diffusion_features=2, num_inference_steps=6, steer_prompts=2,
+                   diffusion_models=DiffusionReportConfig.quick())
 
 
 @dataclass
@@ -196,7 +202,7 @@ def run_shapes_demo(
     check_output_dir(out_dir)  # refuse a foreign directory now, not after minutes of work
     timings: dict[str, float] = {}
     total = _timer()
-    stages = tqdm(total=6, desc="shapes demo", disable=not progress)
+    stages = tqdm(total=7, desc="shapes demo", disable=not progress)
 
     def stage(name: str) -> None:
         stages.set_postfix_str(name)
@@ -288,6 +294,12 @@ def run_shapes_demo(
     vlm = vlm_demo_section(seed=cfg.seed)
     timings["shapes-vlm: answers, knockout, steering"] = vlm.seconds
 
+    # ---- diffusion models side by side: UNet vs DiT, lens, head roles, features across time (world/diffusion_report.py)
+    stage("diffusion models side by side")
+    models = diffusion_demo_section(config=cfg.diffusion_models, seed=cfg.seed, unet=pipe)
+    timings["diffusion models side by side"] = models.seconds
+    stages.update()
+
     # ---- 6. the report
     stage("writing the report")
     clock = _timer()
@@ -298,7 +310,7 @@ def run_shapes_demo(
     files["report.html"] = _render_report(
         cfg, vision, diffusion, checks, timings,
         vision_sae=vision_sae, diffusion_sae=diffusion_sae, vision_hook=hook, acts_shape=tuple(acts.shape),
-        l0=float(l0), explained=explained, prompts=prompts, vlm_html=vlm.html,
+        l0=float(l0), explained=explained, prompts=prompts, vlm_html=vlm.html, diffusion_models_html=models.html,
     )
     out = write_site(out_dir, files)
     timings["write report"] = clock()
@@ -311,13 +323,14 @@ def run_shapes_demo(
 def _render_report(cfg: DemoConfig, vision: list[FeatureDashboard], diffusion: list[FeatureDashboard],
                    checks: list[dict[str, Any]], timings: dict[str, float], *, vision_sae: Any, diffusion_sae: Any,
                    vision_hook: str, acts_shape: tuple[int, ...], l0: float, explained: float,
-                   prompts: list[str], vlm_html: str = "") -> str:
+                   prompts: list[str], vlm_html: str = "", diffusion_models_html: str = "") -> str:
     page = Page(
         "sae-lens-multimodal demo: the shapes world",
         subtitle=f"Offline, on the shipped shapes CLIP and diffusion model and bundled SAEs. "
                  f"Ran in {timings.get('total', float('nan')):.0f} s.",
         nav=[("dashboards/index.html", "feature dashboards"), ("#labels", "labels"), ("#steering", "steering"),
-             ("#timesteps", "timesteps"), ("#generations", "generations"), ("#vlm", "VLM")],
+             ("#timesteps", "timesteps"), ("#generations", "generations"), ("#vlm", "VLM"),
+             ("#diffusion-models", "UNet vs DiT")],
     )
     v_name, d_name = vision[0].sae_name if vision else "", diffusion[0].sae_name if diffusion else ""
     setup = [
@@ -428,6 +441,8 @@ def _render_report(cfg: DemoConfig, vision: list[FeatureDashboard], diffusion: l
 
     if vlm_html:
         page.add("shapes-vlm: questions and answers, knockout, steered answers", vlm_html, id="vlm")
+    if diffusion_models_html:
+        page.add("Diffusion models side by side", diffusion_models_html, id="diffusion-models")
     links = [link(f"dashboards/{d.file_name}", f"{d.kind} feature {d.feature}") for d in vision + diffusion]
     page.add("Feature dashboards", paragraph("One page per feature: top images with heatmaps, histogram, labels, "
                                              "steering, and per-timestep curves for diffusion features.")

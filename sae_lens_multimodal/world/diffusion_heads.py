@@ -30,6 +30,7 @@ from sae_lens_multimodal.analysis.diffusion_patching import as_hooked_pipeline
 from sae_lens_multimodal.analysis.factor_worlds import FactorWorld
 from sae_lens_multimodal.analysis.head_roles import (
     BottleneckResult,
+    HeadStatistics,
     assign_head_roles,
     attention_head_statistics,
     bottleneck_ablation,
@@ -44,6 +45,7 @@ __all__ = [
     "rich_world",
     "factor_token_groups",
     "bottleneck_groups",
+    "head_statistics_study",
     "head_role_study",
     "lens_study",
     "ground_truth_line",
@@ -148,6 +150,17 @@ def _reference_images(prompts: Sequence[dict[str, str]], image_size: int, seed: 
     return world.render(facs)
 
 
+def head_statistics_study(pipe: Any, *, n_prompts: int = 24, num_inference_steps: int = 10, seed: int = 0) -> HeadStatistics:
+    """Attention statistics of every head over one sampling run of ``n_prompts`` rich prompts, with each
+    factor's words as a token group (no ablation: one sampling run). Raises ValueError where the heads have no
+    separate self / cross pattern the statistics can read."""
+    hooked = as_hooked_pipeline(pipe)
+    prompts = rich_prompts(n_prompts, seed)
+    groups = factor_token_groups(_tokens_fn(hooked), prompts)
+    return attention_head_statistics(hooked, prompts, groups, world=rich_world(), num_inference_steps=num_inference_steps,
+                                     seed=seed)
+
+
 @torch.no_grad()
 def head_role_study(
     pipe: Any,
@@ -168,10 +181,8 @@ def head_role_study(
     world = rich_world()
     judge = judge if judge is not None else world.make_judge()
     prompts = rich_prompts(n_prompts, seed)
-    groups = factor_token_groups(_tokens_fn(hooked), prompts)
     try:
-        stats = attention_head_statistics(hooked, prompts, groups, world=world, num_inference_steps=num_inference_steps,
-                                          seed=seed)
+        stats = head_statistics_study(hooked, n_prompts=n_prompts, num_inference_steps=num_inference_steps, seed=seed)
     except ValueError as err:  # joint (MM-DiT) attention: no separate self / cross patterns; bottleneck only
         print(f"head statistics skipped: {err}", flush=True)
         roles = ablation = None

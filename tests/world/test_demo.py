@@ -19,7 +19,7 @@ from tests.reports._saes import concept_sae, random_timestep_sae
 from tests.reports.conftest import browser, shapes_clip, shapes_pipe  # noqa: F401  (the report tests' fixtures)
 
 REPORT_SECTIONS = ["setup", "activations", "labels", "top-images", "steering", "timesteps", "generations", "vlm",
-                   "dashboards"]
+                   "diffusion-models", "dashboards"]
 
 
 def _bundled_available() -> bool:
@@ -67,6 +67,9 @@ def test_quick_demo_writes_a_complete_report(tmp_path, browser, shapes_clip):
     # the shapes-vlm section: one question per factor on a few images, the knockout curve, steered answers
     assert "what color is the shape ?" in html and "bridge blocks:" in html and "clamped: red (feature" in html
     assert "shapes-vlm: answers, knockout, steering" in result.timings
+    # diffusion models side by side (world/diffusion_report.py): both models, the lens, head roles, features over time
+    assert "diffusion models side by side" in result.timings
+    assert "shapes-dit (DiT)" in html and "Diffusion lens" in html and "Features across time" in html
     _check_site(browser, result, tmp_path)
     assert set(result.timings) >= {"load models and SAEs", "cache activations", "total", "write report"}
 

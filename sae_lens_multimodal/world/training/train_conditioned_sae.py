@@ -18,7 +18,6 @@ Runs on one thread; the same seed gives the same SAE on the same torch build and
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -40,6 +39,8 @@ from sae_lens_multimodal.world.training.train_saes import (
     _overall,
     _summary,
     diffusion_prompts,
+    parse_release_args,
+    release_parser,
     write_sae_folder,
 )
 
@@ -171,20 +172,12 @@ def train_conditioned_diffusion_sae(out_root: os.PathLike = BUNDLED_SAES_DIR, *,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(BUNDLED_SAES_DIR),
-                        help="root folder of the releases (default: the package's weights/saes/)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = release_parser(__doc__)
     parser.add_argument("--cache-dir", default=None, help="keep the generated activation rows here and reuse them")
     parser.add_argument("--d-sae", type=int, default=None, help="dictionary size (default: the recipe's 512)")
     parser.add_argument("--cfg-branch", choices=("cond", "uncond"), default="cond",
                         help="half of the CFG batch to read (uncond: SAE id ...conditioned.uncond)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny run (seconds) to check the pipeline; never ship its output")
-    args = parser.parse_args(argv)
-    if args.quick and Path(args.out).resolve() == BUNDLED_SAES_DIR.resolve():
-        parser.error("--quick would overwrite the shipped SAEs; give --out DIR")
+    args = parse_release_args(parser, argv, what="SAEs")
     recipe = ConditionedDiffusionSAERecipe()
     if args.quick:
         recipe = ConditionedDiffusionSAERecipe(n_prompts=2, num_inference_steps=4, d_sae=32, k=4,

@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +58,9 @@ __all__ = [
     "diffusion_prompts",
     "train_clip_sae",
     "train_diffusion_sae",
+    "parse_release_args",
+    "release_parser",
+    "write_release_folder",
     "write_sae_folder",
     "main",
 ]
@@ -155,15 +158,16 @@ def _generate_diffusion_rows(pipeline: Any, prompts: Sequence[str], seed_offset:
 
 
 # ----------------------------------------------------------------------------------------- writing
-def write_sae_folder(sae: Any, directory: os.PathLike, metadata: dict[str, Any]) -> Path:
-    """Save ``sae`` (a SAELens TrainingSAE) for inference into ``directory`` with extra ``metadata``.
+def write_release_folder(save: Callable[[Path], Any], directory: os.PathLike, metadata: dict[str, Any]) -> Path:
+    """Write one release folder: ``save(folder)`` writes SAELens's layout (``cfg.json`` + weights), then extra
+    ``metadata`` is merged into ``cfg.json``'s metadata and every file is made readable by all.
 
     The folder is assembled next to the target and renamed into place, so readers see the old folder or
     the new one, never a mix.
     """
     target = Path(directory)
     with atomic_directory(target) as tmp:
-        sae.save_inference_model(tmp)
+        save(tmp)
         cfg_path = tmp / "cfg.json"
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         cfg["metadata"] = {**cfg.get("metadata", {}), **metadata}
@@ -171,6 +175,12 @@ def write_sae_folder(sae: Any, directory: os.PathLike, metadata: dict[str, Any])
         for f in tmp.iterdir():
             os.chmod(f, 0o644)  # the package's files must be readable by all
     return target
+
+
+def write_sae_folder(sae: Any, directory: os.PathLike, metadata: dict[str, Any]) -> Path:
+    """Save ``sae`` (a SAELens TrainingSAE) for inference into ``directory`` with extra ``metadata``
+    (:func:`write_release_folder`)."""
+    return write_release_folder(sae.save_inference_model, directory, metadata)
 
 
 def _load_inference(directory: Path) -> Any:
@@ -374,6 +384,28 @@ def train_diffusion_sae(out_root: os.PathLike = BUNDLED_SAES_DIR, *, seed: int =
 
 
 # ----------------------------------------------------------------------------------------- CLI
+def release_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a release-training script: the first paragraph of ``doc`` as its description, ``--out``
+    (the releases' root, default the package's) and ``--seed``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(BUNDLED_SAES_DIR),
+                        help="root folder of the releases (default: the package's weights/saes/)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def parse_release_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], *,
+                       what: str = "SAEs") -> argparse.Namespace:
+    """Add ``--quick`` (last), parse ``argv``, and refuse a quick run into the shipped folder (its tiny
+    ``what`` must never replace the shipped ones)."""
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny run (seconds) to check the pipeline; never ship its output")
+    args = parser.parse_args(argv)
+    if args.quick and Path(args.out).resolve() == BUNDLED_SAES_DIR.resolve():
+        parser.error(f"--quick would overwrite the shipped {what}; give --out DIR")
+    return args
+
+
 def _summary(name: str, meta: dict[str, Any]) -> str:
     ev, tr = meta["evaluation"], meta["training"]
     return (f"{name}: explained variance {ev['explained_variance']:.4f}, L0 {ev['l0']:.2f}, dead "
@@ -381,20 +413,12 @@ def _summary(name: str, meta: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = release_parser(__doc__)
     parser.add_argument("--which", choices=("clip", "clip-layers", "diffusion", "all"), default="all",
                         help="all = clip and diffusion; clip-layers = shapes-clip-layer-saes (not in all)")
     parser.add_argument("--hook", action="append", default=None,
                         help=f"with --which clip-layers: only this hook; repeat for several (default: {list(CLIP_LAYER_HOOKS)})")
-    parser.add_argument("--out", default=str(BUNDLED_SAES_DIR),
-                        help="root folder of the releases (default: the package's weights/saes/)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny run (seconds) to check the pipeline; never ship its output")
-    args = parser.parse_args(argv)
-    if args.quick and Path(args.out).resolve() == BUNDLED_SAES_DIR.resolve():
-        parser.error("--quick would overwrite the shipped SAEs; give --out DIR")
+    args = parse_release_args(parser, argv, what="SAEs")
     clip_recipe, diff_recipe = ClipSAERecipe(), DiffusionSAERecipe()
     if args.quick:
         clip_recipe = ClipSAERecipe(n_images=64, d_sae=64, k=4, total_training_samples=8192, batch_size=256,

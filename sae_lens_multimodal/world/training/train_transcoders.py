@@ -18,7 +18,6 @@ Runs on one thread; the same seed gives the same transcoders on the same torch b
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,12 @@ from typing import Any, Optional, Sequence
 import torch
 
 from sae_lens_multimodal.world.paths import BUNDLED_SAES_DIR
+from sae_lens_multimodal.world.training.train_saes import (
+    _environment,
+    parse_release_args,
+    release_parser,
+    write_release_folder,
+)
 
 __all__ = ["RELEASE", "LAYERS", "TranscoderRecipe", "sae_id", "train_shapes_clip_transcoders", "write_transcoder_folder",
            "main"]
@@ -61,22 +66,8 @@ class TranscoderRecipe:
 
 def write_transcoder_folder(tc: Any, directory: Any, metadata: dict[str, Any]) -> Path:
     """Save inference transcoder ``tc`` in SAELens's layout (``tc.save_model``) into ``directory`` with extra
-    ``metadata``, assembled next to the target and renamed into place."""
-    import json
-    import os
-
-    from sae_lens_multimodal.core.atomic import atomic_directory
-
-    target = Path(directory)
-    with atomic_directory(target) as tmp:
-        tc.save_model(tmp)
-        cfg_path = tmp / "cfg.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        cfg["metadata"] = {**cfg.get("metadata", {}), **metadata}
-        cfg_path.write_text(json.dumps(cfg, indent=1, sort_keys=True), encoding="utf-8")
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)  # the package's files must be readable by all
-    return target
+    ``metadata``, assembled next to the target and renamed into place (train_saes.write_release_folder)."""
+    return write_release_folder(tc.save_model, directory, metadata)
 
 
 def _rows(vit: Any, n: int, world_seed: int, text_prob: float, layers: Sequence[int]) -> dict[int, Any]:
@@ -96,7 +87,6 @@ def train_shapes_clip_transcoders(out_root: Any = BUNDLED_SAES_DIR, *, seed: int
     from sae_lens_multimodal.models.hooked_vit import HookedViT
     from sae_lens_multimodal.training.cache import model_identity
     from sae_lens_multimodal.training.transcoders import evaluate_transcoder, train_transcoder
-    from sae_lens_multimodal.world.training.train_saes import _environment
 
     r = recipe or TranscoderRecipe()
     torch.set_num_threads(1)
@@ -147,17 +137,10 @@ def train_shapes_clip_transcoders(out_root: Any = BUNDLED_SAES_DIR, *, seed: int
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(BUNDLED_SAES_DIR),
-                        help="root folder of the releases (default: the package's weights/saes/)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = release_parser(__doc__)
     parser.add_argument("--layers", type=int, nargs="+", default=list(LAYERS))
     parser.add_argument("--l1", type=float, default=None, help="override the recipe's l1_coefficient")
-    parser.add_argument("--quick", action="store_true", help="a tiny run (seconds) to check the pipeline")
-    args = parser.parse_args(argv)
-    if args.quick and Path(args.out).resolve() == BUNDLED_SAES_DIR.resolve():
-        parser.error("--quick would overwrite the shipped transcoders; give --out DIR")
+    args = parse_release_args(parser, argv, what="transcoders")
     recipe = TranscoderRecipe()
     if args.quick:
         recipe = TranscoderRecipe(n_images=64, d_sae=64, total_training_samples=8192, batch_size=256,

@@ -326,7 +326,7 @@ def _render_report(cfg: DemoConfig, vision: list[FeatureDashboard], diffusion: l
                    prompts: list[str], vlm_html: str = "", diffusion_models_html: str = "") -> str:
     page = Page(
         "sae-lens-multimodal demo: the shapes world",
-        subtitle=f"Offline, on the shipped shapes CLIP and diffusion model and bundled SAEs. "
+        subtitle=f"Offline, on the shipped shapes CLIP, diffusion models and VLM and the bundled SAEs. "
                  f"Ran in {timings.get('total', float('nan')):.0f} s.",
         nav=[("dashboards/index.html", "feature dashboards"), ("#labels", "labels"), ("#steering", "steering"),
              ("#timesteps", "timesteps"), ("#generations", "generations"), ("#vlm", "VLM"),
@@ -338,6 +338,7 @@ def _render_report(cfg: DemoConfig, vision: list[FeatureDashboard], diffusion: l
         ["vision SAE", f"{v_name} at {vision_hook}"],
         ["diffusion model", "HookedDiffusionPipeline.from_pretrained('shapes-diffusion')"],
         ["diffusion SAE", f"{d_name} at {diffusion[0].hook_name if diffusion else ''}"],
+        ["next to it", "HookedDiffusionPipeline.from_pretrained('shapes-dit') (section 'Diffusion models side by side')"],
         ["world images", cfg.n_images], ["prompts", len(prompts)], ["denoising steps", cfg.num_inference_steps],
     ]
     body = table(setup, ["", ""])

@@ -5,7 +5,7 @@ judged per factor (colour, shape, position, size, texture) by the shapes CLIP
 (:class:`~sae_lens_multimodal.world.eval_diffusion.FactorClassifier` over the 648 combinations of the five).
 
     python -m sae_lens_multimodal.world.diffusion_heads --model shapes-diffusion --out docs/
-    python -m sae_lens_multimodal.world.diffusion_heads --model shapes-dit --out docs/ --prompts 24
+    python -m sae_lens_multimodal.world.diffusion_heads --model shapes-dit --out docs/ --prompts 24 --lens-prompts 12 --steps 8
 
 writes ``diffusion-heads-<model>.png`` (roles + ablation + bottleneck figure), ``diffusion-lens-<model>.png``
 (block x timestep grid), ``diffusion-lens-<model>-accuracy.png``, ``diffusion-lens-<model>.html`` and

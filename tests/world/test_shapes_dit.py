@@ -160,7 +160,8 @@ def test_steering_runs_unchanged(pipe, hooked):
 def test_patching_the_last_block_at_every_step_reproduces_the_source(hooked):
     """The last block's output at every step is what the final layer reads; PixArt's final layer sees only the
     timestep besides it, so patching it must give the source's images exactly (pixel recovery 1), while SD3's
-    final adaLN also reads the (target's) pooled prompt, so recovery is high but below 1 (measured 0.877).
+    final adaLN also reads the (target's) pooled prompt, so recovery is high but below 1 (measured 0.950 on the
+    shipped 15000-step weights; 0.877 on the earlier 2400-step ones).
     A middle block patched only at the last step recovers less."""
     source = [{"color": "red", "shape": "circle", "position": "left"}]
     target = [{"color": "blue", "shape": "square", "position": "right"}]
@@ -198,11 +199,12 @@ def test_training_is_reproducible_by_seed():
 
 
 # On this sample (54 prompts x 1 image, 10 DPM-Solver++ steps, guidance 2, seed 0) the shipped shapes-dit
-# measured colour 100%, position 100%, shape 40.7% (chance 33%); on the full evaluation (162 prompts x 2,
-# 20 steps; training.json) colour 99.7%, position 98.5%, shape 41.4%. The issue's targets are met for colour
-# (>= 90%) and position (>= 90%) but NOT for shape (>= 80%): the 4x4-patch DiT draws mostly square blobs.
-# Thresholds: colour / position 8 points below the measured 100%; shape 5.7 points below, still above chance.
-SAMPLE_THRESHOLDS = {"color": 0.92, "shape": 0.35, "position": 0.92}
+# (15000 training steps) measured colour 100%, shape 100%, position 100%; on the full evaluation (162 prompts
+# x 2, 20 steps; training.json) colour 100%, shape 99.1%, position 100%. The issue's targets (colour and
+# position >= 90%, shape >= 80%) are met. (The earlier 2400-step weights measured shape 40.7% here.)
+# Thresholds: colour / position 8 points below the measured 100% (above the 90% target); shape 15 points
+# below (8 of 54 images), above the 80% target.
+SAMPLE_THRESHOLDS = {"color": 0.92, "shape": 0.85, "position": 0.92}
 
 
 @pytest.mark.shipped_weights

@@ -4,6 +4,7 @@ its hooks listed by the model contract; caching, steering, patching, probes and 
 UNet; and it draws what its prompts say (judged by the shapes CLIP)."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -71,6 +72,8 @@ def test_loads_by_name_offline_as_real_diffusers_components(pipe):
     assert index["transformer"] == ["diffusers", type(pipe.transformer).__name__]
     record = json.loads((SHAPES_DIT_DIR / "training.json").read_text())
     assert record["retrain"].startswith("python -m sae_lens_multimodal.world.training.train_dit")
+    # the plain retrain command reproduces the shipped run: its recorded config is DiTTrainConfig's defaults
+    assert record["config"] == json.loads(json.dumps(asdict(DiTTrainConfig())))
     loaded = load_model("shapes-dit")
     assert isinstance(loaded, HookedDiffusionPipeline) and isinstance(loaded.pipe, ShapesDiTPipeline)
     assert isinstance(HookedDiT.from_pretrained("shapes-dit"), HookedDiT)

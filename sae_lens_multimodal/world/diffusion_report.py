@@ -314,7 +314,13 @@ def _curves_png(timesteps: list[float], buckets: list[int], curves: dict[str, np
     return figure_data_uri(fig)
 
 
-def _time_html(cont: dict[str, Continuity], uri: str, n_generations: int, cfg: DiffusionReportConfig) -> str:
+def _edge_jumps(c: Continuity, timesteps: list[float]) -> str:
+    """The curve jump at each bucket edge, from noise to image: "t 799->749: 0.31, ..."."""
+    return ", ".join(f"t {timesteps[s]:g}\u2192{timesteps[s + 1]:g}: {c.jump[s]:.2f}" for s, e in enumerate(c.edge) if e)
+
+
+def _time_html(cont: dict[str, Continuity], uri: str, timesteps: list[float], n_generations: int,
+               cfg: DiffusionReportConfig) -> str:
     body = img_tag(uri, alt="latent activation across timesteps", css_class="plot")
     rows = [[f"{name} ({RELEASE} / {CONDITIONED_ID if name == 'conditioned' else BUCKETED_ID})", c.jump_within,
              c.jump_at_edges, c.persistence_within, c.persistence_at_edges] for name, c in cont.items()]
@@ -329,7 +335,8 @@ def _time_html(cont: dict[str, Continuity], uri: str, n_generations: int, cfg: D
         f"move by {c.jump_at_edges:.2f} (within buckets {c.jump_within:.2f}) and the bucketed SAE's by "
         f"{b.jump_at_edges:.2f} ({b.jump_within:.2f}); across edges a bucketed latent index keeps {b.persistence_at_edges:.2f} "
         f"of its token pattern, a conditioned latent {c.persistence_at_edges:.2f}: the bucketed SAE has a new "
-        "dictionary in each bucket, the conditioned one a single dictionary (docs/diffusion-time.md).", "note")
+        "dictionary in each bucket, the conditioned one a single dictionary (docs/diffusion-time.md). Per edge, "
+        f"conditioned: {_edge_jumps(c, timesteps)}; bucketed: {_edge_jumps(b, timesteps)}.", "note")
     return body
 
 
@@ -399,7 +406,7 @@ def diffusion_demo_section(*, config: Optional[DiffusionReportConfig] = None, se
     latents = {k: _pick_latents(v, buckets[k], cfg.n_curves) for k, v in curves.items()}
     uri = _curves_png(rows.timesteps, buckets["bucketed"], curves, latents)
     body += "<h3>Features across time: one dictionary vs one per bucket</h3>"
-    body += _time_html(cont, uri, len(rows.prompts), cfg)
+    body += _time_html(cont, uri, rows.timesteps, len(rows.prompts), cfg)
     lap("features across time")
 
     return DiffusionSection(body, prompts, images, readings, accuracy, lens, roles, cont, curves, rows.timesteps,

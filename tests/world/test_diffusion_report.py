@@ -84,6 +84,12 @@ def test_the_conditioned_sae_does_not_jump_at_bucket_edges_like_the_bucketed_one
     # the bucketed SAE has a new dictionary in each bucket: latent i's token pattern does not carry over an edge
     assert abs(buck.persistence_at_edges) < 0.2 < 0.5 < cond.persistence_at_edges
     assert cond.jump_at_edges < buck.jump_at_edges
+    # edge by edge: past the first edge (into the noise-dominated bucket, where docs/diffusion-time.md says the
+    # conditioned SAE still steps) its curves move less than the bucketed SAE's
+    assert cond.edge == buck.edge and sum(cond.edge) >= 2
+    inner = [s for s, e in enumerate(cond.edge) if e][1:]
+    assert all(cond.jump[s] < buck.jump[s] for s in inner), (cond.jump, buck.jump)
+    assert "Per edge, conditioned: t " in section.html
     for name, latents in section.curve_latents.items():
         assert 0 < len(latents) <= CONFIG.n_curves and all(section.curves[name][:, i].max() > 0 for i in latents)
 

@@ -25,7 +25,9 @@ from sae_lens_multimodal.world.diffusion import load_shapes_pipeline
 from sae_lens_multimodal.world.dit import DIT_KINDS, SHAPES_DIT_DIR, ShapesDiTPipeline, load_shapes_dit_pipeline
 from sae_lens_multimodal.world.eval_diffusion import evaluate_pipeline
 from sae_lens_multimodal.world.shapes import POSITIONS
-from sae_lens_multimodal.world.training.train_dit import DiTTrainConfig, train_dit
+from sae_lens_multimodal.world.eval_diffusion import TARGETS, DiffusionEval
+from sae_lens_multimodal.world.training.train_diffusion import evaluate_and_save
+from sae_lens_multimodal.world.training.train_dit import DIT_TARGETS, DiTTrainConfig, train_dit
 
 PROMPTS = ["a red circle on the left", "a blue triangle at the top"]
 
@@ -199,6 +201,22 @@ def test_training_is_reproducible_by_seed():
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
     assert [s for s, _ in ra.loss_curve] == [1, 2, 3] and all(np.isfinite(v) for _, v in ra.loss_curve)
     assert ra.config["patch_size"] == DiTTrainConfig().patch_size
+
+
+def test_the_dit_is_judged_against_its_own_targets(tmp_path, monkeypatch):
+    # issue 19 asks more of shapes-dit (shape >= 80%, position >= 90%) than the UNet's targets do
+    assert DIT_TARGETS == {"color": 0.90, "shape": 0.80, "position": 0.90} and DIT_TARGETS != TARGETS
+    judged = DiffusionEval(factor_accuracy={"color": 1.0, "shape": 0.75, "position": 0.85}, all_factors_accuracy=0.7,
+                           value_accuracy={}, reference_accuracy={}, n_images=1, n_prompts=1, images_per_prompt=1,
+                           num_inference_steps=1, guidance_scale=2.0, scheduler="s", seed=0, seconds=0.0)
+    monkeypatch.setattr("sae_lens_multimodal.world.eval_diffusion.evaluate_pipeline", lambda *a, **k: judged)
+    pipe, result = train_dit(DiTTrainConfig(steps=1, batch_size=2, width=16, depth=1, heads=2), progress=False)
+    evaluate_and_save(pipe, asdict(result), tmp_path / "dit", images_per_prompt=1, retrain="r", progress=False,
+                      targets=DIT_TARGETS)
+    record = json.loads((tmp_path / "dit" / "training.json").read_text())
+    assert record["evaluation"]["targets"] == DIT_TARGETS
+    # 75% shape and 85% position would pass the UNet's targets, not the DiT's
+    assert not judged.meets_targets()["shape"] and not judged.meets_targets()["position"]
 
 
 # On this sample (54 prompts x 1 image, 10 DPM-Solver++ steps, guidance 2, seed 0) the shipped shapes-dit

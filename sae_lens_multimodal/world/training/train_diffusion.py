@@ -261,14 +261,17 @@ def parse_train_args(config_class: type, default_out: Path, description: Optiona
 
 
 def evaluate_and_save(pipe: Any, record: dict[str, Any], out: Path, *, images_per_prompt: int, retrain: str,
-                      progress: bool = True) -> None:
-    """Judge ``pipe`` with the shapes CLIP (``images_per_prompt`` per prompt; 0 skips), add the evaluation
-    and the ``retrain`` command to ``record`` and save both atomically (``training.json`` beside the weights)."""
+                      progress: bool = True, targets: Optional[dict[str, float]] = None) -> None:
+    """Judge ``pipe`` with the shapes CLIP (``images_per_prompt`` per prompt; 0 skips) against ``targets``
+    (default: eval_diffusion.TARGETS, the UNet's), add the evaluation and the ``retrain`` command to ``record``
+    and save both atomically (``training.json`` beside the weights)."""
     if images_per_prompt > 0:
         from sae_lens_multimodal.world.eval_diffusion import evaluate_pipeline
 
         pipe.set_progress_bar_config(disable=True)
         evaluation = evaluate_pipeline(pipe, images_per_prompt=images_per_prompt, progress=progress)
+        if targets is not None:
+            evaluation.targets = dict(targets)
         print(evaluation)
         record["evaluation"] = evaluation.to_dict()
     record["retrain"] = retrain

@@ -98,8 +98,9 @@ def add_demo_command(subparsers: "argparse._SubParsersAction[argparse.ArgumentPa
     parser = subparsers.add_parser(
         "demo",
         help=COMMANDS["demo"][0],
-        description="Load the shipped shapes CLIP and diffusion model and the bundled SAEs by name, label, "
-                    "steer and trace features, and write DIR/report.html (opens from disk, no network).",
+        description="Load the shipped shapes CLIP, diffusion models (UNet and DiT) and VLM and the bundled SAEs by "
+                    "name, label, steer and trace features, set the two diffusion models side by side, and write "
+                    "DIR/report.html (opens from disk, no network).",
     )
     add_demo_arguments(parser)
 

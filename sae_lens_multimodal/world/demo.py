@@ -202,7 +202,7 @@ def run_shapes_demo(
     check_output_dir(out_dir)  # refuse a foreign directory now, not after minutes of work
     timings: dict[str, float] = {}
     total = _timer()
-    stages = tqdm(total=7, desc="shapes demo", disable=not progress)
+    stages = tqdm(total=7, desc="shapes demo", disable=not progress)  # one update per stage below
 
     def stage(name: str) -> None:
         stages.set_postfix_str(name)
@@ -291,8 +291,10 @@ def run_shapes_demo(
     stages.update()
 
     # ---- shapes-vlm: questions and answers, knockout curve, steered answers (the section: world/vlm_report.py)
+    stage("asking the shapes VLM")
     vlm = vlm_demo_section(seed=cfg.seed)
     timings["shapes-vlm: answers, knockout, steering"] = vlm.seconds
+    stages.update()
 
     # ---- diffusion models side by side: UNet vs DiT, lens, head roles, features across time (world/diffusion_report.py)
     stage("diffusion models side by side")

@@ -48,12 +48,15 @@ def _check_site(browser, result, tmp_path):
     return report
 
 
-def test_quick_demo_writes_a_complete_report(tmp_path, browser, shapes_clip):
+def test_quick_demo_writes_a_complete_report(tmp_path, browser, shapes_clip, capsys):
     images, factors = ShapesWorld(image_size=32, seed=3).sample(160)
     vision_sae = concept_sae(shapes_clip, to_tensor(images, mean=(0.5,) * 3, std=(0.5,) * 3), factors, images)
     cfg = DemoConfig.quick()
     result = run_shapes_demo(tmp_path / "out", cfg, vision_sae=vision_sae, diffusion_sae=random_timestep_sae(),
-                             progress=False)
+                             progress=True)
+    # the stage bar reaches its end (the VLM stage once left it at 6/7)
+    bar = re.findall(r"shapes demo: *(\d+)%\|[^|]*\| *(\d+)/(\d+)", capsys.readouterr().err)
+    assert bar and bar[-1][0] == "100" and bar[-1][1] == bar[-1][2]
     kinds = [d.kind for d in result.dashboards]
     assert kinds.count("vision") == cfg.n_vision_features and kinds.count("diffusion") == cfg.n_diffusion_features
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"report.html", "dashboards", ".sae-lens-mm-report"}

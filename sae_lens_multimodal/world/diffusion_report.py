@@ -18,6 +18,8 @@ shipped models and SAEs, at sizes set by :class:`DiffusionReportConfig`:
 
 from __future__ import annotations
 
+import base64
+import struct
 import tempfile
 import time
 from collections.abc import Sequence
@@ -79,14 +81,12 @@ class DiffusionReportConfig:
     def quick(cls) -> "DiffusionReportConfig":
         """A small section (a few seconds): for tests and a first look."""
         return cls(n_prompts=3, num_inference_steps=6, lens_prompts=2, lens_steps=3, lens_blocks=3, head_prompts=2,
-                   head_steps=3,
-                   head_figures=False, time_prompts=3, time_steps=8, n_curves=3)
+                   head_steps=3, head_figures=False, time_prompts=3, time_steps=8, n_curves=3)
 
     def check(self) -> None:
         """Raise ValueError naming a size that cannot work."""
         for name in ("n_prompts", "num_inference_steps", "lens_prompts", "lens_steps", "lens_blocks", "head_prompts",
-                     "head_steps",
-                     "time_steps", "n_curves"):
+                     "head_steps", "time_steps", "n_curves"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DiffusionReportConfig.{name} must be a positive integer; got {value!r}.")
@@ -146,17 +146,12 @@ def _pct(x: float) -> str:
 
 def _png_file_uri(draw: Any) -> str:
     """Run ``draw(path)`` (a function that writes a PNG, e.g. LensResult.plot_grid) and return a data URI."""
-    import base64
-
     with tempfile.TemporaryDirectory() as tmp:
         path = draw(Path(tmp) / "figure.png")
         return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 def _png_size(uri: str) -> tuple[int, int]:
-    import base64
-    import struct
-
     head = base64.b64decode(uri.split(",", 1)[1][:64])
     return struct.unpack(">II", head[16:24])  # the IHDR chunk's width and height
 
